@@ -1,0 +1,206 @@
+"""Attention with a per-key additive bias: ``softmax(q kᵀ · scale + b) v`` (DESIGN §5).
+
+One operation, four backends, each registered in transformers' ``AttentionInterface`` as
+``nugget2d_<backend>`` so the stock model code calls it. The bias ``b`` has shape
+``(batch, 1 | kv_heads, keys)``: the score of a nugget key, 0 for a raw token, :data:`MASKED` for
+a padding slot. Causal attention is bottom-right aligned: the queries are the last ``Q`` keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+#: Bias of a key no query may see. Finite so a fully masked row gives no NaN.
+MASKED = -1e9
+#: Floor for the bias in the flash-attention column: exp(-1e4) is 0 in every float type, and the
+#: column value stays finite in fp16/bf16.
+_FLASH_BIAS_FLOOR = -1e4
+
+BACKENDS = ("eager", "sdpa", "flex", "flash_attn")
+
+Kernel = Callable[..., torch.Tensor]
+
+
+def biased_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    causal: bool = True,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scaling + bias) v`` with grouped-query heads; returns ``(B, Hq, Q, D)``.
+
+    ``query`` is ``(B, Hq, Q, D)``, ``key``/``value`` ``(B, Hkv, K, D)`` with ``Hq`` a multiple of
+    ``Hkv``, ``bias`` ``(B, 1 | Hkv, K)`` or None. ``scaling`` defaults to ``D ** -0.5``.
+    """
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    _check_shapes(query, key, value, bias)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if bias is None:
+        bias = key.new_zeros(key.shape[0], 1, key.shape[2], dtype=torch.float32)
+    return _IMPLEMENTATIONS[backend](query, key, value, bias, scaling, causal)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != v.shape[:-1] + (k.shape[-1],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"expected q (B,Hq,Q,D) and k/v (B,Hkv,K,D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[2] < q.shape[2]:
+        raise ValueError(f"fewer keys ({k.shape[2]}) than queries ({q.shape[2]})")
+    if bias is not None and (bias.dim() != 3 or bias.shape[1] not in (1, k.shape[1]) or bias.shape[2] != k.shape[2]):
+        raise ValueError(f"bias must be (B, 1 or {k.shape[1]}, {k.shape[2]}), got {tuple(bias.shape)}")
+
+
+def _causal_bias(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """``(Q, K)`` float: 0 where key j is visible to query i (j <= K - Q + i), :data:`MASKED` elsewhere."""
+    rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    cols = torch.arange(k_len, device=device)[None, :]
+    return torch.where(cols <= rows, 0.0, MASKED)
+
+
+def _logit_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Dense additive mask ``(B, 1 | Hq, Q, K)``: key bias per query head plus the causal part."""
+    groups = q.shape[1] // k.shape[1]
+    per_head = bias if bias.shape[1] == 1 else bias.repeat_interleave(groups, dim=1)
+    dense = per_head[:, :, None, :].float()
+    if causal:
+        dense = dense + _causal_bias(q.shape[2], k.shape[2], q.device)
+    return dense
+
+
+def _eager(q, k, v, bias, scaling, causal):
+    dense_bias = _logit_bias(q, k, bias, causal)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scaling + dense_bias
+    weights = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v)
+
+
+def _sdpa(q, k, v, bias, scaling, causal):
+    mask = _logit_bias(q, k, bias, causal).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flex(q, k, v, bias, scaling, causal):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as err:  # torch < 2.5
+        raise RuntimeError("the flex backend needs torch >= 2.5; use backend='sdpa'") from err
+    groups = q.shape[1] // k.shape[1]
+    per_kv_head = bias.shape[1] > 1
+    offset = k.shape[2] - q.shape[2]
+    table = bias.float()
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        head = h // groups if per_kv_head else 0
+        return score + table[b, head, kv_idx]
+
+    block_mask = None
+    if causal:
+
+        def visible(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        block_mask = create_block_mask(visible, None, None, q.shape[2], k.shape[2], device=q.device)
+    if q.is_cuda:
+        return _compiled_flex()(
+            q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1
+        )
+    with warnings.catch_warnings():  # uncompiled flex on CPU: a slow reference path, warned about by torch
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def extra_column_attention(q, k, v, bias, scaling, causal, kernel: Kernel) -> torch.Tensor:
+    """The flash-attention trick: carry the bias in one extra head-dim column.
+
+    ``q' = [q, 1]``, ``k' = [k, b / scaling]``, ``v' = [v, 0]``, zero-padded to a multiple of 8, so
+    ``q'·k' · scaling = q·k · scaling + b``. ``kernel(q', k', v', causal=, scale=)`` is any attention
+    kernel without bias (flash-attn on GPU; :func:`sdpa_kernel` on CPU in tests); output is sliced.
+    """
+    head_dim = q.shape[-1]
+    padded = -(-(head_dim + 1) // 8) * 8
+    batch, kv_heads, k_len, _ = k.shape
+    column = (bias.float().clamp(min=_FLASH_BIAS_FLOOR) / scaling).to(k.dtype)
+    column = column.expand(batch, kv_heads, k_len)[..., None]
+    extra = padded - head_dim - 1
+    q2 = torch.cat([q, q.new_ones(*q.shape[:3], 1), q.new_zeros(*q.shape[:3], extra)], dim=-1)
+    k2 = torch.cat([k, column, k.new_zeros(batch, kv_heads, k_len, extra)], dim=-1)
+    v2 = torch.cat([v, v.new_zeros(batch, kv_heads, k_len, padded - head_dim)], dim=-1)
+    return kernel(q2, k2, v2, causal=causal, scale=scaling)[..., :head_dim]
+
+
+def sdpa_kernel(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+    """Bias-free attention with bottom-right causal alignment (what flash-attn computes), via SDPA."""
+    mask = _causal_bias(q.shape[2], k.shape[2], q.device).to(q.dtype) if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flash_attn_kernel(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+    """flash-attn 2's ``flash_attn_func`` on ``(B, H, S, D)`` tensors (CUDA, fp16/bf16)."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as err:
+        raise RuntimeError(
+            "the flash_attn backend needs the flash-attn package and a CUDA GPU "
+            "(pip install flash-attn --no-build-isolation); use backend='sdpa' or 'flex' instead"
+        ) from err
+    if not q.is_cuda:
+        raise RuntimeError("the flash_attn backend runs on CUDA tensors only; use backend='sdpa' on CPU")
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v, bias, scaling, causal):
+    return extra_column_attention(q, k, v, bias, scaling, causal, kernel=flash_attn_kernel)
+
+
+_IMPLEMENTATIONS = {"eager": _eager, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash}
+
+
+def implementation_name(backend: str) -> str:
+    """The ``attn_implementation`` name under which ``backend`` is registered in transformers."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    return f"nugget2d_{backend}"
+
+
+def _interface(backend: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # The nugget cache (passed by Nugget2DModel) holds the bias of every key, new tokens included.
+        cache = kwargs.get("nugget_cache")
+        bias = cache.attention_bias(module.layer_idx) if cache is not None else None
+        out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = f"nugget2d_{backend}_attention"
+    return attention
+
+
+def register_backends() -> None:
+    """Register every backend in transformers' ``AttentionInterface`` (idempotent)."""
+    for backend in BACKENDS:
+        AttentionInterface.register(implementation_name(backend), _interface(backend))
+
+
+register_backends()

@@ -1,0 +1,240 @@
+"""The nugget cache: a ``transformers.Cache`` whose entries are nuggets and raw tokens (DESIGN §4).
+
+Per layer it holds keys and values ``(B, Hkv, N, D)`` (keys stored rotated, as transformers does),
+the additive attention bias of each entry ``(B, 1, N)`` (a nugget's score, 0 for a raw token,
+:data:`~nugget2d.compress.attention.MASKED` for a padding slot), the position each key was
+rotated at ``(B, N)``, and which entries are nuggets ``(B, N)``.
+
+A forward pass over the cache is bracketed by :meth:`NuggetCache.begin_step`, which tells the
+cache the positions and padding of the tokens about to be appended; transformers' attention
+layers then call :meth:`update` as with any cache, and the registered attention backends read
+the bias of every key through :meth:`attention_bias`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .attention import MASKED
+
+_FORMAT = "nugget2d-cache"
+_VERSION = "1"
+
+
+class NuggetLayer(DynamicLayer):
+    """One layer's entries: K/V plus per-entry bias, position and nugget flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.is_nugget: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append raw entries (not nuggets) at the end."""
+        flags = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            self.bias, self.positions, self.is_nugget = bias, positions, flags
+            return
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        self.bias = torch.cat([self.bias, bias], dim=-1)
+        self.positions = torch.cat([self.positions, positions], dim=-1)
+        self.is_nugget = torch.cat([self.is_nugget, flags], dim=-1)
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep entries ``index`` ``(B, M)`` of each row, in that order."""
+        kv_index = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, kv_index)
+        self.values = self.values.gather(2, kv_index)
+        self.bias = self.bias.gather(2, index[:, None, :].expand(-1, self.bias.shape[1], -1))
+        self.positions = self.positions.gather(1, index)
+        self.is_nugget = self.is_nugget.gather(1, index)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by name (empty before the first append)."""
+        if not self.is_initialized:
+            return {}
+        return {
+            "keys": self.keys,
+            "values": self.values,
+            "bias": self.bias,
+            "positions": self.positions,
+            "is_nugget": self.is_nugget,
+        }
+
+    def copy(self) -> NuggetLayer:
+        """A new layer sharing these tensors (appending to it leaves this one as it is)."""
+        twin = NuggetLayer()
+        for name, value in self.tensors().items():
+            setattr(twin, name, value)
+        if self.is_initialized:
+            twin.dtype, twin.device, twin.is_initialized = self.dtype, self.device, True
+        return twin
+
+
+class NuggetCache(Cache):
+    """Nuggets and raw tokens of every layer, with the bias and position of each entry."""
+
+    def __init__(self, num_layers: int, model_fingerprint: str = "") -> None:
+        super().__init__(layers=[NuggetLayer() for _ in range(num_layers)])
+        self.model_fingerprint = model_fingerprint
+        #: Text tokens consumed per row, nuggets' sources and dropped tokens included: ``(B,)`` or None.
+        self.seen_tokens: torch.Tensor | None = None
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- the forward-pass protocol -------------------------------------------------------------
+
+    def begin_step(self, positions: torch.Tensor, token_mask: torch.Tensor) -> None:
+        """Announce the next appended tokens: their positions and which are real ``(B, Q)``."""
+        bias = torch.where(token_mask, 0.0, MASKED).to(torch.float32)[:, None, :]
+        self._step = (bias, positions)
+        counted = token_mask.sum(dim=1)
+        self.seen_tokens = counted if self.seen_tokens is None else self.seen_tokens + counted
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Append this step's keys/values at ``layer_idx``; return all keys and values of that layer."""
+        if self._step is None:
+            raise RuntimeError(
+                "NuggetCache.update called outside a step: run forward passes through Nugget2DModel, "
+                "which calls begin_step() first"
+            )
+        layer = self.layers[layer_idx]
+        layer.append(key_states, value_states, *self._step)
+        return layer.keys, layer.values
+
+    def attention_bias(self, layer_idx: int) -> torch.Tensor:
+        """Additive bias ``(B, 1, N)`` of every key at ``layer_idx``, this step's tokens included."""
+        return self.layers[layer_idx].bias
+
+    # --- turning raw entries into nuggets ------------------------------------------------------
+
+    def keep_nuggets(self, num_new: int, indices: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor) -> None:
+        """Of the last ``num_new`` entries keep ``indices`` ``(B, k)`` as nuggets with ``bias`` ``(B, k)``.
+
+        Entries before those are untouched; slots where ``valid`` is False become padding.
+        """
+        old = self.get_seq_length() - num_new
+        index = torch.cat(
+            [torch.arange(old, device=indices.device).expand(indices.shape[0], old), indices + old], dim=1
+        )
+        nugget_bias = torch.where(valid, bias, MASKED).to(torch.float32)
+        for layer in self.layers:
+            layer.gather(index)
+            layer.bias = torch.cat([layer.bias[..., :old], nugget_bias[:, None, :]], dim=-1)
+            flags = layer.is_nugget.clone()
+            flags[:, old:] = valid
+            layer.is_nugget = flags
+
+    # --- sizes ---------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache (0 when empty)."""
+        first = self.layers[0]
+        return first.keys.shape[0] if first.is_initialized else 0
+
+    def entry_counts(self) -> torch.Tensor:
+        """Real (non-padding) entries per row, ``(B,)``."""
+        bias = self.layers[0].bias
+        if bias is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (bias[:, 0, :] > MASKED / 2).sum(dim=1)
+
+    def nugget_counts(self) -> torch.Tensor:
+        """Nugget entries per row, ``(B,)``."""
+        layer = self.layers[0]
+        if layer.bias is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (layer.is_nugget & (layer.bias[:, 0, :] > MASKED / 2)).sum(dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored: K/V, bias, positions and flags of every layer."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+
+    def kv_nbytes(self) -> int:
+        """Bytes of the keys and values alone."""
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            if layer.is_initialized
+            for t in (layer.keys, layer.values)
+        )
+
+    # --- copies, devices, files ----------------------------------------------------------------
+
+    def fork(self) -> NuggetCache:
+        """A cache sharing these tensors; what is appended to the fork does not change this one."""
+        twin = NuggetCache(len(self.layers), self.model_fingerprint)
+        twin.layers = [layer.copy() for layer in self.layers]
+        twin.seen_tokens = self.seen_tokens
+        return twin
+
+    def detach(self) -> NuggetCache:
+        """A fork whose tensors carry no autograd history (for storing or serving)."""
+        twin = self.fork()
+        for layer in twin.layers:
+            for name, value in layer.tensors().items():
+                setattr(layer, name, value.detach())
+        return twin
+
+    def save(self, path: str | Path) -> Path:
+        """Write the cache to a safetensors file (tensors plus the model fingerprint)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            for name, value in layer.tensors().items():
+                tensors[f"layers.{i}.{name}"] = value.detach().contiguous().cpu()
+        if self.seen_tokens is not None:
+            tensors["seen_tokens"] = self.seen_tokens.detach().cpu()
+        metadata = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "num_layers": json.dumps(len(self.layers)),
+        }
+        path = Path(path)
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> NuggetCache:
+        """Read a cache written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no nugget cache file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a nugget2d cache file (format {metadata.get('format')!r})")
+        cache = cls(int(metadata["num_layers"]), metadata.get("model_fingerprint", ""))
+        tensors = load_file(str(path), device=str(device))
+        cache.seen_tokens = tensors.pop("seen_tokens", None)
+        for key, value in tensors.items():
+            _, index, name = key.split(".")
+            setattr(cache.layers[int(index)], name, value)
+        for layer in cache.layers:
+            if layer.keys is not None:
+                layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
+        return cache
+
+    def check_model(self, fingerprint: str, model_name: str = "this model") -> None:
+        """Raise ``ValueError`` if the cache was built by a different model."""
+        if self.model_fingerprint and self.model_fingerprint != fingerprint:
+            raise ValueError(
+                f"this nugget cache was built by another model (fingerprint {self.model_fingerprint[:12]}) "
+                f"and cannot be read by {model_name} (fingerprint {fingerprint[:12]}); "
+                "compress the text again with this model"
+            )

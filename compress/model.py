@@ -1,0 +1,277 @@
+"""``Nugget2DModel``: a frozen decoder LM plus scorer and two LoRA adapters (DESIGN §1).
+
+``compress`` runs the encoder adapter over a text, scores its tokens, and keeps the selected
+tokens' keys and values at every layer as nuggets in a :class:`NuggetCache`; ``forward`` decodes
+over such a cache. Any Hugging Face decoder with rotary positions and the attention interface
+works (Llama, Mistral, Qwen2/3, SmolLM, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .adapters import ADAPTERS, DECODER, ENCODER, activate, attach_adapters
+from .attention import implementation_name
+from .cache import NuggetCache
+from .config import Nugget2DConfig
+from .scorer import Scorer
+from .selection import select_threshold, select_topk
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SCORER_WEIGHTS = "scorer.safetensors"
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A hash of the architecture and a sample of the token embeddings (bf16-rounded, so the
+    same weights in fp32, bf16 or on another device give the same fingerprint)."""
+    config = model.config
+    shape = {
+        key: getattr(config, key, None)
+        for key in (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
+    }
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    embeddings = model.get_input_embeddings().weight
+    sample = embeddings[:: max(1, embeddings.shape[0] // 64)].detach().to("cpu", torch.bfloat16)
+    digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_architecture(model: PreTrainedModel) -> None:
+    """Raise ``ValueError`` unless ``model`` is a decoder LM with rotary positions and the attention interface."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or getattr(body, "rotary_emb", None) is None:
+        raise ValueError(
+            f"{model_type} has no rotary position embedding; Nugget2D needs a decoder-only model with rotary "
+            "positions (Llama, Mistral, Qwen2/3, SmolLM, ...)"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{model_type} does not dispatch attention through transformers' AttentionInterface, "
+            "so the nugget score bias cannot be applied; use a model that does (Llama, Mistral, Qwen2/3, ...)"
+        )
+
+
+def _model_name(model: PreTrainedModel) -> str:
+    return getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "unnamed model"
+
+
+class Nugget2DModel(nn.Module):
+    """The frozen base LM with encoder/decoder LoRA adapters and the scorer; only those train."""
+
+    def __init__(self, base_model: PreTrainedModel, config: Nugget2DConfig, attention: str = "sdpa") -> None:
+        super().__init__()
+        check_architecture(base_model)
+        fingerprint = model_fingerprint(base_model)
+        name = _model_name(base_model)
+        if config.base_model_hash and config.base_model_hash != fingerprint:
+            raise ValueError(
+                f"this adapter belongs to base model '{config.base_model}' (fingerprint {config.base_model_hash[:12]}) "
+                f"and cannot be loaded onto '{name}' (fingerprint {fingerprint[:12]}); "
+                "load it onto the model it was trained for"
+            )
+        config.base_model = config.base_model or name
+        config.base_model_hash = fingerprint
+        self.config = config
+        self.fingerprint = fingerprint
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+        self.peft_model = attach_adapters(base_model, config)
+        weight = base_model.get_input_embeddings().weight
+        self.scorer = Scorer(base_model.config.hidden_size).to(device=weight.device, dtype=torch.float32)
+        self.set_attention(attention)
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls, base_model: PreTrainedModel, config: Nugget2DConfig | None = None, attention: str = "sdpa"
+    ) -> Nugget2DModel:
+        """Wrap ``base_model`` (modified in place: LoRA layers are injected, weights frozen)."""
+        return cls(base_model, config or Nugget2DConfig(), attention)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, base_model: PreTrainedModel | None = None, attention: str = "sdpa"
+    ) -> Nugget2DModel:
+        """Restore an adapter directory (DESIGN §6) onto ``base_model``.
+
+        Without ``base_model`` the config's ``base_model`` must be a local model directory.
+        Refuses a base model whose fingerprint differs from the one the adapter was saved with.
+        """
+        directory = Path(directory)
+        config = Nugget2DConfig.load(directory)
+        if base_model is None:
+            if not Path(config.base_model).is_dir():
+                raise ValueError(
+                    f"adapter {directory} was trained on '{config.base_model}', which is not a local directory; "
+                    "pass base_model= (nugget2d.runtime.load_model() loads the embedded default)"
+                )
+            base_model = AutoModelForCausalLM.from_pretrained(config.base_model)
+        model = cls(base_model, config, attention)
+        for path in (directory / ADAPTER_WEIGHTS, directory / SCORER_WEIGHTS):
+            if not path.is_file():
+                raise ValueError(f"adapter directory {directory} is incomplete: {path.name} is missing")
+        weights = load_file(str(directory / ADAPTER_WEIGHTS))
+        for adapter in ADAPTERS:
+            prefix = f"{adapter}."
+            part = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
+            set_peft_model_state_dict(model.peft_model, part, adapter_name=adapter)
+        model.scorer.load_state_dict(load_file(str(directory / SCORER_WEIGHTS)))
+        return model.to(base_model.get_input_embeddings().weight.device)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter directory: config, both LoRA adapters, scorer (trainable parts only)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        weights = {}
+        for adapter in ADAPTERS:
+            state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter)
+            weights.update({f"{adapter}.{key}": value.detach().contiguous().cpu() for key, value in state.items()})
+        save_file(weights, str(directory / ADAPTER_WEIGHTS))
+        scorer_state = {key: value.detach().contiguous().cpu() for key, value in self.scorer.state_dict().items()}
+        save_file(scorer_state, str(directory / SCORER_WEIGHTS))
+        return directory
+
+    # --- accessors -----------------------------------------------------------------------------
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """The causal LM (its LoRA layers injected)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.config.num_hidden_layers
+
+    def set_attention(self, backend: str) -> None:
+        """Choose the attention backend (``eager``, ``sdpa``, ``flex``, ``flash_attn``)."""
+        self.base.set_attn_implementation(implementation_name(backend))
+        self.attention = backend
+
+    def new_cache(self) -> NuggetCache:
+        """An empty cache bound to this model."""
+        return NuggetCache(self.num_layers, self.fingerprint)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA and scorer parameters: all that trains."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    # --- the method ----------------------------------------------------------------------------
+
+    def compress(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: NuggetCache | None = None,
+        ratio: float | None = None,
+    ) -> NuggetCache:
+        """Encode ``input_ids`` ``(B, n)`` and keep the selected tokens' K/V as nuggets.
+
+        The encoder adapter attends to ``cache`` when given and the nuggets are appended to it;
+        otherwise a new cache is returned. ``attention_mask`` marks real tokens (left or right
+        padding). ``ratio`` overrides the config's for top-k selection.
+        """
+        input_ids, mask = self._inputs(input_ids, attention_mask)
+        cache = self.new_cache() if cache is None else cache
+        cache.check_model(self.fingerprint)
+        activate(self.peft_model, ENCODER)
+        positions = self._positions(cache, mask)
+        cache.begin_step(positions, mask)
+        out = self.base.get_decoder()(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            nugget_cache=cache,
+        )
+        scores = self.scorer(out.hidden_states[self.config.scorer_layer])
+        if self.config.selection == "threshold":
+            indices, valid = select_threshold(scores, self.config.threshold, mask)
+        else:
+            indices, valid = select_topk(scores, self.config.ratio if ratio is None else ratio, mask)
+        kept = scores.gather(1, indices)
+        bias = kept - kept.detach() if self.config.bias_mode == "straight_through" else kept
+        cache.keep_nuggets(input_ids.shape[1], indices, valid, bias)
+        return cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        nuggets: NuggetCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Decode ``input_ids`` over ``nuggets`` (left untouched); HF-style logits and loss.
+
+        The returned ``past_key_values`` is a fork of ``nuggets`` with these tokens appended.
+        """
+        input_ids, mask = self._inputs(input_ids, attention_mask)
+        cache = self.new_cache() if nuggets is None else nuggets.fork()
+        cache.check_model(self.fingerprint)
+        activate(self.peft_model, DECODER if self.config.decoder_adapter else None)
+        positions = self._positions(cache, mask)
+        cache.begin_step(positions, mask)
+        return self.base(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            labels=labels,
+            nugget_cache=cache,
+        )
+
+    def _inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be a non-empty (batch, tokens) tensor, got shape {tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            mask = torch.as_tensor(attention_mask, device=self.device).reshape(input_ids.shape).bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("empty text: a row of the batch has no tokens (its attention_mask is all zeros)")
+        return input_ids, mask
+
+    def _positions(self, cache: NuggetCache, mask: torch.Tensor) -> torch.Tensor:
+        """Position ids of the next tokens: after the text seen (``original``) or after the cache
+        entries (``cache``); padding slots repeat their neighbour's position."""
+        if cache.batch_size == 0:
+            offset = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        elif cache.batch_size != mask.shape[0]:
+            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {mask.shape[0]}")
+        elif self.config.positions == "cache":
+            offset = cache.entry_counts().to(mask.device)
+        else:
+            offset = cache.seen_tokens.to(mask.device)
+        steps = mask.long().cumsum(dim=1) - 1
+        return offset[:, None] + steps.clamp(min=0)

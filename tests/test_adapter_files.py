@@ -1,0 +1,107 @@
+"""Adapter directories and cache files: round trips and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel, NuggetCache
+from tiny_models import tiny_llama, tiny_qwen2
+
+
+def _trained_looking(base) -> Nugget2DModel:
+    """A wrapper whose LoRA and scorer weights are non-trivial (as after training)."""
+    model = Nugget2DModel.from_base(
+        base, Nugget2DConfig(ratio=0.3, scorer_layer=1, bias_mode="plain", decoder_adapter=True)
+    ).eval()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def test_save_and_load_reproduce_logits_exactly(tmp_path, tokens):
+    model = _trained_looking(tiny_llama())
+    with torch.no_grad():
+        expected = model(tokens[:, 25:], nuggets=model.compress(tokens[:, :25])).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_model.safetensors",
+        "nugget2d_config.json",
+        "scorer.safetensors",
+    ]
+    restored = Nugget2DModel.from_pretrained(tmp_path / "adapter", base_model=tiny_llama()).eval()
+    with torch.no_grad():
+        got = restored(tokens[:, 25:], nuggets=restored.compress(tokens[:, :25])).logits
+    assert torch.equal(got, expected)
+    config = json.loads((tmp_path / "adapter" / "nugget2d_config.json").read_text())
+    assert config["ratio"] == 0.3 and config["base_model_hash"] == model.fingerprint
+
+
+def test_loading_onto_another_base_model_is_refused(tmp_path):
+    model = _trained_looking(tiny_llama(seed=0))
+    model.config.base_model = "tiny-llama-a"
+    model.save_pretrained(tmp_path / "adapter")
+    other = tiny_llama(seed=1)
+    other.name_or_path = "tiny-llama-b"
+    with pytest.raises(ValueError, match="tiny-llama-a.*tiny-llama-b"):
+        Nugget2DModel.from_pretrained(tmp_path / "adapter", base_model=other)
+
+
+def test_missing_adapter_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="nugget2d_config.json is missing"):
+        Nugget2DModel.from_pretrained(tmp_path, base_model=tiny_llama())
+    _trained_looking(tiny_llama()).save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "scorer.safetensors").unlink()
+    with pytest.raises(ValueError, match="scorer.safetensors is missing"):
+        Nugget2DModel.from_pretrained(tmp_path / "a", base_model=tiny_llama())
+
+
+def test_cache_file_round_trip(tmp_path, tokens):
+    model = _trained_looking(tiny_qwen2())
+    with torch.no_grad():
+        cache = model.compress(tokens[:, :30])
+        expected = model(tokens[:, 30:], nuggets=cache).logits
+    cache.save(tmp_path / "doc.safetensors")
+    loaded = NuggetCache.load(tmp_path / "doc.safetensors")
+    assert loaded.nbytes == cache.nbytes
+    assert loaded.nugget_counts().tolist() == cache.nugget_counts().tolist()
+    with torch.no_grad():
+        assert torch.equal(model(tokens[:, 30:], nuggets=loaded).logits, expected)
+
+
+def test_cache_from_another_model_is_refused(tmp_path, tokens):
+    first = _trained_looking(tiny_llama(seed=0))
+    second = _trained_looking(tiny_llama(seed=2))
+    with torch.no_grad():
+        first.compress(tokens[:, :20]).save(tmp_path / "doc.safetensors")
+    cache = NuggetCache.load(tmp_path / "doc.safetensors")
+    with pytest.raises(ValueError, match="built by another model"):
+        second(tokens[:, 20:], nuggets=cache)
+    with pytest.raises(ValueError, match="built by another model"):
+        second.compress(tokens[:, 20:], cache=cache)
+
+
+def test_unreadable_cache_files_say_so(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        NuggetCache.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="no nugget cache file"):
+        NuggetCache.load(tmp_path / "absent.safetensors")
+
+
+def test_cache_sizes_and_fork(tokens):
+    model = _trained_looking(tiny_llama())
+    with torch.no_grad():
+        cache = model.compress(tokens[:, :20])
+    per_layer = sum(t.numel() * t.element_size() for t in cache.layers[0].tensors().values())
+    assert cache.nbytes == per_layer * len(cache.layers)
+    keys = cache.layers[0].keys
+    assert cache.kv_nbytes() == 2 * keys.numel() * keys.element_size() * len(cache.layers)
+    before = cache.get_seq_length()
+    with torch.no_grad():
+        out = model(tokens[:, 20:], nuggets=cache)
+    assert cache.get_seq_length() == before  # forward decodes over a fork
+    assert out.past_key_values.get_seq_length() == before + 20
