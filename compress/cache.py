@@ -21,33 +21,44 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention import MASKED
+from .rope import rerotate
 
 _FORMAT = "nugget2d-cache"
 _VERSION = "1"
 
 
+def nugget_bias(scores: torch.Tensor, bias_mode: str) -> torch.Tensor:
+    """The attention bias of nuggets with ``scores``: ``s`` (plain) or ``s - stopgrad(s)``, which is
+    0 in value yet passes the gradient to the scorer (straight-through)."""
+    scores = scores.float()
+    return scores if bias_mode == "plain" else scores - scores.detach()
+
+
 class NuggetLayer(DynamicLayer):
-    """One layer's entries: K/V plus per-entry bias, position and nugget flag."""
+    """One layer's entries: K/V plus per-entry bias, position, nugget flag and scorer score."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bias: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.is_nugget: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> None:
         """Append raw entries (not nuggets) at the end."""
         flags = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        scores = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
             self.keys, self.values = keys, values
-            self.bias, self.positions, self.is_nugget = bias, positions, flags
+            self.bias, self.positions, self.is_nugget, self.scores = bias, positions, flags, scores
             return
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
         self.bias = torch.cat([self.bias, bias], dim=-1)
         self.positions = torch.cat([self.positions, positions], dim=-1)
         self.is_nugget = torch.cat([self.is_nugget, flags], dim=-1)
+        self.scores = torch.cat([self.scores, scores], dim=-1)
 
     def gather(self, index: torch.Tensor) -> None:
         """Keep entries ``index`` ``(B, M)`` of each row, in that order."""
@@ -57,6 +68,7 @@ class NuggetLayer(DynamicLayer):
         self.bias = self.bias.gather(2, index[:, None, :].expand(-1, self.bias.shape[1], -1))
         self.positions = self.positions.gather(1, index)
         self.is_nugget = self.is_nugget.gather(1, index)
+        self.scores = self.scores.gather(1, index)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by name (empty before the first append)."""
@@ -68,6 +80,7 @@ class NuggetLayer(DynamicLayer):
             "bias": self.bias,
             "positions": self.positions,
             "is_nugget": self.is_nugget,
+            "scores": self.scores,
         }
 
     def copy(self) -> NuggetLayer:
@@ -83,9 +96,13 @@ class NuggetLayer(DynamicLayer):
 class NuggetCache(Cache):
     """Nuggets and raw tokens of every layer, with the bias and position of each entry."""
 
-    def __init__(self, num_layers: int, model_fingerprint: str = "") -> None:
+    def __init__(self, num_layers: int, model_fingerprint: str = "", positions: str = "original") -> None:
         super().__init__(layers=[NuggetLayer() for _ in range(num_layers)])
+        if positions not in ("original", "cache"):
+            raise ValueError(f"positions must be 'original' or 'cache', got {positions!r}")
         self.model_fingerprint = model_fingerprint
+        #: How new tokens are numbered: after the text seen (``original``) or after the entries (``cache``).
+        self.position_mode = positions
         #: Text tokens consumed per row, nuggets' sources and dropped tokens included: ``(B,)`` or None.
         self.seen_tokens: torch.Tensor | None = None
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -114,24 +131,39 @@ class NuggetCache(Cache):
         """Additive bias ``(B, 1, N)`` of every key at ``layer_idx``, this step's tokens included."""
         return self.layers[layer_idx].bias
 
-    # --- turning raw entries into nuggets ------------------------------------------------------
+    # --- choosing, converting and moving entries ----------------------------------------------
 
-    def keep_nuggets(self, num_new: int, indices: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor) -> None:
-        """Of the last ``num_new`` entries keep ``indices`` ``(B, k)`` as nuggets with ``bias`` ``(B, k)``.
+    def set_scores(self, scores: torch.Tensor) -> None:
+        """Record the scorer's scores ``(B, Q)`` of the last ``Q`` entries (this step's tokens)."""
+        for layer in self.layers:
+            layer.scores = torch.cat([layer.scores[:, : -scores.shape[1]], scores.float()], dim=1)
 
-        Entries before those are untouched; slots where ``valid`` is False become padding.
-        """
-        old = self.get_seq_length() - num_new
-        index = torch.cat(
-            [torch.arange(old, device=indices.device).expand(indices.shape[0], old), indices + old], dim=1
-        )
-        nugget_bias = torch.where(valid, bias, MASKED).to(torch.float32)
+    def retain(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Keep entries ``index`` ``(B, M)`` of every row in that order; slots where ``valid`` is
+        False become padding (never attended to)."""
         for layer in self.layers:
             layer.gather(index)
-            layer.bias = torch.cat([layer.bias[..., :old], nugget_bias[:, None, :]], dim=-1)
-            flags = layer.is_nugget.clone()
-            flags[:, old:] = valid
-            layer.is_nugget = flags
+            if valid is not None:
+                layer.bias = layer.bias.masked_fill(~valid[:, None, :], MASKED)
+
+    def convert(self, mask: torch.Tensor, bias_mode: str) -> None:
+        """Turn the entries where ``mask`` ``(B, N)`` is True into nuggets: their attention bias
+        becomes their score (``plain``) or ``s - stopgrad(s)`` (``straight_through``)."""
+        for layer in self.layers:
+            bias = nugget_bias(layer.scores, bias_mode)[:, None, :]
+            layer.bias = torch.where(mask[:, None, :], bias, layer.bias)
+            layer.is_nugget = layer.is_nugget | mask
+
+    def reposition(self, rotary_emb: torch.nn.Module) -> None:
+        """Renumber each row's real entries 0, 1, 2, ... and re-rotate their keys to match, so the
+        next token's position is the number of entries before it (DESIGN §4)."""
+        valid = self.layers[0].bias[:, 0, :] > MASKED / 2
+        target = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        for layer in self.layers:
+            delta = target - layer.positions
+            if bool((delta != 0).any()):
+                layer.keys = rerotate(layer.keys, delta, rotary_emb)
+            layer.positions = target
 
     # --- sizes ---------------------------------------------------------------------------------
 
@@ -173,7 +205,7 @@ class NuggetCache(Cache):
 
     def fork(self) -> NuggetCache:
         """A cache sharing these tensors; what is appended to the fork does not change this one."""
-        twin = NuggetCache(len(self.layers), self.model_fingerprint)
+        twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode)
         twin.layers = [layer.copy() for layer in self.layers]
         twin.seen_tokens = self.seen_tokens
         return twin
@@ -199,6 +231,7 @@ class NuggetCache(Cache):
             "version": _VERSION,
             "model_fingerprint": self.model_fingerprint,
             "num_layers": json.dumps(len(self.layers)),
+            "position_mode": self.position_mode,
         }
         path = Path(path)
         save_file(tensors, str(path), metadata=metadata)
@@ -219,7 +252,11 @@ class NuggetCache(Cache):
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a nugget2d cache file (format {metadata.get('format')!r})")
-        cache = cls(int(metadata["num_layers"]), metadata.get("model_fingerprint", ""))
+        cache = cls(
+            int(metadata["num_layers"]),
+            metadata.get("model_fingerprint", ""),
+            metadata.get("position_mode", "original"),
+        )
         tensors = load_file(str(path), device=str(device))
         cache.seen_tokens = tensors.pop("seen_tokens", None)
         for key, value in tensors.items():

@@ -171,15 +171,40 @@ class Nugget2DModel(nn.Module):
         self.base.set_attn_implementation(implementation_name(backend))
         self.attention = backend
 
-    def new_cache(self) -> NuggetCache:
-        """An empty cache bound to this model."""
-        return NuggetCache(self.num_layers, self.fingerprint)
+    def new_cache(self, positions: str | None = None) -> NuggetCache:
+        """An empty cache bound to this model; ``positions`` defaults to the config's scheme."""
+        return NuggetCache(self.num_layers, self.fingerprint, positions or self.config.positions)
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        """The base model's rotary embedding module (used to re-rotate moved keys)."""
+        return self.base.get_decoder().rotary_emb
+
+    def full_kv_bytes(self, tokens: int) -> int:
+        """Bytes a plain KV cache of ``tokens`` tokens would take for this model (one row)."""
+        config = self.base.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = self.base.get_input_embeddings().weight.element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * tokens
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The LoRA and scorer parameters: all that trains."""
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     # --- the method ----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: NuggetCache | None = None,
+    ) -> NuggetCache:
+        """Run the encoder adapter over ``input_ids`` ``(B, n)``, attending to ``cache``, and append
+        the tokens to it as raw entries carrying their scores (no selection yet)."""
+        input_ids, mask = self._inputs(input_ids, attention_mask)
+        cache = self.new_cache() if cache is None else cache
+        self._run(cache, input_ids, mask, ENCODER, self.base.get_decoder())
+        return cache
 
     def compress(
         self,
@@ -195,28 +220,27 @@ class Nugget2DModel(nn.Module):
         padding). ``ratio`` overrides the config's for top-k selection.
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
-        cache = self.new_cache() if cache is None else cache
-        cache.check_model(self.fingerprint)
-        activate(self.peft_model, ENCODER)
-        positions = self._positions(cache, mask)
-        cache.begin_step(positions, mask)
-        out = self.base.get_decoder()(
-            input_ids=input_ids,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=True,
-            nugget_cache=cache,
+        cache = self.encode(input_ids, mask, cache)
+        new = input_ids.shape[1]
+        scores = cache.layers[0].scores[:, -new:]
+        indices, valid = self.select(scores, mask, ratio)
+        old = cache.get_seq_length() - new
+        kept = torch.arange(old, device=indices.device).expand(indices.shape[0], old)
+        cache.retain(
+            torch.cat([kept, indices + old], dim=1), torch.cat([torch.ones_like(kept, dtype=torch.bool), valid], 1)
         )
-        scores = self.scorer(out.hidden_states[self.config.scorer_layer])
-        if self.config.selection == "threshold":
-            indices, valid = select_threshold(scores, self.config.threshold, mask)
-        else:
-            indices, valid = select_topk(scores, self.config.ratio if ratio is None else ratio, mask)
-        kept = scores.gather(1, indices)
-        bias = kept - kept.detach() if self.config.bias_mode == "straight_through" else kept
-        cache.keep_nuggets(input_ids.shape[1], indices, valid, bias)
+        converted = torch.zeros(cache.layers[0].is_nugget.shape, dtype=torch.bool, device=valid.device)
+        converted[:, old:] = valid
+        cache.convert(converted, self.config.bias_mode)
         return cache
+
+    def select(
+        self, scores: torch.Tensor, mask: torch.Tensor | None = None, ratio: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of these tokens become nuggets: ``(indices, valid)`` by the config's selection rule."""
+        if self.config.selection == "threshold":
+            return select_threshold(scores, self.config.threshold, mask)
+        return select_topk(scores, self.config.ratio if ratio is None else ratio, mask)
 
     def forward(
         self,
@@ -231,18 +255,27 @@ class Nugget2DModel(nn.Module):
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
         cache = self.new_cache() if nuggets is None else nuggets.fork()
+        adapter = DECODER if self.config.decoder_adapter else None
+        return self._run(cache, input_ids, mask, adapter, self.base, labels=labels)
+
+    def _run(self, cache: NuggetCache, input_ids, mask, adapter: str | None, module: nn.Module, **extra):
+        """One pass of ``module`` (the LM or its decoder body) over ``input_ids``, appending them to
+        ``cache`` with their positions, padding and scorer scores."""
         cache.check_model(self.fingerprint)
-        activate(self.peft_model, DECODER if self.config.decoder_adapter else None)
+        activate(self.peft_model, adapter)
         positions = self._positions(cache, mask)
         cache.begin_step(positions, mask)
-        return self.base(
+        out = module(
             input_ids=input_ids,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            labels=labels,
+            output_hidden_states=True,
             nugget_cache=cache,
+            **extra,
         )
+        cache.set_scores(self.scorer(out.hidden_states[self.config.scorer_layer]))
+        return out
 
     def _inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -269,7 +302,7 @@ class Nugget2DModel(nn.Module):
             offset = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         elif cache.batch_size != mask.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} rows but the input has {mask.shape[0]}")
-        elif self.config.positions == "cache":
+        elif cache.position_mode == "cache":
             offset = cache.entry_counts().to(mask.device)
         else:
             offset = cache.seen_tokens.to(mask.device)

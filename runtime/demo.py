@@ -1,80 +1,88 @@
-"""``nugget2d demo``: compress a passage of a bundled book and continue it over the nuggets."""
+"""``nugget2d demo``: stream a passage of a bundled book into a bounded nugget cache, ask about it,
+and compare with a full KV cache of the same passage."""
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 
-import torch
-from nugget2d.compress import Nugget2DConfig, NuggetCache
+from nugget2d.compress import Nugget2DConfig
 
-from .generation import GenerationSettings, TextDeltas, generate_tokens
+from .generation import GenerationSettings
 from .loading import load_nugget2d
+from .session import StreamingSession, StreamSettings
 from .texts import bundled_text
+
+QUESTION = "What is this text about? Answer in two sentences."
 
 
 @dataclass
 class DemoRun:
-    """What one cache gave: its size, the time to build it and to decode, and the continuation."""
+    """What one cache gave: its size, rates and the answer."""
 
     label: str
     cache_tokens: int
     cache_bytes: int
-    prefill_s: float
-    decode_ms_per_token: float
-    text: str
+    ingest_tokens_per_s: float
+    decode_tokens_per_s: float
+    answer: str
 
 
 def run_demo(
-    context_tokens: int = 1024,
+    context_tokens: int = 4096,
     ratio: float = 0.1,
-    max_new_tokens: int = 40,
+    max_new_tokens: int = 60,
     model: str | None = None,
     adapter: str | None = None,
+    budget: int = 1024,
     out=sys.stdout,
 ) -> list[DemoRun]:
-    """Compress the first ``context_tokens`` of the bundled book with full KV and with nuggets,
-    continue the text greedily over each, print the streamed continuations and a size table."""
+    """Answer :data:`QUESTION` about the first ``context_tokens`` of the bundled book, with a full KV
+    cache and with a nugget2d cache of ``budget`` entries; print both answers and a size table."""
     nugget_model, tokenizer = load_nugget2d(model, adapter, Nugget2DConfig(ratio=ratio))
     text = bundled_text()
-    start = text.find("CHAPTER I")
-    ids = tokenizer(text[max(start, 0) :], return_tensors="pt").input_ids[0, :context_tokens]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, eos_token_ids=(tokenizer.eos_token_id,))
+    ids = tokenizer(text[text.find("_Piscator_. You are wel overtaken") :], verbose=False).input_ids[:context_tokens]
+    passage = tokenizer.decode(ids)
     print(f"Passage: {len(ids)} tokens of Walton's The Compleat Angler (bundled, public domain).", file=out)
-    print(f"...{tokenizer.decode(ids[-40:])}", file=out)
+    print(f"Question: {QUESTION}", file=out)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    recent = min(256, budget // 4)
+    shapes = {
+        "full KV": StreamSettings(ratio=1.0, budget=len(ids) + 512, recent=len(ids), segment=256, sinks=0),
+        f"nugget2d r={ratio}": StreamSettings(ratio=ratio, budget=budget, recent=recent, segment=256),
+    }
     runs = []
-    for label, keep in (("full KV", 1.0), (f"nugget2d r={ratio}", ratio)):
-        began = time.perf_counter()
-        with torch.no_grad():
-            cache = nugget_model.compress(ids[:-1], ratio=keep)
-        prefill = time.perf_counter() - began
-        runs.append(_continue(nugget_model, tokenizer, cache, ids[-1:], settings, label, prefill, out))
+    for label, shape in shapes.items():
+        session = StreamingSession(nugget_model, tokenizer, shape, progress=True)
+        session.ingest(passage)
+        print(f"\n[{label}] ", end="", file=out, flush=True)
+        pieces = []
+        for piece in session.ask(QUESTION, settings):
+            print(piece, end="", file=out, flush=True)
+            pieces.append(piece)
+        print(file=out)
+        stats = session.stats
+        runs.append(
+            DemoRun(
+                label,
+                stats.cache_tokens,
+                stats.cache_bytes,
+                stats.ingest_tokens_per_s,
+                stats.decode_tokens_per_s,
+                "".join(pieces),
+            )
+        )
     _print_table(runs, out)
     return runs
 
 
-def _continue(model, tokenizer, cache: NuggetCache, prompt, settings, label, prefill, out) -> DemoRun:
-    print(f"\n[{label}] continuation: ", end="", file=out, flush=True)
-    deltas = TextDeltas(tokenizer)
-    began, count = time.perf_counter(), 0
-    for token in generate_tokens(model, cache, prompt, settings):
-        print(deltas.push(token), end="", file=out, flush=True)
-        count += 1
-    elapsed = time.perf_counter() - began
-    print(file=out)
-    return DemoRun(
-        label, int(cache.entry_counts()[0]), cache.nbytes, prefill, 1000 * elapsed / max(count, 1), deltas.text()
-    )
-
-
 def _print_table(runs: list[DemoRun], out) -> None:
     full = runs[0]
-    print(f"\n{'cache':<20}{'entries':>9}{'bytes':>14}{'vs full':>9}{'prefill s':>11}{'decode ms/tok':>15}", file=out)
+    print(f"\n{'cache':<20}{'entries':>9}{'MiB':>9}{'vs full':>9}{'ingest tok/s':>14}{'decode tok/s':>14}", file=out)
     for run in runs:
         share = run.cache_bytes / full.cache_bytes
         print(
-            f"{run.label:<20}{run.cache_tokens:>9}{run.cache_bytes:>14,}{share:>9.3f}{run.prefill_s:>11.2f}"
-            f"{run.decode_ms_per_token:>15.1f}",
+            f"{run.label:<20}{run.cache_tokens:>9}{run.cache_bytes / 2**20:>9.1f}{share:>9.3f}"
+            f"{run.ingest_tokens_per_s:>14.0f}{run.decode_tokens_per_s:>14.1f}",
             file=out,
         )

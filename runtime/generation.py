@@ -1,73 +1,164 @@
-"""The one generation loop: decode tokens over a nugget cache (CLI, server and jobs all call it)."""
+"""The one generation loop: decode tokens over a nugget cache (CLI, server and jobs all call it).
+
+Sampling reuses transformers' logits processors (repetition penalty, temperature, top-k, top-p).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
 from nugget2d.compress import Nugget2DModel, NuggetCache
 
 
 @dataclass
 class GenerationSettings:
-    """How to pick the next tokens: greedy when ``temperature`` is 0."""
+    """How to pick the next tokens; greedy when ``temperature`` is 0."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.stop = tuple(s for s in self.stop if s)
+        checks = [
+            (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def processors(self) -> LogitsProcessorList:
+        """transformers' logits processors for these settings (empty for plain greedy)."""
+        chain = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            chain.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature > 0:
+            chain.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                chain.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                chain.append(TopPLogitsWarper(self.top_p))
+        return chain
 
 
-@torch.no_grad()
-def generate_tokens(
-    model: Nugget2DModel, cache: NuggetCache, prompt_ids: torch.Tensor, settings: GenerationSettings
-) -> Iterator[int]:
-    """Yield new token ids for one row, reading ``cache`` (left unchanged) then ``prompt_ids``.
+class TokenStream:
+    """Iterates over new token ids for one row, reading ``cache`` then ``prompt_ids``.
 
-    Stops after ``max_new_tokens`` or at an EOS id (not yielded).
+    Stops after ``max_new_tokens`` or at an EOS id (not yielded). Every yielded token but the last
+    has been fed to the model: :attr:`cache` always holds the prompt and the fed tokens, and
+    :attr:`unfed` the tokens sampled but not yet in it.
     """
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(settings.seed)
-    state, step_ids = cache, torch.as_tensor(prompt_ids, device=model.device).reshape(1, -1)
-    for _ in range(settings.max_new_tokens):
-        out = model(step_ids, nuggets=state)
-        logits = out.logits[0, -1].float()
-        if settings.temperature > 0:
-            probs = torch.softmax(logits / settings.temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        else:
-            token = int(logits.argmax())
-        if token in settings.eos_token_ids:
-            return
-        yield token
-        state, step_ids = out.past_key_values, torch.tensor([[token]], device=model.device)
+
+    def __init__(
+        self,
+        model: Nugget2DModel,
+        cache: NuggetCache,
+        prompt_ids: Iterable[int],
+        settings: GenerationSettings,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.model, self.cache, self.settings = model, cache, settings
+        self.prompt = [int(t) for t in prompt_ids]
+        if not self.prompt:
+            raise ValueError("the prompt is empty: give at least one token to condition on")
+        self.eos = {int(t) for t in eos_token_ids if t is not None}
+        self.unfed: list[int] = []
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[int]:
+        settings, device = self.settings, self.model.device
+        generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+        processors = settings.processors()
+        history = torch.tensor([self.prompt], device=device)
+        step = history
+        self.finish_reason = "length"
+        for _ in range(settings.max_new_tokens):
+            out = self.model(step, nuggets=self.cache)
+            self.cache, self.unfed = out.past_key_values, []
+            scores = processors(history, out.logits[:, -1].float())
+            if settings.temperature > 0:
+                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
+            else:
+                token = int(scores.argmax(dim=-1))
+            if token in self.eos:
+                self.finish_reason = "stop"
+                return
+            self.unfed, step = [token], torch.tensor([[token]], device=device)
+            history = torch.cat([history, step], dim=1)
+            self.generated.append(token)
+            yield token
 
 
 class TextDeltas:
-    """Turns a stream of token ids into text pieces, holding back bytes of an unfinished character."""
+    """Turns token ids into text pieces as they come.
 
-    def __init__(self, tokenizer) -> None:
+    Holds back an unfinished multi-byte character and any tail that could grow into a stop
+    string; at the first stop string the text is cut before it and nothing more is shown.
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.emitted = 0
+        self.shown = ""
+        self.stopped = False
 
     def push(self, token: int) -> str:
-        """Add one token; return the new complete text since the last call (may be empty)."""
+        """Add one token; return the new text that is safe to show (may be empty)."""
+        if self.stopped:
+            return ""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self.stopped = True
+                return self._show(text[:at])
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             return ""
-        delta, self.emitted = text[self.emitted :], len(text)
-        return delta
+        return self._show(text[: self._safe_end(text)])
 
+    def flush(self) -> str:
+        """The held-back tail, at the end of generation."""
+        if self.stopped:
+            return ""
+        return self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    @property
     def text(self) -> str:
-        """Everything decoded so far."""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        """Everything shown so far."""
+        return self.shown
+
+    def _safe_end(self, text: str) -> int:
+        """Start of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        longest = max((len(s) for s in self.stop), default=0)
+        for start in range(max(0, len(text) - longest + 1), len(text)):
+            if any(s.startswith(text[start:]) for s in self.stop):
+                return start
+        return len(text)
+
+    def _show(self, upto: str) -> str:
+        if len(upto) <= len(self.shown):
+            return ""
+        delta, self.shown = upto[len(self.shown) :], upto
+        return delta

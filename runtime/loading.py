@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from transformers import PreTrainedTokenizerBase
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 
 from .models import load_model
 

@@ -1,11 +1,15 @@
-"""Texts shipped with the package (public domain) and reading user text safely."""
+"""Texts: the book shipped with the package, and reading user text (files, strings, chunk
+iterators) into token chunks without loading a whole file at once."""
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
 BUNDLED_BOOK = "complete-angler.txt"
+_READ_BYTES = 1 << 16
 
 
 def bundled_text(name: str = BUNDLED_BOOK) -> str:
@@ -13,18 +17,57 @@ def bundled_text(name: str = BUNDLED_BOOK) -> str:
     return resources.files("nugget2d.runtime").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def read_text_file(path: str | Path) -> str:
-    """UTF-8 text of ``path``; ``ValueError`` for a missing, empty or binary file."""
+def check_text_file(path: str | Path) -> Path:
+    """Raise ``ValueError`` for a missing, empty or binary file; checks only the first bytes."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input file {path} does not exist")
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise ValueError(f"input file {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"input file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if not text.strip():
+    with path.open("rb") as handle:
+        head = handle.read(_READ_BYTES)
+    if not head.strip():
         raise ValueError(f"input file {path} is empty")
-    return text
+    if b"\x00" in head:
+        raise ValueError(f"input file {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    return path
+
+
+def file_chunks(path: str | Path) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces; ``ValueError`` naming the byte offset of bad UTF-8."""
+    path = check_text_file(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while True:
+            data = handle.read(_READ_BYTES)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"input file {path} is not UTF-8 text ({err.reason} at byte {offset + err.start})"
+                ) from err
+            offset += len(data)
+            if text:
+                yield text
+            if not data:
+                return
+
+
+def read_text_file(path: str | Path) -> str:
+    """The whole UTF-8 text of ``path`` (same checks as :func:`file_chunks`)."""
+    return "".join(file_chunks(path))
+
+
+def token_chunks(tokenizer, chunks: Iterable[str]) -> Iterator[list[int]]:
+    """Token ids of a text arriving in pieces, cut only before whitespace so that words split
+    across pieces are tokenised whole (the ids match tokenising the text in one go, up to
+    merges across whitespace)."""
+    carry = ""
+    for chunk in chunks:
+        carry += chunk
+        cut = max(carry.rfind(" "), carry.rfind("\n"))
+        if cut <= 0:
+            continue
+        head, carry = carry[:cut], carry[cut:]
+        yield tokenizer(head, add_special_tokens=False, verbose=False).input_ids
+    if carry:
+        yield tokenizer(carry, add_special_tokens=False, verbose=False).input_ids

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from nugget2d.compress import Nugget2DConfig, Nugget2DModel, NuggetCache
 from tiny_models import tiny_llama, tiny_qwen2
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel, NuggetCache
 
 
 def _trained_looking(base) -> Nugget2DModel:

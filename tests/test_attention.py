@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from nugget2d.compress import MASKED, biased_attention
 from nugget2d.compress.attention import extra_column_attention, sdpa_kernel
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from nugget2d.compress import NuggetCache
 from nugget2d.runtime.cli import build_parser, main
 
@@ -76,3 +77,92 @@ def test_bad_ratio_and_missing_model_get_one_line_errors(tmp_path, tiny_model_di
     assert "ratio must be in (0, 1]" in capsys.readouterr().err
     assert main(["compress", "--model", str(tmp_path / "nowhere"), "--input", str(text), "--output", "o"]) == 2
     assert "never downloads" in capsys.readouterr().err
+
+
+def test_generate_streams_an_answer_and_writes_stats(tmp_path, tiny_model_dir, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("the old angler said that the river was good for fish . " * 200)
+    stats_path = tmp_path / "stats.json"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(text),
+            "--prompt",
+            "what fish ?",
+            "--budget",
+            "96",
+            "--recent",
+            "32",
+            "--segment",
+            "16",
+            "--max-new-tokens",
+            "5",
+            "--stats-json",
+            str(stats_path),
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    stats = json.loads(stats_path.read_text())
+    assert stats["tokens_ingested"] >= 2400 and stats["cache_tokens"] <= 96
+    assert stats["cache_bytes"] < stats["full_kv_bytes"] / 10
+    assert stats["generated_tokens"] <= 5 and stats["peak_rss_bytes"] > 0
+    assert "tok/s" in captured.err
+
+
+def test_generate_refuses_bad_settings_before_loading(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the river")
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "absent"),
+                "--input",
+                str(text),
+                "--prompt",
+                "q",
+                "--budget",
+                "100",
+                "--recent",
+                "512",
+            ]
+        )
+        == 2
+    )
+    assert "budget (100) must exceed" in capsys.readouterr().err
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--input", str(empty), "--prompt", "q"]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_longer_than_the_budget(tmp_path, tiny_model_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the river " * 50)
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(text),
+            "--prompt",
+            "the fish " * 80,
+            "--budget",
+            "96",
+            "--recent",
+            "32",
+            "--segment",
+            "16",
+            "--max-new-tokens",
+            "8",
+            "--quiet",
+        ]
+    )
+    assert code == 2 and "does not fit the cache budget" in capsys.readouterr().err

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count, select_threshold, select_topk
 from tiny_models import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count, select_threshold, select_topk
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), "0.1"])

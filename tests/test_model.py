@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from tiny_models import tiny_llama
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 
 
 def _wrap(base, **settings) -> Nugget2DModel:

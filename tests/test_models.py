@@ -6,6 +6,7 @@ import importlib.util
 import time
 
 import pytest
+
 from nugget2d.runtime import models
 from nugget2d.runtime.models import load_model
 
