@@ -166,6 +166,22 @@ def _stdin_chunks():
         yield chunk
 
 
+# --- train ---------------------------------------------------------------------------------------
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import add_arguments
+
+    add_arguments(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train_loop
+
+    train_loop(config_from_args(args))
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]

@@ -79,32 +79,17 @@ def test_bad_ratio_and_missing_model_get_one_line_errors(tmp_path, tiny_model_di
     assert "never downloads" in capsys.readouterr().err
 
 
+def _generate(model_dir, text, prompt, *extra) -> int:
+    """Run `nugget2d generate` in-process on the tiny model with a 96-entry cache."""
+    shape = ["--budget", "96", "--recent", "32", "--segment", "16", "--quiet"]
+    return main(["generate", "--model", str(model_dir), "--input", str(text), "--prompt", prompt, *shape, *extra])
+
+
 def test_generate_streams_an_answer_and_writes_stats(tmp_path, tiny_model_dir, capsys):
     text = tmp_path / "book.txt"
     text.write_text("the old angler said that the river was good for fish . " * 200)
     stats_path = tmp_path / "stats.json"
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--input",
-            str(text),
-            "--prompt",
-            "what fish ?",
-            "--budget",
-            "96",
-            "--recent",
-            "32",
-            "--segment",
-            "16",
-            "--max-new-tokens",
-            "5",
-            "--stats-json",
-            str(stats_path),
-            "--quiet",
-        ]
-    )
+    code = _generate(tiny_model_dir, text, "what fish ?", "--max-new-tokens", "5", "--stats-json", str(stats_path))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     stats = json.loads(stats_path.read_text())
@@ -117,52 +102,17 @@ def test_generate_streams_an_answer_and_writes_stats(tmp_path, tiny_model_dir, c
 def test_generate_refuses_bad_settings_before_loading(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the river")
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tmp_path / "absent"),
-                "--input",
-                str(text),
-                "--prompt",
-                "q",
-                "--budget",
-                "100",
-                "--recent",
-                "512",
-            ]
-        )
-        == 2
-    )
+    absent = tmp_path / "absent"
+    assert main(["generate", "--model", str(absent), "--input", str(text), "--prompt", "q", "--budget", "100"]) == 2
     assert "budget (100) must exceed" in capsys.readouterr().err
     empty = tmp_path / "e.txt"
     empty.write_text("")
-    assert main(["generate", "--model", str(tmp_path / "absent"), "--input", str(empty), "--prompt", "q"]) == 2
+    assert main(["generate", "--model", str(absent), "--input", str(empty), "--prompt", "q"]) == 2
     assert "is empty" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_prompt_longer_than_the_budget(tmp_path, tiny_model_dir, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the river " * 50)
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--input",
-            str(text),
-            "--prompt",
-            "the fish " * 80,
-            "--budget",
-            "96",
-            "--recent",
-            "32",
-            "--segment",
-            "16",
-            "--max-new-tokens",
-            "8",
-            "--quiet",
-        ]
-    )
-    assert code == 2 and "does not fit the cache budget" in capsys.readouterr().err
+    assert _generate(tiny_model_dir, text, "the fish " * 80, "--max-new-tokens", "8") == 2
+    assert "does not fit the cache budget" in capsys.readouterr().err

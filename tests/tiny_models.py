@@ -8,35 +8,27 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 VOCAB = 97
 
 
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 4-layer Llama, hidden 64, 4 query / 2 KV heads (GQA), in eval mode."""
     torch.manual_seed(seed)
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    settings.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**SHAPE, **overrides})).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    """A 3-layer Qwen2 (q/k/v biases), hidden 64, GQA, in eval mode."""
+    """A 4-layer Qwen2 (q/k/v biases) of the same shape, in eval mode."""
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval()
 
 
 WORDS = (

@@ -1,0 +1,285 @@
+"""``nugget2d train``: one training loop on a DeepSpeed engine (DESIGN §6).
+
+Read top to bottom: configuration, data, model, engine, loop, checkpoints. Run as
+``nugget2d train ...`` (one process) or ``deepspeed --module nugget2d.runtime.train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+
+from .models import load_model
+from .objectives import NuggetObjective
+from .train_data import OBJECTIVES, batch_at, build_examples, collate, split_heldout
+
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved beside its checkpoints."""
+
+    data: list[str] = field(default_factory=list)
+    output: str = "runs/nugget2d"
+    model: str | None = None
+    objective: str = "autoencode"
+    ds_config: str = "zero2.json"
+    max_steps: int = 100
+    batch_size: int = 4
+    segment_size: int = 128
+    target_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    seed: int = 0
+    save_every: int = 50
+    eval_every: int = 50
+    eval_fraction: float = 0.05
+    ratio: float = 0.1
+    scorer_layer: int = 3
+    lora_rank: int = 32
+    decoder_adapter: bool = False
+    resume: bool = False
+    stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("max_steps and batch_size must be >= 1")
+        if not self.data:
+            raise ValueError("give training data with --data PATH (text files or directories)")
+
+
+def ds_config_dict(name_or_path: str, batch_size: int) -> dict:
+    """Read a DeepSpeed JSON config (a path, or a file name in ``ds_configs/``) and set the batch."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DS_CONFIGS / name_or_path
+    if not path.is_file():
+        shipped = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
+        raise ValueError(f"DeepSpeed config {name_or_path} not found (shipped ones: {shipped})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    cuda = torch.cuda.is_available()
+    config["bf16"] = {"enabled": cuda}
+    zero = config.get("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        _require_cpu_adam(path)
+    return config
+
+
+def _require_cpu_adam(path: Path) -> None:
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if not CPUAdamBuilder().is_compatible(verbose=False):
+        raise ValueError(
+            f"{path.name} offloads the optimizer to the CPU, which needs DeepSpeed's CPU Adam op, and it cannot be "
+            "built here; use zero2.json or zero3.json"
+        )
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, run alone, create) the process group: gloo on CPU, nccl on GPU. Returns (rank, world)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a single process, not started by a launcher
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int):
+    """AdamW schedule of the paper: linear warm-up, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_loop(config: TrainConfig) -> list[dict]:
+    """Train LoRA + scorer on ``config.objective``; checkpoint every ``save_every`` steps; return the
+    per-step metrics. With ``resume`` it continues from the latest checkpoint in ``output``."""
+    import deepspeed
+
+    # --- data ---------------------------------------------------------------------------------
+    output = Path(config.output)
+    ds_config = ds_config_dict(config.ds_config, config.batch_size)
+    rank, world = init_distributed()
+    base, tokenizer = load_model(config.model)
+    examples = build_examples(config.data, tokenizer, config.objective, config.segment_size, config.target_size)
+    train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # --- model and engine ---------------------------------------------------------------------
+    torch.manual_seed(config.seed)
+    nugget_config = Nugget2DConfig(
+        ratio=config.ratio,
+        scorer_layer=config.scorer_layer,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_rank,
+        bias_mode="plain",
+        decoder_adapter=config.decoder_adapter,
+    )
+    model = Nugget2DModel.from_base(base, nugget_config)
+    model.config.base_model = config.model or model.config.base_model
+    objective = NuggetObjective(model).train()
+    ds_config["optimizer"]["params"]["lr"] = config.lr
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=objective,
+        model_parameters=model.trainable_parameters(),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: cosine_with_warmup(optimizer, config.warmup_steps, config.max_steps),
+    )
+    step = _resume(engine, output) if config.resume else 0
+
+    # --- loop ---------------------------------------------------------------------------------
+    metrics: list[dict] = []
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", file=sys.stderr, disable=rank != 0)
+    started, tokens = time.perf_counter(), 0
+    last = min(config.max_steps, config.stop_at or config.max_steps)
+    while step < last:
+        batch = {
+            k: v.to(engine.device)
+            for k, v in collate(batch_at(train, step, config.batch_size, config.seed, rank, world), pad_id).items()
+        }
+        loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        tokens += int(batch["context_mask"].sum() + batch["input_mask"].sum()) * world
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
+        if step % config.eval_every == 0 or step == config.max_steps:
+            record["heldout_loss"] = evaluate(engine.module, heldout, pad_id, config.batch_size)
+        metrics.append(record)
+        if rank == 0:
+            _append_jsonl(output / "metrics.jsonl", record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update()
+        if step % config.save_every == 0 or step == last:
+            save_checkpoint(engine, model, output, step, config, rank)
+    bar.close()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(objective: NuggetObjective, heldout, pad_id: int, batch_size: int) -> float:
+    """Mean held-out loss (exp of it is the perplexity)."""
+    if not heldout:
+        return float("nan")
+    objective.eval()
+    losses = [
+        float(objective(**collate(heldout[i : i + batch_size], pad_id))) for i in range(0, len(heldout), batch_size)
+    ]
+    objective.train()
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int) -> Path:
+    """Adapter directory + engine state (optimizer, scheduler) + step and RNG, then mark it latest."""
+    directory = output / f"checkpoint-{step}"
+    engine.save_checkpoint(str(directory / "engine"), tag="state")
+    if rank == 0:
+        model.save_pretrained(directory / "adapter")
+        torch.save(torch.get_rng_state(), directory / "rng.pt")
+        (directory / STATE).write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
+        (output / "latest").write_text(directory.name + "\n")
+    return directory
+
+
+def _resume(engine, output: Path) -> int:
+    marker = output / "latest"
+    if not marker.is_file():
+        raise ValueError(f"--resume: no checkpoint in {output} (no 'latest' file); start without --resume")
+    directory = output / marker.read_text().strip()
+    engine.load_checkpoint(str(directory / "engine"), tag="state")
+    torch.set_rng_state(torch.load(directory / "rng.pt"))
+    return json.loads((directory / STATE).read_text())["step"]
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` flags (shared by ``nugget2d train`` and ``python -m nugget2d.runtime.train``)."""
+    defaults = TrainConfig(data=["-"])
+    parser.add_argument("--data", nargs="+", required=True, help="text files or directories of .txt files")
+    parser.add_argument("--output", default=defaults.output, help="run directory (checkpoints, metrics)")
+    parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    parser.add_argument("--ds-config", default=defaults.ds_config, help="DeepSpeed JSON (a path or a ds_configs/ name)")
+    for name in (
+        "max_steps",
+        "batch_size",
+        "segment_size",
+        "target_size",
+        "warmup_steps",
+        "seed",
+        "save_every",
+        "eval_every",
+        "scorer_layer",
+        "lora_rank",
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("lr", "ratio", "eval_fraction"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--decoder-adapter", action="store_true", help="train a decoder LoRA too (default: frozen reader)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed flags."""
+    known = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m nugget2d.runtime.train`` (what the deepspeed launcher runs)."""
+    parser = argparse.ArgumentParser(prog="nugget2d train")
+    add_arguments(parser)
+    train_loop(config_from_args(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

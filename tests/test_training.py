@@ -1,0 +1,98 @@
+"""Training: the loss falls when overfitting, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
+
+from nugget2d.compress import Nugget2DModel
+from nugget2d.runtime.train import TrainConfig, train_loop
+from nugget2d.runtime.train_data import build_examples, sentence_segments
+
+SENTENCES = (
+    "the old angler said that the river was good for fish . "
+    "she had a blue book and he had an old door . "
+    "they will fish in the river when the day is good . "
+)
+
+
+@pytest.fixture(scope="module")
+def trainable_model_dir(tmp_path_factory):
+    """A tiny model whose (frozen) output head is large enough for a loss to be driven down."""
+    return save_tiny_model(tmp_path_factory.mktemp("trainable"), initializer_range=0.3)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus" / "few.txt"
+    path.parent.mkdir()
+    path.write_text(SENTENCES * 8)
+    return path.parent
+
+
+def _config(tiny_model_dir, corpus, output, **overrides) -> TrainConfig:
+    settings = dict(
+        data=[str(corpus)],
+        output=str(output),
+        model=str(tiny_model_dir),
+        segment_size=16,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        ratio=0.5,
+        scorer_layer=1,
+        lora_rank=8,
+        decoder_adapter=True,
+        eval_every=1000,
+        save_every=1000,
+        max_steps=30,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_overfitting_halves_the_autoencoding_loss(tmp_path, trainable_model_dir, corpus):
+    metrics = train_loop(_config(trainable_model_dir, corpus, tmp_path / "run", max_steps=40))
+    first = sum(m["loss"] for m in metrics[:3]) / 3
+    last = sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last <= first / 2, (first, last)
+    adapter = tmp_path / "run" / "checkpoint-40" / "adapter"
+    restored = Nugget2DModel.from_pretrained(adapter, base_model=tiny_llama(initializer_range=0.3))
+    assert restored.config.ratio == 0.5
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and "heldout_loss" in json.loads(lines[-1])
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, tiny_model_dir, corpus):
+    whole = train_loop(_config(tiny_model_dir, corpus, tmp_path / "a", max_steps=6, save_every=3, lr=1e-3))
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "b", max_steps=6, stop_at=3, save_every=3, lr=1e-3))
+    resumed = train_loop(
+        _config(tiny_model_dir, corpus, tmp_path / "b", max_steps=6, save_every=3, lr=1e-3, resume=True)
+    )
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    for ours, theirs in zip(resumed, whole[3:]):
+        assert abs(ours["loss"] - theirs["loss"]) <= 1e-5
+
+
+def test_resume_without_a_checkpoint_and_missing_data_are_refused(tmp_path, tiny_model_dir, corpus):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train_loop(_config(tiny_model_dir, corpus, tmp_path / "c", resume=True, max_steps=2))
+    with pytest.raises(ValueError, match="does not exist"):
+        train_loop(_config(tiny_model_dir, tmp_path / "absent", tmp_path / "d"))
+
+
+def test_segments_end_at_sentence_ends():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(SENTENCES * 4, add_special_tokens=False).input_ids
+    segments = sentence_segments(ids, tokenizer, 16, slack=0.5)
+    assert all(len(s) <= 16 for s in segments)
+    assert all(tokenizer.convert_ids_to_tokens(s)[-1] == "." for s in segments)
+    assert [t for s in segments for t in s] == ids[: sum(map(len, segments))]  # in order, nothing skipped
+    assert len(ids) - sum(map(len, segments)) < 8  # at most a short tail is dropped
+
+
+def test_continue_examples_pair_a_segment_with_what_follows(tmp_path, corpus):
+    examples = build_examples([corpus], tiny_tokenizer(), "continue", 16, 5)
+    assert examples and all(len(e.target) <= 5 for e in examples)
