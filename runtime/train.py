@@ -210,10 +210,15 @@ def evaluate(objective: NuggetObjective, heldout, pad_id: int, batch_size: int) 
 
 def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int) -> Path:
     """Adapter directory + engine state (optimizer, scheduler) + step and RNG, then mark it latest."""
+    import deepspeed
+
     directory = output / f"checkpoint-{step}"
     engine.save_checkpoint(str(directory / "engine"), tag="state")
+    # Under ZeRO-3 large trainable tensors are partitioned: gather them (on every rank) to save whole.
+    with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=None):
+        if rank == 0:
+            model.save_pretrained(directory / "adapter")
     if rank == 0:
-        model.save_pretrained(directory / "adapter")
         torch.save(torch.get_rng_state(), directory / "rng.pt")
         (directory / STATE).write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
         (output / "latest").write_text(directory.name + "\n")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DModel
-from nugget2d.runtime.train import TrainConfig, train_loop
+from nugget2d.runtime.train import TrainConfig, _free_port, train_loop
 from nugget2d.runtime.train_data import build_examples, sentence_segments
 
 SENTENCES = (
@@ -96,3 +100,61 @@ def test_segments_end_at_sentence_ends():
 def test_continue_examples_pair_a_segment_with_what_follows(tmp_path, corpus):
     examples = build_examples([corpus], tiny_tokenizer(), "continue", 16, 5)
     assert examples and all(len(e.target) <= 5 for e in examples)
+
+
+def _launch_two_processes(tmp_path, model_dir, corpus, ds_config: str):
+    """`deepspeed --num_gpus 2 --module nugget2d.runtime.train` on the CPU (gloo), as users launch it."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
+    output = tmp_path / "run"
+    command = [
+        launcher,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "nugget2d.runtime.train",
+        "--data",
+        str(corpus),
+        "--model",
+        str(model_dir),
+        "--max-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--segment-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--scorer-layer",
+        "1",
+        "--ds-config",
+        ds_config,
+        "--output",
+        str(output),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = Nugget2DModel.from_pretrained(output / "checkpoint-2" / "adapter", base_model=tiny_llama())
+    assert restored.config.scorer_layer == 1
+    assert len((output / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_zero2_two_processes_with_the_deepspeed_launcher(tmp_path, tiny_model_dir, corpus):
+    _launch_two_processes(tmp_path, tiny_model_dir, corpus, "zero2.json")
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_the_deepspeed_launcher(tmp_path, tiny_model_dir, corpus):
+    _launch_two_processes(tmp_path, tiny_model_dir, corpus, "zero3.json")
+
+
+def test_bad_deepspeed_configs_are_named(tmp_path, tiny_model_dir, corpus):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config=str(broken)))
+    with pytest.raises(ValueError, match="not found"):
+        train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config="zero9.json"))
