@@ -176,9 +176,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import config_from_args, train_loop
+    from .train import run
 
-    train_loop(config_from_args(args))
+    run(args)
     return 0
 
 

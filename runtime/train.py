@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def init_distributed() -> tuple[int, int]:
     """Join (or, run alone, create) the process group: gloo on CPU, nccl on GPU. Returns (rank, world)."""
     import deepspeed
 
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # Ray Train made the group
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
     if "RANK" not in os.environ:  # a single process, not started by a launcher
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
@@ -125,9 +129,10 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_loop(config: TrainConfig) -> list[dict]:
+def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] | None = None) -> list[dict]:
     """Train LoRA + scorer on ``config.objective``; checkpoint every ``save_every`` steps; return the
-    per-step metrics. With ``resume`` it continues from the latest checkpoint in ``output``."""
+    per-step metrics. With ``resume`` it continues from the latest checkpoint in ``output``.
+    ``on_checkpoint(directory, metrics)`` runs on every rank after each checkpoint (Ray reports)."""
     import deepspeed
 
     # --- data ---------------------------------------------------------------------------------
@@ -190,7 +195,9 @@ def train_loop(config: TrainConfig) -> list[dict]:
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
         if step % config.save_every == 0 or step == last:
-            save_checkpoint(engine, model, output, step, config, rank)
+            directory = save_checkpoint(engine, model, output, step, config, rank)
+            if on_checkpoint is not None:
+                on_checkpoint(directory, record)
     bar.close()
     return metrics
 
@@ -241,6 +248,40 @@ def _append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def train_with_ray(config: TrainConfig, workers: int, address: str | None = None):
+    """Run :func:`train_loop` on ``workers`` Ray Train workers (``TorchTrainer``), each reporting
+    its checkpoints with ``ray.train.report``; a local Ray cluster unless ``address`` is given."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    config.output = str(Path(config.output).resolve())
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    cuda = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=asdict(config),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cuda),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        run_config=RunConfig(storage_path=str(Path(config.output) / "ray"), name="train"),
+    )
+    return trainer.fit()
+
+
+def _ray_worker(settings: dict) -> None:
+    import ray.train
+
+    def report(directory: Path, record: dict) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory / "adapter"))
+        rank = ray.train.get_context().get_world_rank()
+        ray.train.report(record, checkpoint=checkpoint if rank == 0 else None)
+
+    train_loop(TrainConfig(**settings), on_checkpoint=report)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags (shared by ``nugget2d train`` and ``python -m nugget2d.runtime.train``)."""
     defaults = TrainConfig(data=["-"])
@@ -269,6 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later)")
+    parser.add_argument("--ray", action="store_true", help="run on Ray Train workers (TorchTrainer)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (with --ray)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
@@ -282,8 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m nugget2d.runtime.train`` (what the deepspeed launcher runs)."""
     parser = argparse.ArgumentParser(prog="nugget2d train")
     add_arguments(parser)
-    train_loop(config_from_args(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    run(args)
     return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train as the flags say: on Ray Train workers with ``--ray``, otherwise in this process."""
+    config = config_from_args(args)
+    if args.ray:
+        train_with_ray(config, args.workers, args.address)
+    else:
+        train_loop(config)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,17 @@ def test_bad_deepspeed_configs_are_named(tmp_path, tiny_model_dir, corpus):
         train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config=str(broken)))
     with pytest.raises(ValueError, match="not found"):
         train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config="zero9.json"))
+
+
+def test_ray_train_two_workers_report_a_loadable_checkpoint(tmp_path, tiny_model_dir, corpus):
+    ray = pytest.importorskip("ray")
+    from nugget2d.runtime.train import train_with_ray
+
+    try:
+        result = train_with_ray(_config(tiny_model_dir, corpus, tmp_path / "ray", max_steps=2, save_every=2), workers=2)
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["step"] == 2
+    with result.checkpoint.as_directory() as adapter:
+        restored = Nugget2DModel.from_pretrained(adapter, base_model=tiny_llama())
+    assert restored.config.ratio == 0.5
