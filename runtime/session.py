@@ -64,11 +64,6 @@ class StreamSettings:
                 f"{self.segment} = {floor}) to leave room for nuggets; raise --budget or lower --recent/--segment"
             )
 
-    @property
-    def nugget_room(self) -> int:
-        """Entries left for nuggets while a segment is being encoded."""
-        return self.budget - self.sinks - self.recent - self.segment
-
 
 @dataclass
 class SessionStats:
