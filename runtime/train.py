@@ -164,7 +164,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         config=ds_config,
         lr_scheduler=lambda optimizer: cosine_with_warmup(optimizer, config.warmup_steps, config.max_steps),
     )
-    step = _resume(engine, output) if config.resume else 0
+    step = _resume(engine, model, output) if config.resume else 0
 
     # --- loop ---------------------------------------------------------------------------------
     metrics: list[dict] = []
@@ -199,7 +199,31 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
             if on_checkpoint is not None:
                 on_checkpoint(directory, record)
     bar.close()
+    if rank == 0:
+        plot_losses(output / "metrics.jsonl", output / "loss.png")
     return metrics
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path:
+    """Training loss per step (and held-out loss where measured) from ``metrics.jsonl``, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
+    held = [r for r in records if "heldout_loss" in r]
+    if held:
+        axes.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    plt.close(figure)
+    return png
 
 
 @torch.no_grad()
@@ -232,11 +256,18 @@ def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, confi
     return directory
 
 
-def _resume(engine, output: Path) -> int:
+def _resume(engine, model: Nugget2DModel, output: Path) -> int:
     marker = output / "latest"
     if not marker.is_file():
         raise ValueError(f"--resume: no checkpoint in {output} (no 'latest' file); start without --resume")
     directory = output / marker.read_text().strip()
+    saved = Nugget2DConfig.load(directory / "adapter")
+    if saved.base_model_hash != model.fingerprint:
+        raise ValueError(
+            f"--resume: {directory} was trained on base model '{saved.base_model}' (fingerprint "
+            f"{saved.base_model_hash[:12]}), not on '{model.config.base_model}' ({model.fingerprint[:12]}); "
+            "resume with the same --model or start a new --output"
+        )
     engine.load_checkpoint(str(directory / "engine"), tag="state")
     torch.set_rng_state(torch.load(directory / "rng.pt"))
     return json.loads((directory / STATE).read_text())["step"]

@@ -67,6 +67,7 @@ def test_overfitting_halves_the_autoencoding_loss(tmp_path, trainable_model_dir,
     assert restored.config.ratio == 0.5
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 40 and "heldout_loss" in json.loads(lines[-1])
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path, tiny_model_dir, corpus):
@@ -78,6 +79,12 @@ def test_resumed_training_equals_uninterrupted(tmp_path, tiny_model_dir, corpus)
     assert [m["step"] for m in resumed] == [4, 5, 6]
     for ours, theirs in zip(resumed, whole[3:]):
         assert abs(ours["loss"] - theirs["loss"]) <= 1e-5
+
+
+def test_resuming_with_another_base_model_is_refused(tmp_path, tiny_model_dir, trainable_model_dir, corpus):
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "run", max_steps=1))
+    with pytest.raises(ValueError, match="trained on base model"):
+        train_loop(_config(trainable_model_dir, corpus, tmp_path / "run", max_steps=2, resume=True))
 
 
 def test_resume_without_a_checkpoint_and_missing_data_are_refused(tmp_path, tiny_model_dir, corpus):
