@@ -35,7 +35,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.context, args.ratio, args.max_new_tokens, args.model, args.adapter, args.budget)
+    run_demo(args.context, args.ratio, args.max_new_tokens, args.model, args.adapter, args.budget, args.attention)
     return 0
 
 

@@ -35,11 +35,12 @@ def run_demo(
     model: str | None = None,
     adapter: str | None = None,
     budget: int = 1024,
+    attention: str = "sdpa",
     out=sys.stdout,
 ) -> list[DemoRun]:
     """Answer :data:`QUESTION` about the first ``context_tokens`` of the bundled book, with a full KV
     cache and with a nugget2d cache of ``budget`` entries; print both answers and a size table."""
-    nugget_model, tokenizer = load_nugget2d(model, adapter, Nugget2DConfig(ratio=ratio))
+    nugget_model, tokenizer = load_nugget2d(model, adapter, Nugget2DConfig(ratio=ratio), attention)
     text = bundled_text()
     ids = tokenizer(text[text.find("_Piscator_. You are wel overtaken") :], verbose=False).input_ids[:context_tokens]
     passage = tokenizer.decode(ids)
