@@ -35,12 +35,14 @@ def lora_config(config: Nugget2DConfig, num_layers: int, adapter: str) -> LoraCo
 
 
 def attach_adapters(base_model: PreTrainedModel, config: Nugget2DConfig) -> PeftModel:
-    """Inject both adapters (LoRA B at zero: the model is unchanged) and freeze everything else."""
+    """Inject both adapters (LoRA B at zero: the model is unchanged) and freeze everything else; the
+    decoder adapter trains only when the config says so (otherwise the frozen model reads)."""
     num_layers = base_model.config.num_hidden_layers
     peft_model = get_peft_model(base_model, lora_config(config, num_layers, ENCODER), adapter_name=ENCODER)
     peft_model.add_adapter(DECODER, lora_config(config, num_layers, DECODER))
+    trained = ADAPTERS if config.decoder_adapter else (ENCODER,)
     for name, parameter in peft_model.named_parameters():
-        parameter.requires_grad_(any(f".{adapter}." in name for adapter in ADAPTERS) and "lora_" in name)
+        parameter.requires_grad_(any(f".{adapter}." in name for adapter in trained) and "lora_" in name)
     return peft_model
 
 

@@ -198,10 +198,12 @@ class Nugget2DModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: NuggetCache | None = None,
+        allow_empty_rows: bool = False,
     ) -> NuggetCache:
         """Run the encoder adapter over ``input_ids`` ``(B, n)``, attending to ``cache``, and append
-        the tokens to it as raw entries carrying their scores (no selection yet)."""
-        input_ids, mask = self._inputs(input_ids, attention_mask)
+        the tokens to it as raw entries carrying their scores (no selection yet). With
+        ``allow_empty_rows`` a row whose mask is all zeros appends only masked padding."""
+        input_ids, mask = self._inputs(input_ids, attention_mask, allow_empty_rows)
         cache = self.new_cache() if cache is None else cache
         self._run(cache, input_ids, mask, ENCODER, self.base.get_decoder())
         return cache
@@ -278,7 +280,7 @@ class Nugget2DModel(nn.Module):
         return out
 
     def _inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, allow_empty_rows: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
@@ -291,7 +293,7 @@ class Nugget2DModel(nn.Module):
             mask = torch.ones_like(input_ids, dtype=torch.bool)
         else:
             mask = torch.as_tensor(attention_mask, device=self.device).reshape(input_ids.shape).bool()
-        if not bool(mask.any(dim=1).all()):
+        if not allow_empty_rows and not bool(mask.any(dim=1).all()):
             raise ValueError("empty text: a row of the batch has no tokens (its attention_mask is all zeros)")
         return input_ids, mask
 

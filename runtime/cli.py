@@ -193,6 +193,7 @@ COMMANDS: dict[str, Command] = {
         _generate_arguments,
         _generate,
     ),
+    "train": ("train the compressor (LoRA + scorer) on DeepSpeed, here or on Ray Train", _train_arguments, _train),
 }
 
 

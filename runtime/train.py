@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -24,9 +25,10 @@ from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 
 from .models import load_model
 from .objectives import NuggetObjective
-from .train_data import OBJECTIVES, batch_at, build_examples, collate, split_heldout
+from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, parse_mix, split_heldout
+from .train_eval import evaluate
 
-DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIGS = Path(str(files("nugget2d.ds_configs")))  # ds_configs/ in the repo, or the installed copy
 STATE = "trainer_state.json"
 
 
@@ -38,21 +40,27 @@ class TrainConfig:
     output: str = "runs/nugget2d"
     model: str | None = None
     objective: str = "autoencode"
+    mix: str | None = None  # with objective "mix": NAME=WEIGHT,... e.g. "continue=0.7,recall=0.3"
     ds_config: str = "zero2.json"
     max_steps: int = 100
     batch_size: int = 4
     segment_size: int = 128
     target_size: int = 64
+    recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of DESIGN §9); 0 = nuggets only
+    sinks: int = 0  # first tokens kept raw when recent > 0
     lr: float = 1e-4
     warmup_steps: int = 10
     seed: int = 0
     save_every: int = 50
     eval_every: int = 50
     eval_fraction: float = 0.05
+    eval_examples: int = 64  # held-out examples evaluated (the first ones of the held-out split)
+    bleu_examples: int = 8  # held-out autoencoding examples decoded greedily for BLEU
     ratio: float = 0.1
     scorer_layer: int = 3
     lora_rank: int = 32
     decoder_adapter: bool = False
+    init_adapter: str | None = None  # start from this adapter's weights (e.g. an autoencoding run)
     resume: bool = False
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
 
@@ -63,6 +71,15 @@ class TrainConfig:
             raise ValueError("max_steps and batch_size must be >= 1")
         if not self.data:
             raise ValueError("give training data with --data PATH (text files or directories)")
+        if (self.objective == "mix") != bool(self.mix):
+            raise ValueError("--mix NAME=WEIGHT,... goes with --objective mix, and mix needs it")
+        parse_mix(self.mix)
+        self.shape  # noqa: B018  (validates the example shape before any work)
+
+    @property
+    def shape(self) -> Shape:
+        """How examples are cut from the data."""
+        return Shape(self.segment_size, self.target_size, self.recent, self.sinks)
 
 
 def ds_config_dict(name_or_path: str, batch_size: int) -> dict:
@@ -140,8 +157,11 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     ds_config = ds_config_dict(config.ds_config, config.batch_size)
     rank, world = init_distributed()
     base, tokenizer = load_model(config.model)
-    examples = build_examples(config.data, tokenizer, config.objective, config.segment_size, config.target_size)
+    examples = build_examples(
+        config.data, tokenizer, config.objective, config.shape, parse_mix(config.mix), config.seed
+    )
     train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
+    heldout = heldout[: config.eval_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # --- model and engine ---------------------------------------------------------------------
@@ -154,7 +174,11 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         bias_mode="plain",
         decoder_adapter=config.decoder_adapter,
     )
-    model = Nugget2DModel.from_base(base, nugget_config)
+    if config.init_adapter:
+        model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
+        model.config.ratio, model.config.bias_mode = config.ratio, "plain"
+    else:
+        model = Nugget2DModel.from_base(base, nugget_config)
     model.config.base_model = config.model or model.config.base_model
     objective = NuggetObjective(model).train()
     ds_config["optimizer"]["params"]["lr"] = config.lr
@@ -188,7 +212,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
             "tokens_per_s": tokens / (time.perf_counter() - started),
         }
         if step % config.eval_every == 0 or step == config.max_steps:
-            record["heldout_loss"] = evaluate(engine.module, heldout, pad_id, config.batch_size)
+            record.update(evaluate(engine.module, heldout, pad_id, config.batch_size, tokenizer, config.bleu_examples))
         metrics.append(record)
         if rank == 0:
             _append_jsonl(output / "metrics.jsonl", record)
@@ -224,19 +248,6 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     figure.savefig(png, dpi=120)
     plt.close(figure)
     return png
-
-
-@torch.no_grad()
-def evaluate(objective: NuggetObjective, heldout, pad_id: int, batch_size: int) -> float:
-    """Mean held-out loss (exp of it is the perplexity)."""
-    if not heldout:
-        return float("nan")
-    objective.eval()
-    losses = [
-        float(objective(**collate(heldout[i : i + batch_size], pad_id))) for i in range(0, len(heldout), batch_size)
-    ]
-    objective.train()
-    return sum(losses) / len(losses)
 
 
 def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int) -> Path:
@@ -316,16 +327,24 @@ def _ray_worker(settings: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags (shared by ``nugget2d train`` and ``python -m nugget2d.runtime.train``)."""
     defaults = TrainConfig(data=["-"])
-    parser.add_argument("--data", nargs="+", required=True, help="text files or directories of .txt files")
+    parser.add_argument(
+        "--data", nargs="+", required=True, help="text files / .jsonl files (qa, summarize), or directories of them"
+    )
     parser.add_argument("--output", default=defaults.output, help="run directory (checkpoints, metrics)")
     parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    parser.add_argument("--mix", default=None, help="with --objective mix: weights, e.g. continue=0.7,recall=0.3")
+    parser.add_argument("--init-adapter", default=None, help="start from this adapter directory's weights")
     parser.add_argument("--ds-config", default=defaults.ds_config, help="DeepSpeed JSON (a path or a ds_configs/ name)")
     for name in (
         "max_steps",
         "batch_size",
         "segment_size",
         "target_size",
+        "recent",
+        "sinks",
+        "eval_examples",
+        "bleu_examples",
         "warmup_steps",
         "seed",
         "save_every",

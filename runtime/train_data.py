@@ -1,42 +1,76 @@
-"""Training data: plain text into sentence-snapped token segments, then (context, target) examples
-per objective, a deterministic order by seed, and a held-out split."""
+"""Training data: plain text into sentence-snapped token segments and JSONL rows into (what to
+compress, what to read, what to learn) examples per objective; a deterministic order by seed, a
+held-out split, and weighted mixes of objectives."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .texts import read_text_file
 
-OBJECTIVES = ("autoencode", "continue")
+TEXT_OBJECTIVES = ("autoencode", "continue", "recall")
+JSONL_OBJECTIVES = {"qa": ("context", "question", "answer"), "summarize": ("document", "summary")}
+OBJECTIVES = (*TEXT_OBJECTIVES, *JSONL_OBJECTIVES, "mix")
 _SENTENCE_END = (".", "!", "?", "\n", '."', '?"', '!"')
+MAX_DOCUMENT_TOKENS = 2048  # longer JSONL documents are cut here (one compression pass per example)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How examples are cut from text: ``segment`` tokens compressed per example, ``target`` tokens
+    learned; with ``recent`` > 0 the hybrid cache of DESIGN §9 — ``sinks`` first tokens and the last
+    ``recent`` tokens before the target stay raw beside the nuggets."""
+
+    segment: int = 128
+    target: int = 64
+    recent: int = 0
+    sinks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.segment < 2 or self.target < 1 or self.recent < 0 or self.sinks < 0:
+            raise ValueError(f"bad example shape {self}: segment >= 2, target >= 1, recent and sinks >= 0")
+        if self.sinks >= self.segment // 2:
+            raise ValueError(f"sinks ({self.sinks}) must be under half the segment ({self.segment})")
 
 
 @dataclass(frozen=True)
 class Example:
-    """Compress ``context``; then the decoder reads ``[opener] + target`` and learns ``target``."""
+    """Encode ``sinks`` (kept raw), compress ``context`` to nuggets, encode ``recent`` (kept raw);
+    then the decoder reads ``prompt + target`` over that cache and learns ``target``."""
 
     context: tuple[int, ...]
-    opener: int
+    prompt: tuple[int, ...]
     target: tuple[int, ...]
+    sinks: tuple[int, ...] = field(default=())
+    recent: tuple[int, ...] = field(default=())
+    objective: str = ""
 
 
-def text_files(paths: list[str | Path]) -> list[Path]:
-    """The ``.txt`` files named or found under directories; ``ValueError`` for a missing path."""
+def data_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """The files named, or found under directories, with one of ``suffixes``; ``ValueError`` for a
+    missing path or when nothing is found."""
+    paths = list(paths)
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*.txt") if p.is_file()))
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes))
         elif path.is_file():
             found.append(path)
         else:
             raise ValueError(f"training data path {path} does not exist")
     if not found:
-        raise ValueError(f"no .txt files found in {[str(p) for p in paths]}")
+        raise ValueError(f"no {'/'.join(suffixes)} files found in {[str(p) for p in paths]}")
     return found
+
+
+def text_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The ``.txt`` files named or found under directories; ``ValueError`` for a missing path."""
+    return data_files(paths, (".txt",))
 
 
 def sentence_segments(ids: list[int], tokenizer, size: int, slack: float = 0.25) -> list[list[int]]:
@@ -58,28 +92,158 @@ def sentence_segments(ids: list[int], tokenizer, size: int, slack: float = 0.25)
 
 
 def build_examples(
-    paths: list[str | Path], tokenizer, objective: str, segment_size: int, target_size: int
+    paths: Iterable[str | Path],
+    tokenizer,
+    objective: str,
+    shape: Shape,
+    mix: dict[str, float] | None = None,
+    seed: int = 0,
 ) -> list[Example]:
-    """Examples of ``objective`` from the text files: ``autoencode`` reproduces a segment from its
-    nuggets; ``continue`` predicts the next ``target_size`` tokens after a segment."""
+    """Examples of ``objective`` from the data: text files for ``autoencode`` (reproduce a segment
+    from its nuggets), ``continue`` (the tokens after a segment) and ``recall`` (a passage again,
+    after a distractor segment); JSONL rows for ``qa`` and ``summarize``; ``mix`` draws from several
+    by weight. ``ValueError`` when the data gives none."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    examples: list[Example] = []
-    for path in text_files(paths):
-        ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
-        segments = sentence_segments(ids, tokenizer, segment_size)
-        if objective == "autoencode":
-            examples.extend(Example(tuple(s), opener, tuple(s)) for s in segments)
-        else:
-            for past, future in zip(segments, segments[1:]):
-                examples.append(Example(tuple(past[:-1]), past[-1], tuple(future[:target_size])))
+    paths = list(paths)
+    if objective == "mix":
+        return mix_examples(paths, tokenizer, mix or {}, shape, seed)
+    if objective in JSONL_OBJECTIVES:
+        examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
+    else:
+        opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        examples = []
+        for path in _text_files(paths):
+            ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
+            segments = sentence_segments(ids, tokenizer, shape.segment)
+            examples.extend(text_examples(segments, objective, shape, opener))
     if not examples:
         raise ValueError(
-            f"the training data gives no {objective} examples: the texts are shorter than one segment "
-            f"({segment_size} tokens); add text or lower --segment-size"
+            f"the training data gives no {objective} examples: the texts are shorter than the "
+            f"{'three' if objective == 'recall' else 'two'} segments of {shape.segment} tokens an example needs; add "
+            "text or lower --segment-size"
+            if objective in TEXT_OBJECTIVES
+            else f"the training data gives no {objective} examples (no rows)"
         )
     return examples
+
+
+def text_examples(segments: list[list[int]], objective: str, shape: Shape, opener: int) -> list[Example]:
+    """Examples of a text objective from consecutive segments of one text."""
+    out: list[Example] = []
+    if objective == "autoencode":
+        return [Example(tuple(s), (opener,), tuple(s), objective=objective) for s in segments]
+    span = 2 if objective == "continue" else 3
+    for i in range(len(segments) - span + 1):
+        first, following = segments[i], segments[i + span - 1]
+        if objective == "continue":
+            sinks, far, target = first[: shape.sinks], first[shape.sinks :], None
+        else:  # recall: the passage, a distractor segment, then the passage again
+            sinks, far = first[: shape.sinks], first[shape.sinks :] + segments[i + 1]
+            target = first[shape.sinks : shape.sinks + shape.target]
+        if shape.recent:
+            if len(following) < shape.recent + (shape.target if target is None else 1):
+                continue
+            recent, prompt = following[: shape.recent - 1], (following[shape.recent - 1],)
+            target = target or following[shape.recent : shape.recent + shape.target]
+        else:
+            recent, prompt = [], (far[-1],)
+            far = far[:-1]
+            target = target or following[: shape.target]
+        out.append(Example(tuple(far), prompt, tuple(target), tuple(sinks), tuple(recent), objective))
+    return out
+
+
+def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example]:
+    """QA rows ``{context, question, answer}`` or summary rows ``{document, summary}``, read with
+    ``datasets``: the document is compressed; the question (or a request for a summary) is asked in
+    the model's chat format and the answer is learned."""
+    import datasets
+
+    from .chat import ChatFormat
+
+    fields = JSONL_OBJECTIVES[objective]
+    try:
+        rows = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # datasets wraps parse errors in several exception types
+        raise ValueError(f"could not read {objective} rows from {[str(f) for f in files]}: {err}") from err
+    missing = [name for name in fields if name not in rows.column_names]
+    if missing:
+        raise ValueError(
+            f"{objective} rows need the fields {list(fields)}; {[str(f) for f in files]} lack {missing} "
+            f"(found {rows.column_names})"
+        )
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+    out = []
+    for row in rows:
+        document = row[fields[0]]
+        question = row["question"] if objective == "qa" else "Summarize the document."
+        answer = row[fields[-1]]
+        if not (isinstance(document, str) and isinstance(question, str) and isinstance(answer, str)):
+            continue
+        context, prompt, target = ids(document)[:MAX_DOCUMENT_TOKENS], ids(chat.question(question, True)), ids(answer)
+        if context and prompt and target:
+            out.append(Example(tuple(context), tuple(prompt), tuple(target + eos), objective=objective))
+    return out
+
+
+def mix_examples(
+    paths: list[str | Path], tokenizer, weights: dict[str, float], shape: Shape, seed: int
+) -> list[Example]:
+    """A seeded draw from several objectives' examples in proportion to ``weights`` (as many in all
+    as the objectives give together); each objective reads the files that suit it (text or JSONL)."""
+    if not weights:
+        raise ValueError("--objective mix needs --mix NAME=WEIGHT,... (e.g. continue=0.7,recall=0.3)")
+    for name, weight in weights.items():
+        if name not in OBJECTIVES or name == "mix":
+            raise ValueError(f"--mix: unknown objective {name!r}; choose from {[o for o in OBJECTIVES if o != 'mix']}")
+        if not weight > 0:
+            raise ValueError(f"--mix: the weight of {name} must be > 0, got {weight}")
+    parts = {name: build_examples(paths, tokenizer, name, shape) for name in weights}
+    total, scale = sum(map(len, parts.values())), sum(weights.values())
+    rng = random.Random(seed)
+    out: list[Example] = []
+    for name, examples in parts.items():
+        wanted = max(1, round(total * weights[name] / scale))
+        out.extend(rng.sample(examples, wanted) if wanted <= len(examples) else rng.choices(examples, k=wanted))
+    return out
+
+
+def parse_mix(text: str | None) -> dict[str, float]:
+    """``"continue=0.7,recall=0.3"`` → ``{"continue": 0.7, "recall": 0.3}``; ``ValueError`` if malformed."""
+    if not text:
+        return {}
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not NAME=WEIGHT (e.g. continue=0.7,recall=0.3)") from None
+    return weights
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix in (".jsonl", ".json")
+
+
+def _text_files(paths: list[str | Path]) -> list[Path]:
+    files = [p for p in text_files(paths) if not _is_jsonl(p)]
+    if not files:
+        raise ValueError(f"no text files in {[str(p) for p in paths]} (text objectives read .txt files)")
+    return files
+
+
+def _jsonl_files(paths: list[str | Path]) -> list[Path]:
+    files = [p for p in data_files(paths, (".jsonl", ".json")) if _is_jsonl(p)]
+    if not files:
+        raise ValueError(f"no .jsonl files in {[str(p) for p in paths]} (qa and summarize read JSONL rows)")
+    return files
 
 
 def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -107,26 +271,26 @@ def batch_at(
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: context ids/mask, decoder input ids/mask, labels (-100 on padding and
-    on the opener)."""
-    width_c = max(len(e.context) for e in examples)
-    width_d = max(len(e.target) for e in examples) + 1
-    context = torch.full((len(examples), width_c), pad_id)
-    context_mask = torch.zeros_like(context)
-    inputs = torch.full((len(examples), width_d), pad_id)
-    input_mask = torch.zeros_like(inputs)
-    labels = torch.full_like(inputs, -100)
+    """Right-padded tensors: the compressed context, the raw sinks and recent tokens (when any
+    example has them), the decoder's ``prompt + target`` and its labels (-100 except on targets)."""
+    batch: dict[str, torch.Tensor] = {}
+    for name in ("sinks", "context", "recent"):
+        if name == "context" or any(getattr(e, name) for e in examples):
+            batch[name], batch[name + "_mask"] = _padded([getattr(e, name) for e in examples], pad_id)
+    decoder = [e.prompt + e.target for e in examples]
+    batch["input_ids"], batch["input_mask"] = _padded(decoder, pad_id)
+    labels = torch.full_like(batch["input_ids"], -100)
     for row, example in enumerate(examples):
-        context[row, : len(example.context)] = torch.tensor(example.context)
-        context_mask[row, : len(example.context)] = 1
-        decoder = [example.opener, *example.target]
-        inputs[row, : len(decoder)] = torch.tensor(decoder)
-        input_mask[row, : len(decoder)] = 1
-        labels[row, 1 : len(decoder)] = torch.tensor(example.target)
-    return {
-        "context": context,
-        "context_mask": context_mask,
-        "input_ids": inputs,
-        "input_mask": input_mask,
-        "labels": labels,
-    }
+        labels[row, len(example.prompt) : len(decoder[row])] = torch.tensor(example.target)
+    batch["labels"] = labels
+    return batch
+
+
+def _padded(rows: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask

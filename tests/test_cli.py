@@ -47,7 +47,7 @@ def test_console_script_compresses_a_file(tmp_path, tiny_model_dir):
 
 def test_every_subcommand_has_help(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert {"demo", "compress"} <= set(commands)
+    assert {"demo", "compress", "generate", "train"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as exited:
             main([name, "--help"])

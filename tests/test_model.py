@@ -63,7 +63,9 @@ def test_scorer_gets_gradient_through_the_bias(tokens, mode):
 
 
 def test_only_lora_and_scorer_train(tokens):
-    model = _wrap(tiny_llama(), ratio=0.5)
+    reader_frozen = _wrap(tiny_llama(), ratio=0.5)
+    assert not any(".decoder." in n for n, p in reader_frozen.named_parameters() if p.requires_grad)
+    model = _wrap(tiny_llama(), ratio=0.5, decoder_adapter=True)
     names = {name for name, p in model.named_parameters() if p.requires_grad}
     assert names, "nothing is trainable"
     assert all("lora_" in name or name.startswith("scorer.") for name in names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DModel
 from nugget2d.runtime.train import TrainConfig, _free_port, train_loop
-from nugget2d.runtime.train_data import build_examples, sentence_segments
+from nugget2d.runtime.train_data import Shape, build_examples, sentence_segments
 
 SENTENCES = (
     "the old angler said that the river was good for fish . "
@@ -66,7 +67,9 @@ def test_overfitting_halves_the_autoencoding_loss(tmp_path, trainable_model_dir,
     restored = Nugget2DModel.from_pretrained(adapter, base_model=tiny_llama(initializer_range=0.3))
     assert restored.config.ratio == 0.5
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 40 and "heldout_loss" in json.loads(lines[-1])
+    last_record = json.loads(lines[-1])
+    assert len(lines) == 40 and "heldout_loss" in last_record
+    assert 0 <= last_record["autoencode_bleu"] <= 1
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -105,7 +108,7 @@ def test_segments_end_at_sentence_ends():
 
 
 def test_continue_examples_pair_a_segment_with_what_follows(tmp_path, corpus):
-    examples = build_examples([corpus], tiny_tokenizer(), "continue", 16, 5)
+    examples = build_examples([corpus], tiny_tokenizer(), "continue", Shape(16, 5))
     assert examples and all(len(e.target) <= 5 for e in examples)
 
 
@@ -165,6 +168,37 @@ def test_bad_deepspeed_configs_are_named(tmp_path, tiny_model_dir, corpus):
         train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config=str(broken)))
     with pytest.raises(ValueError, match="not found"):
         train_loop(_config(tiny_model_dir, corpus, tmp_path / "e", ds_config="zero9.json"))
+
+
+def test_offload_without_the_cpu_adam_op_is_refused(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    monkeypatch.setattr(CPUAdamBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(ValueError, match="needs DeepSpeed's CPU Adam op.*use zero2.json or zero3.json"):
+        train_loop(_config(tiny_model_dir, corpus, tmp_path / "f", ds_config="zero3_offload.json"))
+
+
+def test_a_hybrid_mix_trains_and_reports_each_objective(tmp_path, tiny_model_dir, corpus):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"context": SENTENCES, "question": "what had she", "answer": "a blue book"}) + "\n")
+    config = _config(
+        tiny_model_dir,
+        corpus,
+        tmp_path / "mix",
+        data=[str(corpus), str(qa)],
+        objective="mix",
+        mix="continue=1,recall=1,autoencode=1,qa=0.2",
+        recent=4,
+        sinks=2,
+        target_size=5,
+        max_steps=2,
+        eval_fraction=0.3,
+    )
+    (record,) = train_loop(config)[-1:]
+    assert {"heldout_loss/continue", "heldout_loss/recall", "autoencode_bleu"} <= set(record)
+    assert math.isfinite(record["heldout_loss"]) and record["heldout_ppl"] == pytest.approx(
+        math.exp(record["heldout_loss"])
+    )
 
 
 def test_ray_train_two_workers_report_a_loadable_checkpoint(tmp_path, tiny_model_dir, corpus):

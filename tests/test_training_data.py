@@ -1,0 +1,147 @@
+"""Training examples per objective: what is compressed, what stays raw, what is learned."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_tokenizer
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.runtime.objectives import NuggetObjective
+from nugget2d.runtime.train import TrainConfig
+from nugget2d.runtime.train_data import Shape, build_examples, collate, parse_mix
+
+WORDS = "the old angler said that the river was good for fish . she had a blue book and he had an old door ."
+
+
+@pytest.fixture
+def book(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text((WORDS + " ") * 12)
+    return path
+
+
+@pytest.fixture
+def rows(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "\n".join(
+            json.dumps({"context": WORDS * 2, "question": "what had she", "answer": "a blue book"})
+            for _ in range(6)
+        )
+    )
+    summaries = tmp_path / "sum.jsonl"
+    summaries.write_text(json.dumps({"document": WORDS * 3, "summary": "the angler had a book"}) + "\n")
+    return qa, summaries
+
+
+def test_recall_examples_ask_for_the_passage_again_after_a_distractor(book):
+    tokenizer = tiny_tokenizer()
+    shape = Shape(segment=16, target=6, recent=5, sinks=2)
+    examples = build_examples([book], tokenizer, "recall", shape)
+    assert examples
+    for e in examples:
+        assert len(e.sinks) == 2 and len(e.recent) == 4 and len(e.prompt) == 1 and len(e.target) == 6
+        passage = e.context[: len(e.target)]
+        assert e.target == passage  # the text right after the sinks, read again
+        assert len(e.context) > 16  # passage and distractor are both compressed
+
+
+def test_hybrid_continue_keeps_sinks_and_the_recent_window_raw(book):
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(book.read_text(), add_special_tokens=False).input_ids
+    examples = build_examples([book], tokenizer, "continue", Shape(segment=16, target=5, recent=4, sinks=2))
+    first = examples[0]
+    stream = first.sinks + first.context + first.recent + first.prompt + first.target
+    assert list(stream) == ids[: len(stream)]  # in text order, nothing skipped
+    assert (len(first.sinks), len(first.recent), len(first.prompt), len(first.target)) == (2, 3, 1, 5)
+    plain = build_examples([book], tokenizer, "continue", Shape(segment=16, target=5))[0]
+    assert plain.sinks == plain.recent == () and len(plain.prompt) == 1
+    assert list(plain.context + plain.prompt + plain.target) == ids[: len(plain.context) + 6]
+
+
+def test_qa_and_summary_rows_are_read_with_datasets(rows):
+    tokenizer = tiny_tokenizer()
+    qa, summaries = rows
+    examples = build_examples([qa], tokenizer, "qa", Shape())
+    assert len(examples) == 6 and all(e.objective == "qa" for e in examples)
+    answer = tokenizer("a blue book", add_special_tokens=False).input_ids
+    assert list(examples[0].target) == answer + [tokenizer.eos_token_id]
+    assert "what had she" in tokenizer.decode(examples[0].prompt)
+    (summary,) = build_examples([summaries], tokenizer, "summarize", Shape())
+    assert list(summary.context) == tokenizer(WORDS * 3, add_special_tokens=False).input_ids
+
+
+def test_bad_jsonl_gets_a_message_naming_the_problem(tmp_path, rows):
+    tokenizer = tiny_tokenizer()
+    qa, summaries = rows
+    with pytest.raises(ValueError, match=r"need the fields.*lack \['context', 'question', 'answer'\]"):
+        build_examples([summaries], tokenizer, "qa", Shape())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"context": "a", "question": \n')
+    with pytest.raises(ValueError, match="could not read qa rows"):
+        build_examples([broken], tokenizer, "qa", Shape())
+    with pytest.raises(ValueError, match="no .jsonl files"):
+        build_examples([_plain_text(tmp_path)], tokenizer, "qa", Shape())
+
+
+def _plain_text(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text(WORDS)
+    return path
+
+
+def test_mix_draws_objectives_by_weight(book, rows):
+    tokenizer = tiny_tokenizer()
+    data = [book, rows[0]]
+    examples = build_examples(data, tokenizer, "mix", Shape(segment=16, target=5), parse_mix("continue=3,qa=1"))
+    counts = {name: sum(e.objective == name for e in examples) for name in ("continue", "qa")}
+    assert counts["continue"] == pytest.approx(3 * counts["qa"], rel=0.2)
+    again = build_examples(data, tokenizer, "mix", Shape(segment=16, target=5), parse_mix("continue=3,qa=1"))
+    assert again == examples  # seeded
+    with pytest.raises(ValueError, match="unknown objective 'copy'"):
+        build_examples(data, tokenizer, "mix", Shape(), {"copy": 1.0})
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        parse_mix("continue:1")
+    with pytest.raises(ValueError, match="goes with --objective mix"):
+        TrainConfig(data=[str(book)], objective="mix")
+
+
+def test_collate_labels_only_the_targets(book):
+    tokenizer = tiny_tokenizer()
+    examples = build_examples([book], tokenizer, "recall", Shape(segment=16, target=6, recent=5, sinks=2))[:3]
+    batch = collate(examples, pad_id=0)
+    assert set(batch) >= {"sinks", "sinks_mask", "recent", "recent_mask"}
+    for row, e in enumerate(examples):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert labelled == list(e.target)
+    plain = collate(build_examples([book], tokenizer, "autoencode", Shape(segment=16))[:2], pad_id=0)
+    assert "sinks" not in plain and "recent" not in plain
+
+
+def test_the_hybrid_training_cache_matches_a_sessions_layout(book):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(ratio=0.25, scorer_layer=1, lora_rank=4))
+    objective = NuggetObjective(model)
+    examples = build_examples([book], tokenizer, "recall", Shape(segment=16, target=6, recent=5, sinks=2))[:2]
+    batch = collate(examples, pad_id=0)
+    cache = objective.cache(
+        batch["context"],
+        batch["context_mask"],
+        batch["sinks"],
+        batch["sinks_mask"],
+        batch["recent"],
+        batch["recent_mask"],
+    )
+    for row, e in enumerate(examples):
+        nuggets = math.ceil(len(e.context) * 0.25)
+        assert int(cache.nugget_counts()[row]) == nuggets
+        assert int(cache.entry_counts()[row]) == 2 + nuggets + 4
+    loss = objective(**batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
