@@ -91,6 +91,7 @@ class Nugget2DModel(nn.Module):
         config.base_model_hash = fingerprint
         self.config = config
         self.fingerprint = fingerprint
+        self.adapter_source = "untrained"  # or the adapter directory it was restored from
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         self.peft_model = attach_adapters(base_model, config)
@@ -135,6 +136,7 @@ class Nugget2DModel(nn.Module):
             part = {key[len(prefix) :]: value for key, value in weights.items() if key.startswith(prefix)}
             set_peft_model_state_dict(model.peft_model, part, adapter_name=adapter)
         model.scorer.load_state_dict(load_file(str(directory / SCORER_WEIGHTS)))
+        model.adapter_source = str(directory)
         return model.to(base_model.get_input_embeddings().weight.device)
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.model import model_fingerprint
 
 from .models import load_model
+
+DEFAULT_ADAPTER = "adapter"  # runtime/data/adapter: the trained adapter for the embedded default model
+
+
+def default_adapter_dir() -> Path | None:
+    """The adapter shipped inside the package (with its model card), or None if this build has none."""
+    path = Path(str(resources.files("nugget2d.runtime").joinpath("data", DEFAULT_ADAPTER)))
+    return path if (path / "nugget2d_config.json").is_file() else None
+
+
+def default_adapter_for(base: PreTrainedModel) -> Path | None:
+    """The shipped adapter when it was trained for ``base`` (same fingerprint), else None."""
+    path = default_adapter_dir()
+    if path is None or Nugget2DConfig.load(path).base_model_hash != model_fingerprint(base):
+        return None
+    return path
 
 
 def load_nugget2d(
@@ -19,11 +37,18 @@ def load_nugget2d(
 ) -> tuple[Nugget2DModel, PreTrainedTokenizerBase]:
     """Load the base model (default: the embedded one) and wrap it.
 
-    ``adapter`` is an adapter directory, or None/``"none"`` for a fresh (untrained) scorer and
-    zero-initialised LoRA built from ``config``. The result is in eval mode.
+    ``adapter`` is an adapter directory; None (or ``"default"``) takes the adapter shipped in the
+    package when it was trained for this base model; ``"none"`` builds a fresh (untrained) scorer and
+    zero-initialised LoRA from ``config``. The result is in eval mode; ``model.adapter_source`` says
+    which adapter it carries.
     """
     base, tokenizer = load_model(model)
-    if adapter in (None, "", "none"):
+    if adapter in (None, "", "default"):
+        default = default_adapter_for(base)
+        if default is None and adapter == "default":
+            raise ValueError("no default adapter is shipped for this base model; pass --adapter none or a directory")
+        adapter = str(default) if default is not None else "none"
+    if adapter == "none":
         nugget_model = Nugget2DModel.from_base(base, config or Nugget2DConfig(), attention=attention)
     else:
         path = Path(adapter)

@@ -106,3 +106,20 @@ def test_cache_sizes_and_fork(tokens):
         out = model(tokens[:, 20:], nuggets=cache)
     assert cache.get_seq_length() == before  # forward decodes over a fork
     assert out.past_key_values.get_seq_length() == before + 20
+
+
+def test_the_shipped_adapter_is_the_default_only_for_its_base_model(tmp_path, tiny_model_dir, monkeypatch):
+    from tiny_models import save_tiny_model
+
+    from nugget2d.runtime import loading
+
+    base, _ = loading.load_model(str(tiny_model_dir))
+    shipped = Nugget2DModel.from_base(base, Nugget2DConfig(ratio=0.25, scorer_layer=1)).save_pretrained(tmp_path / "a")
+    monkeypatch.setattr(loading, "default_adapter_dir", lambda: shipped)
+    model, _ = loading.load_nugget2d(str(tiny_model_dir))
+    assert model.adapter_source == str(shipped) and model.config.ratio == 0.25
+    assert loading.load_nugget2d(str(tiny_model_dir), "none")[0].adapter_source == "untrained"
+    other = save_tiny_model(tmp_path / "other", initializer_range=0.3)  # another base model
+    assert loading.load_nugget2d(str(other))[0].adapter_source == "untrained"
+    with pytest.raises(ValueError, match="no default adapter"):
+        loading.load_nugget2d(str(other), "default")
