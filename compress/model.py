@@ -146,7 +146,7 @@ class Nugget2DModel(nn.Module):
         self.config.save(directory)
         weights = {}
         for adapter in ADAPTERS:
-            state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter)
+            state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter, save_embedding_layers=False)
             weights.update({f"{adapter}.{key}": value.detach().contiguous().cpu() for key, value in state.items()})
         save_file(weights, str(directory / ADAPTER_WEIGHTS))
         scorer_state = {key: value.detach().contiguous().cpu() for key, value in self.scorer.state_dict().items()}

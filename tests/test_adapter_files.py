@@ -123,3 +123,11 @@ def test_the_shipped_adapter_is_the_default_only_for_its_base_model(tmp_path, ti
     assert loading.load_nugget2d(str(other))[0].adapter_source == "untrained"
     with pytest.raises(ValueError, match="no default adapter"):
         loading.load_nugget2d(str(other), "default")
+
+
+def test_saving_never_looks_up_a_model_hub(tmp_path, recwarn):
+    model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(scorer_layer=1))
+    for settings in model.peft_model.peft_config.values():  # a hub-like name, as the default model has
+        settings.base_model_name_or_path = "SmolLM2-135M-Instruct"
+    model.save_pretrained(tmp_path / "adapter")
+    assert not [w for w in recwarn if "remote" in str(w.message) or "config file" in str(w.message)]
