@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 
+from .model_card import CARD, model_card, read_metrics
 from .models import load_model
 from .objectives import NuggetObjective
 from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, parse_mix, split_heldout
@@ -188,7 +189,16 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         config=ds_config,
         lr_scheduler=lambda optimizer: cosine_with_warmup(optimizer, config.warmup_steps, config.max_steps),
     )
-    step = _resume(engine, model, output) if config.resume else 0
+    step, seen_before = _resume(engine, model, output) if config.resume else (0, 0)
+    if seen_before is None:  # a checkpoint written before tokens were counted: count its batches again
+        seen_before = sum(
+            _batch_tokens(collate(batch_at(train, s, config.batch_size, config.seed, r, world), pad_id))
+            for s in range(step)
+            for r in range(world)
+        )
+    if rank == 0 and config.resume:  # steps logged after the checkpoint will be run again
+        kept = [r for r in read_metrics(output / "metrics.jsonl") if r["step"] <= step]
+        (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # --- loop ---------------------------------------------------------------------------------
     metrics: list[dict] = []
@@ -204,12 +214,13 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         engine.backward(loss)
         engine.step()
         step += 1
-        tokens += int(batch["context_mask"].sum() + batch["input_mask"].sum()) * world
+        tokens += _batch_tokens(batch) * world
         record = {
             "step": step,
             "loss": loss.item(),
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": tokens / (time.perf_counter() - started),
+            "tokens_seen": seen_before + tokens,
         }
         if step % config.eval_every == 0 or step == config.max_steps:
             record.update(evaluate(engine.module, heldout, pad_id, config.batch_size, tokenizer, config.bleu_examples))
@@ -219,7 +230,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
         if step % config.save_every == 0 or step == last:
-            directory = save_checkpoint(engine, model, output, step, config, rank)
+            directory = save_checkpoint(engine, model, output, step, config, rank, seen_before + tokens)
             if on_checkpoint is not None:
                 on_checkpoint(directory, record)
     bar.close()
@@ -250,8 +261,11 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     return png
 
 
-def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int) -> Path:
-    """Adapter directory + engine state (optimizer, scheduler) + step and RNG, then mark it latest."""
+def save_checkpoint(
+    engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int, tokens_seen: int
+) -> Path:
+    """Adapter directory (with its model card) + engine state (optimizer, scheduler) + step, tokens
+    seen and RNG, then mark it latest."""
     import deepspeed
 
     directory = output / f"checkpoint-{step}"
@@ -262,12 +276,24 @@ def save_checkpoint(engine, model: Nugget2DModel, output: Path, step: int, confi
             model.save_pretrained(directory / "adapter")
     if rank == 0:
         torch.save(torch.get_rng_state(), directory / "rng.pt")
-        (directory / STATE).write_text(json.dumps({"step": step, "config": asdict(config)}, indent=2))
+        state = {"step": step, "tokens_seen": tokens_seen, "config": asdict(config)}
+        (directory / STATE).write_text(json.dumps(state, indent=2))
+        card = model_card(asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults())
+        (directory / "adapter" / CARD).write_text(card)
         (output / "latest").write_text(directory.name + "\n")
     return directory
 
 
-def _resume(engine, model: Nugget2DModel, output: Path) -> int:
+def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return sum(int(v.sum()) for k, v in batch.items() if k.endswith("mask"))
+
+
+def _defaults() -> dict:
+    return asdict(TrainConfig(data=["-"]))
+
+
+def _resume(engine, model: Nugget2DModel, output: Path) -> tuple[int, int | None]:
+    """Restore the latest checkpoint; return (step, tokens seen, None if it did not count them)."""
     marker = output / "latest"
     if not marker.is_file():
         raise ValueError(f"--resume: no checkpoint in {output} (no 'latest' file); start without --resume")
@@ -281,7 +307,8 @@ def _resume(engine, model: Nugget2DModel, output: Path) -> int:
         )
     engine.load_checkpoint(str(directory / "engine"), tag="state")
     torch.set_rng_state(torch.load(directory / "rng.pt"))
-    return json.loads((directory / STATE).read_text())["step"]
+    state = json.loads((directory / STATE).read_text())
+    return state["step"], state.get("tokens_seen")
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -82,6 +82,11 @@ def test_resumed_training_equals_uninterrupted(tmp_path, tiny_model_dir, corpus)
     assert [m["step"] for m in resumed] == [4, 5, 6]
     for ours, theirs in zip(resumed, whole[3:]):
         assert abs(ours["loss"] - theirs["loss"]) <= 1e-5
+    assert resumed[-1]["tokens_seen"] == whole[-1]["tokens_seen"]
+    card = (tmp_path / "b" / "checkpoint-6" / "adapter" / "README.md").read_text()
+    assert f"{whole[-1]['tokens_seen']:,} tokens seen" in card and "Steps: 6 of 6" in card
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def test_resuming_with_another_base_model_is_refused(tmp_path, tiny_model_dir, trainable_model_dir, corpus):

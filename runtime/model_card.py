@@ -1,0 +1,71 @@
+"""A Markdown model card for an adapter directory: what it was trained on, how, and what the run
+measured (written beside every checkpoint's adapter as ``README.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CARD = "README.md"
+
+
+def model_card(
+    config: dict[str, Any], metrics: list[dict[str, Any]], tokens_seen: int, defaults: dict[str, Any]
+) -> str:
+    """The card's text from a run's config (``asdict(TrainConfig)``), its per-step metrics (every
+    record so far, across resumes) and the tokens it has seen; ``defaults`` are the config's
+    defaults, so the command shows only the flags that differ."""
+    steps = metrics[-1]["step"] if metrics else 0
+    head = [m["loss"] for m in metrics[:10]]
+    tail = [m["loss"] for m in metrics[-10:]]
+    evaluated = [m for m in metrics if "heldout_loss" in m]
+    lines = [
+        "# Nugget2D adapter",
+        "",
+        f"Base model: `{config.get('model') or 'SmolLM2-135M-Instruct (embedded default)'}`. "
+        f"Compression ratio r = {config['ratio']}; LoRA rank {config['lora_rank']} on the encoder"
+        + (" and decoder" if config["decoder_adapter"] else " (the unmodified model reads the cache)")
+        + f"; scorer on layer {config['scorer_layer']}.",
+        "",
+        "## Training",
+        "",
+        f"* Objective: `{config['objective']}`" + (f" ({config['mix']})" if config.get("mix") else ""),
+        f"* Data: {', '.join(Path(p).name for p in config['data'])}",
+        f"* Examples: segments of {config['segment_size']} tokens, targets of {config['target_size']}"
+        + (f", {config['sinks']} sink and {config['recent']} recent tokens kept raw" if config["recent"] else ""),
+        f"* Steps: {steps} of {config['max_steps']} (batch {config['batch_size']}), {tokens_seen:,} tokens seen",
+        f"* Optimiser: AdamW (0.9, 0.95), lr {config['lr']}, warm-up {config['warmup_steps']}, cosine; "
+        f"DeepSpeed `{config['ds_config']}`",
+        f"* Command: `{command(config, defaults)}`",
+        "",
+        "## Measured during training",
+        "",
+    ]
+    if head and tail:
+        lines.append(
+            f"* Training loss: {sum(head) / len(head):.3f} (first 10 steps) → {sum(tail) / len(tail):.3f} (last 10)"
+        )
+    if evaluated:
+        last = evaluated[-1]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("heldout", "autoencode")))
+        lines.append(f"* Held-out at step {last['step']}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def command(config: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The ``nugget2d train`` command line that reproduces ``config`` (flags that differ from the defaults)."""
+    parts = ["nugget2d train", "--data", *config["data"]]
+    for key, value in config.items():
+        if key in ("data", "resume", "stop_at") or value == defaults.get(key) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.extend([flag] if value is True else [flag, str(value)])
+    return " ".join(parts)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty if there is none yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
