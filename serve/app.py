@@ -1,0 +1,282 @@
+"""The FastAPI app: OpenAI's endpoints, documents, health and metrics (DESIGN §7).
+
+Request handlers only check and translate; all model work is a job on the :class:`Engine`'s
+worker thread, so the event loop stays free while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import wire
+from .config import ServerConfig
+from .documents import DocumentStore
+from .engine import Engine, Job
+from .errors import APIError, install_handlers
+from .jobs import Ask, Context, Finished, answer, compress_document
+from .metrics import CONTENT_TYPE, Metrics
+from .middleware import BodyLimit, CountRequests, RequireKey
+from .parsing import document_text, generation_settings, parse_body
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("nugget2d.serve")
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
+    """The server app; it loads the model at start-up unless ``loaded`` = ``(model, tokenizer)``."""
+    metrics = Metrics()
+    engine = Engine(config.slots, config.max_queue, config.timeout_s, metrics)
+    holder: dict[str, Context] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model, tokenizer = loaded if loaded is not None else await asyncio.to_thread(load_model, config)
+        store = DocumentStore(config.documents_dir, config.document_memory_bytes, _document_gauges(metrics))
+        holder["ctx"] = Context(model, tokenizer, store, config, metrics)
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="nugget2d", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(RequireKey, key=config.api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts refusals too
+    install_handlers(app)
+
+    def ctx() -> Context:
+        if "ctx" not in holder or not engine.alive:
+            raise APIError(503, "the server is starting or stopping", code="unavailable")
+        return holder["ctx"]
+
+    def check_model(name: str) -> None:
+        if name != config.served_model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {config.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health() -> dict:
+        context = ctx()
+        return {
+            "status": "ok",
+            "model": config.served_model_name,
+            "pid": os.getpid(),
+            "active": len(engine.active),
+            "waiting": len(engine.waiting),
+            "documents_in_memory": len(context.store.memory),
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(config)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        check_model(name)
+        return _model_card(config)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from err
+        limit = body.max_completion_tokens or body.max_tokens or config.max_tokens_cap
+        ask = Ask(generation_settings(body, limit, config), messages=messages, document=_document(body, ctx()))
+        return await _respond(request, body, ask, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "this server takes one prompt per request", param="prompt")
+            prompt = prompt[0]
+        for name, unsupported in (("echo", body.echo), ("suffix", body.suffix), ("best_of", (body.best_of or 1) > 1)):
+            if unsupported:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+        limit = body.max_tokens or min(COMPLETION_DEFAULT_MAX_TOKENS, config.max_tokens_cap)
+        ask = Ask(generation_settings(body, limit, config), prompt=prompt, document=_document(body, ctx()))
+        return await _respond(request, body, ask, chat=False)
+
+    async def _respond(request: Request, body, ask: Ask, chat: bool) -> Response:
+        context = ctx()
+        job = engine.submit(lambda: answer(context, ask))
+        response_id = wire.new_id("chatcmpl" if chat else "cmpl")
+        items = job.__aiter__()
+        async with _cancel_on_disconnect(request, job):
+            first = await _next(items)
+            if body.stream:  # from here on the streaming response notices a disconnect itself
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(
+                    _events(items, first, chat, response_id, body.model, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            try:
+                pieces, item = [], first
+                while item is not None and not isinstance(item, Finished):
+                    pieces.append(item)
+                    item = await _next(items)
+            finally:
+                await items.aclose()
+        if item is None:
+            raise APIError(503, "the answer ended without a result", code="incomplete")
+        return JSONResponse(wire.completion(chat, response_id, body.model, "".join(pieces), item))
+
+    @app.post("/v1/documents")
+    async def upload_document(request: Request) -> JSONResponse:
+        text, name = await document_text(request)
+        context = ctx()
+        job = engine.submit(lambda: compress_document(context, text, name))
+        async with _cancel_on_disconnect(request, job):
+            info = await _result(job)
+        return JSONResponse(info.to_dict(), status_code=201)
+
+    @app.get("/v1/documents")
+    async def list_documents() -> dict:
+        infos = await asyncio.to_thread(ctx().store.list)
+        return {"object": "list", "data": [info.to_dict() for info in infos]}
+
+    @app.get("/v1/documents/{doc_id}")
+    async def get_document(doc_id: str) -> dict:
+        try:
+            return ctx().store.info(doc_id).to_dict()
+        except KeyError:
+            raise _no_document(doc_id) from None
+
+    @app.delete("/v1/documents/{doc_id}")
+    async def delete_document(doc_id: str) -> dict:
+        try:
+            info = await asyncio.to_thread(ctx().store.delete, doc_id)
+        except KeyError:
+            raise _no_document(doc_id) from None
+        return {"id": info.id, "object": "document.deleted", "deleted": True}
+
+    return app
+
+
+def load_model(config: ServerConfig) -> tuple:
+    """``(model, tokenizer)`` as the config names them; ``ValueError`` if the cache budget would
+    take positions past the model's native window."""
+    from nugget2d.compress import Nugget2DConfig
+    from nugget2d.runtime.loading import load_nugget2d
+
+    model, tokenizer = load_nugget2d(config.model, config.adapter, Nugget2DConfig(ratio=config.ratio), config.attention)
+    window = int(model.base.config.max_position_embeddings)
+    if config.budget > window:
+        raise ValueError(f"--budget ({config.budget}) exceeds the model's native window ({window}); lower it")
+    return model, tokenizer
+
+
+def _document_gauges(metrics: Metrics):
+    def report(count: int, nbytes: int) -> None:
+        metrics.documents_in_memory.set(count)
+        metrics.document_cache_bytes.set(nbytes)
+
+    return report
+
+
+def _model_card(config: ServerConfig) -> dict:
+    return {"id": config.served_model_name, "object": "model", "created": 0, "owned_by": "nugget2d"}
+
+
+def _document(body, context: Context) -> str | None:
+    """The document a request names (at most one); 404 if it does not exist."""
+    if not body.documents:
+        return None
+    if len(body.documents) > 1:
+        raise APIError(400, "a request can name at most one document", param="documents")
+    doc_id = body.documents[0]
+    try:
+        context.store.info(doc_id)
+    except KeyError:
+        raise _no_document(doc_id) from None
+    return doc_id
+
+
+def _no_document(doc_id: str) -> APIError:
+    return APIError(404, f"no document with id {doc_id!r}", param="documents", code="document_not_found")
+
+
+async def _next(items):
+    """The job's next item (None at its end), its errors turned into API errors."""
+    try:
+        return await items.__anext__()
+    except StopAsyncIteration:
+        return None
+    except APIError:
+        raise
+    except ValueError as err:
+        raise APIError(400, str(err)) from err
+    except Exception as err:
+        log.exception("model job failed")
+        raise APIError(500, f"the model failed on this request: {type(err).__name__}: {err}") from err
+
+
+async def _result(job: Job):
+    """The last item of ``job``, its errors turned into API errors."""
+    items, last = job.__aiter__(), None
+    while (item := await _next(items)) is not None:
+        last = item
+    return last
+
+
+async def _events(items, first, chat: bool, response_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE stream: a role chunk, text chunks, the final chunk with usage, ``[DONE]``."""
+    try:
+        if chat:
+            yield wire.chunk(chat, response_id, model, role=True)
+        item = first
+        while item is not None:
+            if isinstance(item, Finished):
+                yield wire.chunk(chat, response_id, model, finished=item)
+                if include_usage:
+                    yield wire.chunk(chat, response_id, model, finished=item, usage_only=True)
+                break
+            yield wire.chunk(chat, response_id, model, text=item)
+            item = await _next(items)
+        yield wire.event("[DONE]")
+    except APIError as err:
+        yield wire.event(err.body())
+    finally:
+        await items.aclose()
+
+
+@asynccontextmanager
+async def _cancel_on_disconnect(request: Request, job: Job) -> AsyncIterator[None]:
+    """While inside, a client that hangs up cancels ``job`` (its generation stops at the next token)."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.2)
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()

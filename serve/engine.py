@@ -1,0 +1,163 @@
+"""The model worker: one thread owns the model and runs every job, so the event loop never waits on it.
+
+A job is a generator run in the worker. Up to ``slots`` jobs are active at once and advance in
+turn, one ``next()`` each (one token, or one segment of text to compress), so many streams make
+progress together; the rest wait in a bounded queue. What a job yields goes to its asyncio queue
+(``None`` is a tick that sends nothing). A cancelled job is closed at its next turn, which frees
+its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from .errors import APIError
+from .metrics import Metrics
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+
+
+class Job:
+    """One unit of model work, consumed from the event loop with ``async for``."""
+
+    def __init__(self, factory: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.factory, self.loop, self.deadline = factory, loop, deadline
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.iterator: Iterator[Any] | None = None
+
+    def cancel(self) -> None:
+        """Stop the job at its next turn (safe from any thread, any number of times)."""
+        self.cancelled.set()
+
+    def _send(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """The job's items; raises what the job raised, or ``APIError(503)`` past the deadline.
+        Leaving the loop early (client gone, error) cancels the job."""
+        try:
+            while True:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(503, "the request timed out on the server", code="timeout")
+                try:
+                    kind, value = await asyncio.wait_for(self.events.get(), timeout=left)
+                except asyncio.TimeoutError:
+                    continue
+                if kind == _END:
+                    return
+                if kind == _ERROR:
+                    raise value
+                yield value
+        finally:
+            self.cancel()
+
+
+class Engine:
+    """Runs jobs on one worker thread, interleaving up to ``slots`` of them."""
+
+    def __init__(self, slots: int, max_queue: int, timeout_s: float, metrics: Metrics) -> None:
+        self.slots, self.max_queue, self.timeout_s, self.metrics = slots, max_queue, timeout_s, metrics
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.wake = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self.running = True
+        self.thread = threading.Thread(target=self._work, name="nugget2d-model-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Cancel every job and stop the worker."""
+        with self.wake:
+            self.running = False
+            for job in list(self.waiting) + self.active:
+                job.cancel()
+            self.wake.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs."""
+        return self.running and self.thread is not None and self.thread.is_alive()
+
+    def submit(self, factory: Callable[[], Iterator[Any]]) -> Job:
+        """Queue a job (call from the event loop); ``APIError`` 429 when the queue is full, 503 when stopped."""
+        if not self.alive:
+            raise APIError(503, "the model worker is not running", code="unavailable")
+        job = Job(factory, asyncio.get_running_loop(), time.monotonic() + self.timeout_s)
+        with self.wake:
+            busy = len(self.active) >= self.slots
+            if busy and len(self.waiting) >= self.max_queue:
+                raise APIError(
+                    429,
+                    f"the server is busy ({len(self.active)} running, {len(self.waiting)} waiting); retry later",
+                    code="queue_full",
+                )
+            self.waiting.append(job)
+            self._report()
+            self.wake.notify()
+        return job
+
+    def _report(self) -> None:
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.active.set(len(self.active))
+
+    def _work(self) -> None:
+        while True:
+            with self.wake:
+                while self.running and not self.active and not self.waiting:
+                    self.wake.wait()
+                if not self.running:
+                    break
+                while self.waiting and len(self.active) < self.slots:
+                    self.active.append(self.waiting.popleft())
+                self._report()
+                turn = list(self.active)
+            for job in turn:
+                if not self._step(job):
+                    with self.wake:
+                        self.active.remove(job)
+                        self._report()
+        for job in self.active:
+            self._close(job)
+
+    def _step(self, job: Job) -> bool:
+        """Advance ``job`` by one item; False once it is finished."""
+        if job.cancelled.is_set() or time.monotonic() > job.deadline:
+            self._close(job)
+            return False
+        try:
+            if job.iterator is None:
+                job.iterator = iter(job.factory())
+            item = next(job.iterator)
+        except StopIteration:
+            job._send(_END, None)
+            return False
+        except Exception as err:  # delivered to the request, which turns it into an error response
+            job._send(_ERROR, err)
+            return False
+        if item is not None:
+            job._send(_ITEM, item)
+        return True
+
+    def _close(self, job: Job) -> None:
+        if job.iterator is not None and hasattr(job.iterator, "close"):
+            try:
+                job.iterator.close()
+            except Exception:  # closing a cancelled job must never stop the worker
+                pass
+        job._send(_ERROR, APIError(503, "the request was cancelled", code="cancelled"))

@@ -1,0 +1,161 @@
+"""The model work behind each endpoint, as generators the engine runs in its worker thread.
+
+Each yields ``None`` between units of work (one segment compressed) so other requests take
+turns, text pieces while answering, and a final result object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from nugget2d.runtime.generation import GenerationSettings, TextDeltas
+from nugget2d.runtime.session import StreamingSession
+from nugget2d.runtime.texts import token_chunks
+
+from .config import ServerConfig
+from .documents import DocumentInfo, DocumentStore
+from .errors import APIError
+from .metrics import Metrics
+from .prompts import chat_text, prompt_ids
+
+_PIECE_CHARS = 1 << 14
+
+
+@dataclass
+class Context:
+    """What the jobs share: the model, its tokenizer, the documents, the settings, the metrics."""
+
+    model: object
+    tokenizer: object
+    store: DocumentStore
+    config: ServerConfig
+    metrics: Metrics
+
+
+@dataclass
+class Ask:
+    """One completion to produce: chat ``messages`` or a completion ``prompt``, over ``document``."""
+
+    settings: GenerationSettings
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[int] | None = None
+    document: str | None = None
+
+
+@dataclass
+class Finished:
+    """How an answer ended, with its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    compressed_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[DocumentInfo | None]:
+    """Read ``text`` into a new document session segment by segment, store it, yield its info."""
+    if not text.strip():
+        raise ValueError("the document is empty")
+    started = time.perf_counter()
+    session = StreamingSession(ctx.model, ctx.tokenizer, ctx.config.stream_settings(), chat=True)
+    for ids in token_chunks(ctx.tokenizer, _pieces(text)):
+        for chunk in _segments(ids, ctx.config.segment):
+            session.ingest_ids(chunk, final=False)
+            yield None
+    session.ingest_ids([], final=True)
+    if session.stats.tokens_ingested == 0:
+        raise ValueError("the document is empty (it has no tokens)")
+    _count_compression(ctx.metrics, session, started, 0)
+    yield ctx.store.add(session, name)
+
+
+def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
+    """Stream the answer's text pieces, then a :class:`Finished`."""
+    tokenizer, config = ctx.tokenizer, ctx.config
+    context: list[int] = []
+    if ask.document is not None:
+        try:
+            base = ctx.store.session(ask.document, ctx.model, tokenizer)
+        except KeyError:
+            raise APIError(
+                404, f"no document with id {ask.document!r}", param="documents", code="document_not_found"
+            ) from None
+        session = base.fork()
+        if ask.messages is not None:
+            ids = prompt_ids(tokenizer, chat_text(tokenizer, ask.messages, base.format.document_prefix), False, True)
+        else:
+            ids = _completion_ids(tokenizer, ask.prompt, starts_stream=False)
+    else:
+        session = StreamingSession(ctx.model, tokenizer, config.stream_settings(), chat=False)
+        if ask.messages is not None:
+            templated = bool(getattr(tokenizer, "chat_template", None))
+            ids = prompt_ids(tokenizer, chat_text(tokenizer, ask.messages), True, templated)
+        else:
+            ids = _completion_ids(tokenizer, ask.prompt, starts_stream=True)
+        if len(ids) > config.compress_threshold:  # long inline context: all but the last tokens become nuggets
+            context, ids = ids[: -config.compress_threshold], ids[-config.compress_threshold :]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if context:
+        started, before = time.perf_counter(), session.stats.encoder_calls
+        for chunk in _segments(context, config.segment):
+            session.ingest_formatted(chunk, final=False)
+            yield None
+        session.ingest_formatted([], final=True)
+        _count_compression(ctx.metrics, session, started, before)
+    yield from _generate(ctx, session, ids, ask.settings, len(context))
+
+
+def _generate(
+    ctx: Context, session: StreamingSession, ids: list[int], settings: GenerationSettings, compressed: int
+) -> Iterator[str | Finished]:
+    deltas = TextDeltas(ctx.tokenizer, settings.stop)
+    tokens = session.ask_ids(ids, settings)
+    count = 0
+    ctx.metrics.prompt_tokens.inc(len(ids) + compressed)
+    try:
+        for token in tokens:
+            count += 1
+            piece = deltas.push(token)
+            if piece:
+                yield piece
+            if deltas.stopped:
+                break
+        else:
+            tail = deltas.flush()
+            if tail:
+                yield tail
+    finally:
+        tokens.close()
+        ctx.metrics.completion_tokens.inc(count)
+    reason = "length" if count >= settings.max_new_tokens and not deltas.stopped else "stop"
+    yield Finished(reason, len(ids) + compressed, count, compressed, {"cache_tokens": session.stats.cache_tokens})
+
+
+def _completion_ids(tokenizer, prompt: str | list[int] | None, starts_stream: bool) -> list[int]:
+    if isinstance(prompt, list):
+        vocab = len(tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        return list(prompt)
+    return prompt_ids(tokenizer, prompt or "", starts_stream, templated=False)
+
+
+def _count_compression(metrics: Metrics, session: StreamingSession, started: float, encoder_calls_before: int) -> None:
+    metrics.compression_seconds.observe(time.perf_counter() - started)
+    metrics.encoder_calls.inc(session.stats.encoder_calls - encoder_calls_before)
+    metrics.compressed_tokens.inc(session.stats.tokens_ingested)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    for begin in range(0, len(text), _PIECE_CHARS):
+        yield text[begin : begin + _PIECE_CHARS]
+
+
+def _segments(ids: list[int], size: int) -> Iterator[list[int]]:
+    for begin in range(0, len(ids), size):
+        yield ids[begin : begin + size]

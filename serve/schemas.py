@@ -1,0 +1,86 @@
+"""Request bodies of the OpenAI endpoints, as pydantic models (unknown fields are ignored).
+
+nugget2d's own fields ride along as extra body fields: ``documents`` (ids from
+``POST /v1/documents`` whose nugget caches the request reads), ``top_k`` and
+``repetition_penalty``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message as plain text; ``ValueError`` for non-text parts (images, audio)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        kinds = {part.type for part in self.content} - {"text"}
+        if kinds:
+            raise ValueError(f"only text content is supported, got {', '.join(sorted(kinds))} parts")
+        return "".join(part.text or "" for part in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    documents: list[str] = Field(default_factory=list)
+
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (OpenAI accepts one string or a list of up to 4)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: one prompt (a string, a one-string list or token ids)."""
+
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+class DocumentRequest(_Body):
+    """``POST /v1/documents`` as JSON (a file upload is the multipart alternative)."""
+
+    text: str
+    name: str | None = None
