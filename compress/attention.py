@@ -191,6 +191,9 @@ def _interface(backend: str) -> Callable:
         cache = kwargs.get("nugget_cache")
         bias = cache.attention_bias(module.layer_idx) if cache is not None else None
         out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
+        observer = getattr(cache, "observer", None)
+        if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
+            observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = f"nugget2d_{backend}_attention"

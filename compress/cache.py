@@ -14,6 +14,7 @@ the bias of every key through :meth:`attention_bias`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,6 +106,9 @@ class NuggetCache(Cache):
         self.position_mode = positions
         #: Text tokens consumed per row, nuggets' sources and dropped tokens included: ``(B,)`` or None.
         self.seen_tokens: torch.Tensor | None = None
+        #: Called by the attention backends as ``observer(layer_idx, query, key, bias, scaling)`` on every
+        #: forward pass over this cache (not copied by :meth:`fork`); None = nobody listens.
+        self.observer: Callable[..., None] | None = None
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- the forward-pass protocol -------------------------------------------------------------
@@ -223,7 +227,8 @@ class NuggetCache(Cache):
         tensors: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             for name, value in layer.tensors().items():
-                tensors[f"layers.{i}.{name}"] = value.detach().contiguous().cpu()
+                # cloned: layers may share one bias/positions tensor, which safetensors refuses to write
+                tensors[f"layers.{i}.{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         if self.seen_tokens is not None:
             tensors["seen_tokens"] = self.seen_tokens.detach().cpu()
         metadata = {

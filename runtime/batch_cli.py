@@ -12,32 +12,19 @@ import sys
 
 def add_job_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """The flags of a batch job (``task`` is ``qa`` or ``summarize``)."""
-    from nugget2d.compress import BACKENDS
+    from .cli_options import add_cache_arguments, add_model_arguments, add_sampling_arguments
 
     shape = "{id, document | document_path" + (", questions: [...]}" if task == "qa" else "}")
     parser.add_argument("--input", required=True, help=f"JSONL, one document a line: {shape}")
     parser.add_argument("--output", required=True, help="JSONL of results; rerunning skips ids already complete")
-    parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    parser.add_argument("--adapter", default=None, help="Nugget2D adapter directory, or 'none'")
-    parser.add_argument("--attention", default="sdpa", choices=BACKENDS, help="attention backend")
+    add_model_arguments(parser)
     ray = parser.add_argument_group("ray")
     ray.add_argument("--workers", type=int, default=2, help="actors, each holding one model")
     ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0)
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="e.g. 1 to put each model on a GPU")
-    cache = parser.add_argument_group("cache")
-    cache.add_argument("--ratio", type=float, default=0.1, help="fraction of each segment kept as nuggets")
-    cache.add_argument("--budget", type=int, default=2048, help="cache entries in all (sinks + nuggets + recent)")
-    cache.add_argument("--recent", type=int, default=512, help="last tokens kept raw")
-    cache.add_argument("--segment", type=int, default=256, help="tokens encoded per step")
-    cache.add_argument("--sinks", type=int, default=4, help="first tokens kept raw (attention sinks)")
-    cache.add_argument("--overflow", choices=["evict", "recompress"], default="evict")
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=64 if task == "qa" else 256)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
-    sampling.add_argument("--seed", type=int, default=None)
+    add_cache_arguments(parser, positions=False)
+    add_sampling_arguments(parser, max_new_tokens=64 if task == "qa" else 256)
     if task == "summarize":
         parser.add_argument(
             "--prompt", default=None, help='instruction asked after each document (default: "Summarize the text...")'
@@ -50,22 +37,15 @@ def run_job(args: argparse.Namespace, task: str) -> int:
     """Run a batch job from parsed flags; print a one-line report on stderr."""
     from .batch import run_batch_job
     from .batch_worker import SUMMARY_PROMPT, JobSettings
-    from .generation import GenerationSettings
-    from .session import StreamSettings
+    from .cli_options import generation_settings, stream_settings
 
     settings = JobSettings(
         task=task,
         model=args.model,
         adapter=args.adapter,
         attention=args.attention,
-        stream=StreamSettings(args.ratio, args.budget, args.recent, args.segment, args.sinks, args.overflow),
-        generation=GenerationSettings(
-            args.max_new_tokens,
-            args.temperature,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-        ),
+        stream=stream_settings(args),
+        generation=generation_settings(args),
         chat=not args.no_chat,
         prompt=getattr(args, "prompt", None) or SUMMARY_PROMPT,
     )

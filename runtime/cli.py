@@ -7,27 +7,29 @@ happen inside ``run`` so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nugget2d.compress import BACKENDS, Nugget2DConfig
+from nugget2d.compress import Nugget2DConfig
 
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    parser.add_argument("--adapter", default=None, help="Nugget2D adapter directory, or 'none'")
-    parser.add_argument("--attention", default="sdpa", choices=BACKENDS, help="attention backend")
-
+from .cli_options import (
+    add_cache_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    generation_settings,
+    stream_settings,
+)
 
 # --- demo ----------------------------------------------------------------------------------------
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
-    parser.add_argument("--context", type=int, default=4096, help="tokens of the bundled book to read")
-    parser.add_argument("--budget", type=int, default=1024, help="nugget2d cache entries in all")
+    add_model_arguments(parser)
+    parser.add_argument("--context", type=int, default=None, help="tokens of the bundled book to read (default: all)")
+    parser.add_argument("--budget", type=int, default=2048, help="nugget2d cache entries in all")
     parser.add_argument("--ratio", type=float, default=0.1, help="fraction of tokens kept as nuggets")
     parser.add_argument("--max-new-tokens", type=int, default=60)
 
@@ -43,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _compress_arguments(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--input", required=True, help="UTF-8 text file (within the model's native window)")
     parser.add_argument("--output", required=True, help="where to write the nugget cache (.safetensors)")
     parser.add_argument("--ratio", type=float, default=0.1, help="fraction of tokens kept as nuggets")
@@ -82,57 +84,20 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--input", required=True, help="UTF-8 text file of any length, or - for standard input")
     parser.add_argument("--prompt", required=True, help="the question or instruction about the text")
-    cache = parser.add_argument_group("cache")
-    cache.add_argument("--ratio", type=float, default=0.1, help="fraction of each segment kept as nuggets")
-    cache.add_argument("--budget", type=int, default=2048, help="cache entries in all (sinks + nuggets + recent)")
-    cache.add_argument("--recent", type=int, default=512, help="last tokens kept raw")
-    cache.add_argument("--segment", type=int, default=256, help="tokens encoded per step")
-    cache.add_argument("--sinks", type=int, default=4, help="first tokens kept raw (attention sinks)")
-    cache.add_argument(
-        "--overflow",
-        choices=["evict", "recompress"],
-        default="evict",
-        help="when nuggets outgrow the budget: drop the lowest-scoring, or re-select the oldest",
-    )
-    cache.add_argument(
-        "--positions",
-        choices=["cache", "original"],
-        default="cache",
-        help="positions inside the cache (any length) or text positions (texts inside the window)",
-    )
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=256)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    sampling.add_argument("--top-k", type=int, default=0)
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
-    sampling.add_argument("--seed", type=int, default=None)
-    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_cache_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=256)
     parser.add_argument("--no-chat", action="store_true", help="do not wrap text and prompt in the chat template")
     parser.add_argument("--stats-json", type=Path, default=None, help="write sizes, rates and peak memory here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationSettings
-    from .session import StreamSettings
     from .texts import check_text_file
 
-    stream = StreamSettings(
-        args.ratio, args.budget, args.recent, args.segment, args.sinks, args.overflow, args.positions
-    )
-    sampling = GenerationSettings(
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.repetition_penalty,
-        args.seed,
-        tuple(args.stop),
-    )
+    stream, sampling = stream_settings(args), generation_settings(args)
     source = _stdin_chunks() if args.input == "-" else check_text_file(args.input)
 
     from .loading import load_nugget2d
@@ -166,34 +131,58 @@ def _stdin_chunks():
         yield chunk
 
 
-# --- train ---------------------------------------------------------------------------------------
+# --- commands that live in their own modules -------------------------------------------------------
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import add_arguments
+def _lazy(module: str, configure: str, run: str, *extra: str) -> tuple[Callable, Callable]:
+    """A ``(configure, run)`` pair calling ``module.configure(parser, *extra)`` and
+    ``module.run(args, *extra)``, importing ``module`` only when called."""
 
-    add_arguments(parser)
+    def configure_command(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module, __package__), configure)(parser, *extra)
 
+    def run_command(args: argparse.Namespace) -> int:
+        status = getattr(importlib.import_module(module, __package__), run)(args, *extra)
+        return 0 if status is None else status
 
-def _train(args: argparse.Namespace) -> int:
-    from .train import run
-
-    run(args)
-    return 0
+    return configure_command, run_command
 
 
 # --- the parser ----------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
-    "demo": ("compress a bundled passage and continue it over the nuggets", _demo_arguments, _demo),
+    "demo": ("answer questions about a bundled book 7x the native window, streamed", _demo_arguments, _demo),
     "compress": ("compress a text file into a nugget cache file", _compress_arguments, _compress),
     "generate": (
         "stream a text of any length into a bounded cache and answer a prompt about it",
         _generate_arguments,
         _generate,
     ),
-    "train": ("train the compressor (LoRA + scorer) on DeepSpeed, here or on Ray Train", _train_arguments, _train),
+    "train": (
+        "train the compressor (LoRA + scorer) on DeepSpeed, here or on Ray Train",
+        *_lazy(".train", "add_arguments", "run"),
+    ),
+    "bench": (
+        "measure speed, memory and quality of every cache method at one budget",
+        *_lazy(".bench_cli", "add_arguments", "run"),
+    ),
+    "qa": (
+        "answer the questions of many documents (JSONL) on Ray, resumably",
+        *_lazy(".batch_cli", "add_job_arguments", "run_job", "qa"),
+    ),
+    "summarize": (
+        "summarise many documents (JSONL) on Ray, resumably",
+        *_lazy(".batch_cli", "add_job_arguments", "run_job", "summarize"),
+    ),
+    "score": (
+        "score qa/summarize outputs against gold JSONL (accuracy, F1, ROUGE)",
+        *_lazy(".batch_cli", "add_score_arguments", "run_score"),
+    ),
+    "serve": (
+        "OpenAI-compatible server with compressed documents (uvicorn or Ray Serve)",
+        *_lazy("nugget2d.serve.cli", "add_arguments", "run"),
+    ),
 }
 
 

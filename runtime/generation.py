@@ -31,6 +31,8 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    #: Never stop at an EOS id (benchmarks that time a fixed number of decode steps).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         self.stop = tuple(s for s in self.stop if s)
@@ -79,7 +81,7 @@ class TokenStream:
         self.prompt = [int(t) for t in prompt_ids]
         if not self.prompt:
             raise ValueError("the prompt is empty: give at least one token to condition on")
-        self.eos = {int(t) for t in eos_token_ids if t is not None}
+        self.eos = set() if settings.ignore_eos else {int(t) for t in eos_token_ids if t is not None}
         self.unfed: list[int] = []
         self.generated: list[int] = []
         self.finish_reason: str | None = None

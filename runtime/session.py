@@ -11,6 +11,9 @@ re-rotated, so no position ever reaches the model's native window.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -22,10 +25,11 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from nugget2d.compress import Nugget2DModel, nugget_count
+from nugget2d.compress import Nugget2DModel, NuggetCache, nugget_count
 from nugget2d.compress.config import check_ratio
 from nugget2d.compress.rope import check_rerotatable
 
+from .cache_policies import AttentionReceived, accumulate_attention, check_policy, pool_groups, topk_in_order
 from .chat import ChatFormat
 from .generation import GenerationSettings, TextDeltas, TokenStream
 from .resources import peak_rss_bytes
@@ -35,7 +39,10 @@ from .texts import file_chunks, token_chunks
 @dataclass
 class StreamSettings:
     """The cache's shape: total ``budget`` of entries, of which ``sinks`` first tokens and the
-    ``recent`` last tokens stay raw; text is read ``segment`` tokens at a time."""
+    ``recent`` last tokens stay raw; text is read ``segment`` tokens at a time. ``policy`` decides
+    what the tokens leaving the raw window become (:mod:`~nugget2d.runtime.cache_policies`):
+    nuggets (``nugget2d``), nothing (``streaming``), top tokens by attention received (``snapkv``)
+    or mean-pooled groups (``compressive``)."""
 
     ratio: float = 0.1
     budget: int = 2048
@@ -44,9 +51,11 @@ class StreamSettings:
     sinks: int = 4
     overflow: Literal["evict", "recompress"] = "evict"
     positions: Literal["cache", "original"] = "cache"
+    policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
+        check_policy(self.policy)
         for name in ("budget", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -176,7 +185,14 @@ class StreamingSession:
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))
         self._make_room(len(ids), keep_raw=self.settings.recent)
-        self.model.encode(torch.tensor([ids], device=self.model.device), cache=self.cache)
+        observer = AttentionReceived() if self.settings.policy == "snapkv" else None
+        self.cache.observer = observer
+        try:
+            self.model.encode(torch.tensor([ids], device=self.model.device), cache=self.cache)
+        finally:
+            self.cache.observer = None
+        if observer is not None:
+            accumulate_attention(self.cache, observer.total, len(ids))
         self.stats.encoder_calls += 1
         self.stats.tokens_ingested += len(ids)
         self._append_raw(len(ids))
@@ -251,6 +267,36 @@ class StreamingSession:
         extra = extra if isinstance(extra, list) else [extra]
         return [t for t in [eos, *extra] if t is not None]
 
+    def score_ids(self, ids: Iterable[int]) -> torch.Tensor:
+        """Log-probabilities ``(len(ids) - 1,)`` of ``ids[1:]``, each given the stream so far and the ids
+        before it (teacher forcing: one forward pass over the cache, made room for like a prompt); the
+        ids then stay in the cache. ``ValueError`` for fewer than two ids or more than the budget holds."""
+        ids = [int(t) for t in ids]
+        if len(ids) < 2:
+            raise ValueError(f"score_ids needs at least two ids (an opener and a token to score), got {len(ids)}")
+        self.ingest_ids([], final=True)
+        prompt = self.pending + ids
+        if self.settings.sinks + len(prompt) > self.settings.budget:
+            raise ValueError(
+                f"{len(prompt)} ids to score do not fit the cache budget ({self.settings.budget} entries, "
+                f"{self.settings.sinks} of them sinks); score fewer or raise the budget"
+            )
+        self._check_original_positions(len(prompt))
+        started = time.perf_counter()
+        with torch.no_grad():
+            self._make_room(
+                len(prompt), keep_raw=min(self.raw, self.settings.budget - self.settings.sinks - len(prompt))
+            )
+            out = self.model(torch.tensor([prompt], device=self.model.device), nuggets=self.cache)
+        logits = out.logits[0, len(self.pending) : -1].float()
+        scored = logits.log_softmax(dim=-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
+        self.cache, self.pending = out.past_key_values, []
+        self._append_raw(len(prompt))
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.decode_seconds += time.perf_counter() - started
+        self._refresh_stats()
+        return scored
+
     # --- keeping the cache inside its budget -------------------------------------------------------
 
     def _make_room(self, incoming: int, keep_raw: int) -> None:
@@ -260,16 +306,14 @@ class StreamingSession:
         scores = self.cache.layers[0].scores
         if scores is None:
             return
+        if self.settings.policy == "streaming":  # nothing is kept, so the raw window takes all the room
+            keep_raw = max(keep_raw, self.settings.budget - self.sinks - incoming)
         scores = scores[0]
         start = self.sinks + self.nuggets
         leaving = self.raw - keep_raw if self.raw > keep_raw else 0
         keep = list(range(self.sinks))
         nuggets = list(range(self.sinks, start))
-        converted: list[int] = []
-        if leaving:
-            block = scores[start : start + leaving]
-            chosen, _ = self.model.select(block[None], ratio=self.settings.ratio)
-            converted = [start + int(i) for i in chosen[0]]
+        converted = self._choose(list(range(start, start + leaving)), scores) if leaving else []
         raw = list(range(start + leaving, start + self.raw))
         over = len(keep) + len(nuggets) + len(converted) + len(raw) + incoming - self.settings.budget
         all_nuggets = self._shrink(nuggets + converted, scores, max(over, 0))
@@ -277,17 +321,32 @@ class StreamingSession:
             return  # nothing moves
         index = torch.tensor([keep + all_nuggets + raw], device=self.model.device)
         self.cache.retain(index)
-        self.cache.convert(
-            torch.isin(index, torch.tensor(converted, dtype=torch.long, device=index.device)),
-            self.model.config.bias_mode,
-        )
+        if self.settings.policy == "nugget2d":  # the baselines keep plain K/V: no score bias
+            self.cache.convert(
+                torch.isin(index, torch.tensor(converted, dtype=torch.long, device=index.device)),
+                self.model.config.bias_mode,
+            )
         if self.settings.positions == "cache":
             self.cache.reposition(self.model.rotary_emb)
         self.nuggets, self.raw = len(all_nuggets), len(raw)
 
+    def _choose(self, indices: list[int], scores: torch.Tensor) -> list[int]:
+        """Which of the consecutive cache entries ``indices`` stay, by the policy: the scorer's
+        selection (nugget2d), none (streaming), the top ``ceil(n·r)`` by attention received (snapkv),
+        or one mean-pooled entry per group of ``ceil(n·r)`` groups, pooled in place (compressive)."""
+        policy, ratio = self.settings.policy, self.settings.ratio
+        if policy == "streaming":
+            return []
+        if policy == "compressive":
+            return pool_groups(self.cache, indices, nugget_count(len(indices), ratio), self.model.rotary_emb)
+        if policy == "snapkv":
+            return [indices[i] for i in topk_in_order(scores[indices], nugget_count(len(indices), ratio))]
+        chosen, _ = self.model.select(scores[indices][None], ratio=ratio)
+        return [indices[int(i)] for i in chosen[0]]
+
     def _shrink(self, nuggets: list[int], scores: torch.Tensor, remove: int) -> list[int]:
-        """Drop ``remove`` of the ``nuggets`` (cache indices, text order): the lowest-scoring
-        (evict), or by selecting the oldest ones again at the ratio (recompress)."""
+        """Drop ``remove`` of the ``nuggets`` (cache indices, text order): the lowest-scoring, the
+        oldest for ``compressive`` (evict), or by choosing among the oldest again at the ratio (recompress)."""
         remove = min(remove, len(nuggets))
         if remove <= 0:
             return nuggets
@@ -297,8 +356,9 @@ class StreamingSession:
             while block < len(nuggets) and block - nugget_count(block, ratio) < remove:
                 block += 1
             if block - nugget_count(block, ratio) >= remove:
-                chosen, _ = self.model.select(scores[nuggets[:block]][None], ratio=ratio)
-                return [nuggets[int(i)] for i in chosen[0]] + nuggets[block:]
+                return self._choose(nuggets[:block], scores) + nuggets[block:]
+        if self.settings.policy == "compressive":
+            return nuggets[remove:]
         order = scores[nuggets].argsort(descending=True)[: len(nuggets) - remove]
         return sorted(nuggets[int(i)] for i in order)
 
@@ -320,6 +380,61 @@ class StreamingSession:
         total = stats.tokens_ingested + stats.prompt_tokens + stats.generated_tokens
         stats.full_kv_bytes = self.model.full_kv_bytes(total)
         stats.peak_rss_bytes = peak_rss_bytes()
+
+    # --- copies and files (a server keeps documents as sessions) ------------------------------------
+
+    def ingest_formatted(self, ids: Iterable[int], final: bool = True) -> None:
+        """:meth:`ingest_ids` with no start tokens added (the caller already put in its own BOS or
+        template text)."""
+        self._started = True
+        self.ingest_ids(ids, final=final)
+
+    def fork(self) -> StreamingSession:
+        """A copy to ask questions of; nothing done to the copy changes this session (the cache's
+        tensors are shared and never modified in place)."""
+        twin = copy.copy(self)
+        twin.cache = self.cache.fork()
+        twin.pending, twin._waiting = list(self.pending), list(self._waiting)
+        twin.stats = dataclasses.replace(self.stats)
+        return twin
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the session (cache, settings, template pieces, counters) into ``directory``;
+        :meth:`load` reads it back into a session that answers exactly as this one."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cache.save(directory / "cache.safetensors")
+        state = {
+            "settings": asdict(self.settings),
+            "format": asdict(self.format),
+            "parts": [self.sinks, self.nuggets, self.raw],
+            "pending": self.pending,
+            "waiting": self._waiting,
+            "started": self._started,
+            "turns": self.turns,
+            "stats": asdict(self.stats),
+        }
+        (directory / "session.json").write_text(json.dumps(state))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: Nugget2DModel, tokenizer) -> StreamingSession:
+        """Read a session written by :meth:`save`; ``ValueError`` if it is damaged or was built by
+        another model."""
+        directory = Path(directory)
+        try:
+            state = json.loads((directory / "session.json").read_text())
+            session = cls(model, tokenizer, StreamSettings(**state["settings"]), chat=False)
+            session.format = ChatFormat(**state["format"])
+            session.sinks, session.nuggets, session.raw = (int(n) for n in state["parts"])
+            session.pending, session._waiting = list(state["pending"]), list(state["waiting"])
+            session._started, session.turns = bool(state["started"]), int(state["turns"])
+            session.stats = SessionStats(**state["stats"])
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err
+        session.cache = NuggetCache.load(directory / "cache.safetensors", device=model.device)
+        session.cache.check_model(model.fingerprint)
+        return session
 
 
 def _pieces(text: str, size: int = 1 << 16) -> Iterator[str]:

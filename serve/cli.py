@@ -8,25 +8,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nugget2d.compress import BACKENDS  # already imported by the nugget2d CLI
+from nugget2d.runtime.cli_options import add_cache_arguments, add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag of ``nugget2d serve``."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    parser.add_argument("--adapter", default=None, help="Nugget2D adapter directory, or 'none'")
-    parser.add_argument("--attention", default="sdpa", choices=BACKENDS, help="attention backend")
+    add_model_arguments(parser)
     parser.add_argument("--served-model-name", default="nugget2d", help="the model name clients send")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
-    cache = parser.add_argument_group("cache (documents and long prompts)")
-    cache.add_argument("--ratio", type=float, default=0.1, help="fraction of each segment kept as nuggets")
-    cache.add_argument("--budget", type=int, default=2048, help="cache entries per request in all")
-    cache.add_argument("--recent", type=int, default=512, help="last tokens of a document kept raw")
-    cache.add_argument("--segment", type=int, default=256, help="tokens encoded per step")
-    cache.add_argument("--sinks", type=int, default=4, help="first tokens kept raw (attention sinks)")
-    cache.add_argument("--overflow", choices=["evict", "recompress"], default="evict")
+    cache = add_cache_arguments(parser, "cache (documents and long prompts)", positions=False)
     cache.add_argument(
         "--compress-threshold",
         type=int,
@@ -67,6 +59,7 @@ def config_from(args: argparse.Namespace):
         segment=args.segment,
         sinks=args.sinks,
         overflow=args.overflow,
+        policy=args.policy,
         compress_threshold=args.compress_threshold,
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=int(args.max_body_mb * 2**20),

@@ -29,6 +29,7 @@ class ServerConfig:
     segment: int = 256
     sinks: int = 4
     overflow: str = "evict"
+    policy: str = "nugget2d"
     compress_threshold: int = 1024
     max_tokens_cap: int = 512
     max_body_bytes: int = 16 * 2**20
@@ -68,4 +69,5 @@ class ServerConfig:
             segment=self.segment,
             sinks=self.sinks,
             overflow=self.overflow,
+            policy=self.policy,
         )

@@ -99,13 +99,17 @@ def server(model_dir, tmp_path_factory):
         yield url
 
 
+# httpx defaults to 5 s; on a loaded machine compressing a document takes longer
+_http = httpx.Client(timeout=60)
+
+
 def client(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def metric(url: str, name: str) -> float:
     """One unlabelled sample of the server's Prometheus metrics."""
-    text = httpx.get(url + "/metrics").text
+    text = _http.get(url + "/metrics").text
     found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert found, f"{name} missing from /metrics"
     return float(found.group(1))
@@ -139,12 +143,12 @@ def test_openai_client_streamed_text_equals_the_whole_answer(server):
 
 def test_a_document_is_compressed_once_and_asked_twice(server):
     headers = {"Authorization": f"Bearer {KEY}"}
-    upload = httpx.post(server + "/v1/documents", headers=headers, files={"file": ("angler.txt", TEXT * 25)})
+    upload = _http.post(server + "/v1/documents", headers=headers, files={"file": ("angler.txt", TEXT * 25)})
     assert upload.status_code == 201, upload.text
     doc = upload.json()
     assert doc["id"].startswith("doc-") and doc["name"] == "angler.txt"
     assert 0 < doc["cache_tokens"] < doc["tokens"] and 0 < doc["cache_bytes"] < doc["full_kv_bytes"]
-    assert httpx.get(f"{server}/v1/documents/{doc['id']}", headers=headers).json() == doc
+    assert _http.get(f"{server}/v1/documents/{doc['id']}", headers=headers).json() == doc
 
     encoded = metric(server, "nugget2d_encoder_calls_total")
     question = "what is the secret code ?"
@@ -162,8 +166,8 @@ def test_a_document_is_compressed_once_and_asked_twice(server):
     )
     assert with_system.choices[0].finish_reason in ("stop", "length")
 
-    assert httpx.delete(f"{server}/v1/documents/{doc['id']}", headers=headers).json()["deleted"] is True
-    assert httpx.get(f"{server}/v1/documents/{doc['id']}", headers=headers).status_code == 404
+    assert _http.delete(f"{server}/v1/documents/{doc['id']}", headers=headers).json()["deleted"] is True
+    assert _http.get(f"{server}/v1/documents/{doc['id']}", headers=headers).status_code == 404
 
 
 def test_long_inline_context_is_compressed_automatically(server):
@@ -197,7 +201,7 @@ def test_sixteen_streams_finish_and_a_disconnect_frees_its_slot(server):
         while not metric(server, "nugget2d_active_generations") and time.monotonic() < deadline:
             time.sleep(0.02)
         started = time.monotonic()
-        assert httpx.get(server + "/health").status_code == 200
+        assert _http.get(server + "/health").status_code == 200
         assert time.monotonic() - started < 2  # the event loop is not stuck behind the model
         results = list(running)
     assert all(reason is not None for _, _, reason in results)
@@ -230,25 +234,25 @@ def test_bad_requests_get_openai_errors_and_the_server_carries_on(server):
         assert body["message"] and body["type"]
         return body
 
-    bad_json = httpx.post(url, content=b'{"model": "nugget2d", "messages": [', headers=headers)
+    bad_json = _http.post(url, content=b'{"model": "nugget2d", "messages": [', headers=headers)
     assert error(bad_json, 400)["code"] == "invalid_json"
     with pytest.raises(openai.NotFoundError, match="model_not_found|does not exist"):
         client(server).chat.completions.create(model="gpt-4", messages=good["messages"])
     with pytest.raises(openai.UnprocessableEntityError) as negative:
         client(server).chat.completions.create(model=MODEL, messages=good["messages"], max_tokens=-5)
     assert negative.value.body["param"] == "max_tokens"
-    assert error(httpx.post(url, json={**good, "max_tokens": 601}, headers=headers), 400)["param"] == "max_tokens"
-    unknown = httpx.post(url, json={**good, "documents": ["doc-" + "0" * 24]}, headers=headers)
+    assert error(_http.post(url, json={**good, "max_tokens": 601}, headers=headers), 400)["param"] == "max_tokens"
+    unknown = _http.post(url, json={**good, "documents": ["doc-" + "0" * 24]}, headers=headers)
     assert error(unknown, 404)["code"] == "document_not_found"
-    assert error(httpx.get(server + "/v1/documents/doc-nope", headers=headers), 404)["code"] == "document_not_found"
+    assert error(_http.get(server + "/v1/documents/doc-nope", headers=headers), 404)["code"] == "document_not_found"
     oversize = {**good, "messages": [{"role": "user", "content": "fish " * 20000}]}
-    assert error(httpx.post(url, json=oversize, headers=headers), 413)["code"] == "request_too_large"
+    assert error(_http.post(url, json=oversize, headers=headers), 413)["code"] == "request_too_large"
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").chat.completions.create(model=MODEL, messages=good["messages"])
-    assert error(httpx.post(url, json=good), 401)["code"] == "invalid_api_key"
+    assert error(_http.post(url, json=good), 401)["code"] == "invalid_api_key"
 
-    assert httpx.get(server + "/health").json()["status"] == "ok"
-    assert httpx.post(url, json=good, headers=headers).json()["usage"]["completion_tokens"] == 4
+    assert _http.get(server + "/health").json()["status"] == "ok"
+    assert _http.post(url, json=good, headers=headers).json()["usage"]["completion_tokens"] == 4
 
 
 def test_forked_and_reloaded_sessions_answer_as_the_original(tmp_path):
@@ -300,11 +304,11 @@ def test_the_worker_answers_429_when_its_queue_is_full_and_503_past_the_timeout(
 def test_a_restart_keeps_uploaded_documents(model_dir, tmp_path):
     documents, headers = tmp_path / "documents", {"Authorization": f"Bearer {KEY}"}
     with running_server(model_dir, documents, *FLAGS) as url:
-        doc = httpx.post(url + "/v1/documents", json={"text": TEXT * 20}, headers=headers).json()
+        doc = _http.post(url + "/v1/documents", json={"text": TEXT * 20}, headers=headers).json()
         before = ask(url, "who had the book ?", extra_body={"documents": [doc["id"]]}).choices[0].message.content
     with running_server(model_dir, documents, *FLAGS) as url:
-        assert httpx.get(f"{url}/v1/documents/{doc['id']}", headers=headers).json() == doc
-        assert [d["id"] for d in httpx.get(url + "/v1/documents", headers=headers).json()["data"]] == [doc["id"]]
+        assert _http.get(f"{url}/v1/documents/{doc['id']}", headers=headers).json() == doc
+        assert [d["id"] for d in _http.get(url + "/v1/documents", headers=headers).json()["data"]] == [doc["id"]]
         after = ask(url, "who had the book ?", extra_body={"documents": [doc["id"]]}).choices[0].message.content
         assert metric(url, "nugget2d_encoder_calls_total") == 0
     assert after == before
@@ -314,11 +318,11 @@ def test_a_restart_keeps_uploaded_documents(model_dir, tmp_path):
 def test_ray_serve_with_two_replicas_answers(model_dir, tmp_path):
     flags = [*FLAGS, "--ray", "--replicas", "2", "--replica-cpus", "0.5"]
     with running_server(model_dir, tmp_path / "documents", *flags, timeout=400) as url:
-        replicas = {httpx.get(url + "/health").json()["pid"] for _ in range(30)}
+        replicas = {_http.get(url + "/health").json()["pid"] for _ in range(30)}
         assert len(replicas) == 2
         answer = ask(url, "where are the fish ?", max_tokens=8)
         assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content
         headers = {"Authorization": f"Bearer {KEY}"}
-        doc = httpx.post(url + "/v1/documents", json={"text": TEXT * 5}, headers=headers).json()
+        doc = _http.post(url + "/v1/documents", json={"text": TEXT * 5}, headers=headers).json()
         for _ in range(4):  # whichever replica answers reads the document from the shared directory
             assert ask(url, "who had the book ?", max_tokens=4, extra_body={"documents": [doc["id"]]}).choices

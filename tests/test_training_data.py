@@ -29,8 +29,7 @@ def rows(tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(
         "\n".join(
-            json.dumps({"context": WORDS * 2, "question": "what had she", "answer": "a blue book"})
-            for _ in range(6)
+            json.dumps({"context": WORDS * 2, "question": "what had she", "answer": "a blue book"}) for _ in range(6)
         )
     )
     summaries = tmp_path / "sum.jsonl"

@@ -1,0 +1,91 @@
+"""Arguments and entry point of ``nugget2d bench speed|quality`` (heavy imports happen in :func:`run`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli_options import add_model_arguments
+
+DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``speed``, ``quality`` and ``merge`` sub-commands and their options to ``parser``."""
+    parser.epilog = (
+        "speed and quality take --model, --adapter, --contexts, --methods, --ratios, --input and --out "
+        "(see `nugget2d bench speed --help`); results are JSON plus PNG"
+    )  # also keeps `nugget2d bench --help` naming --model, as every model-loading command's help does
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    speed = sub.add_parser("speed", help="prefill and decode time, cache bytes, peak memory vs context length")
+    _common(speed, contexts="1024,2048,4096,8192,16384,32768", ratios="0.05,0.1,0.2")
+    speed.add_argument("--repeats", type=int, default=2, help="rounds over all configurations (interleaved)")
+    speed.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per run (median taken)")
+    quality = sub.add_parser("quality", help="continuation and far-recall perplexity, autoencoding BLEU, planted QA")
+    _common(quality, contexts="2048", ratios="0.05,0.1,0.2")
+    quality.add_argument(
+        "--metrics", default="ppl,recall_ppl,bleu,qa", help="any of ppl, recall_ppl, bleu, qa (comma-separated)"
+    )
+    quality.add_argument("--samples", type=int, default=4, help="text windows per context for ppl and recall_ppl")
+    quality.add_argument("--continuation", type=int, default=256, help="tokens scored after each context")
+    quality.add_argument("--ae-tokens", type=int, default=128, help="tokens per autoencoding sample")
+    quality.add_argument("--ae-samples", type=int, default=8, help="autoencoding samples")
+    quality.add_argument("--depths", default="0.1,0.5,0.9", help="where facts are planted (0 = start, 1 = end)")
+    quality.add_argument("--qa-samples", type=int, default=2, help="planted facts per depth and context")
+    merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
+    merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
+    merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
+
+
+def _common(parser: argparse.ArgumentParser, contexts: str, ratios: str) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--contexts", default=contexts, help="context lengths in tokens (comma-separated)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="cache methods (comma-separated)")
+    parser.add_argument("--ratios", default=ratios, help="fractions of the context kept (comma-separated)")
+    parser.add_argument("--input", nargs="+", default=None, help="plain-text files (default: the bundled book)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="directory for the JSON and PNG results")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the options, load the model, run the chosen benchmark; print where results went."""
+    from nugget2d.compress import Nugget2DConfig
+
+    from .bench_common import merge_results, parse_list
+    from .texts import check_text_file
+
+    if args.bench == "merge":
+        path = merge_results(args.runs, args.out)
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+        return 0
+    common = dict(
+        methods=parse_list(args.methods, str, "methods"),
+        ratios=parse_list(args.ratios, float, "ratios"),
+        contexts=parse_list(args.contexts, int, "contexts"),
+        seed=args.seed,
+        inputs=[str(check_text_file(path)) for path in args.input or []],
+    )
+    if args.bench == "speed":
+        from .bench_speed import SpeedOptions, run_speed
+
+        options = SpeedOptions(**common, repeats=args.repeats, decode_tokens=args.decode_tokens)
+        runner = run_speed
+    else:
+        from .bench_quality import QualityOptions, run_quality
+
+        options = QualityOptions(
+            **common,
+            metrics=parse_list(args.metrics, str, "metrics"),
+            samples=args.samples,
+            continuation=args.continuation,
+            ae_tokens=args.ae_tokens,
+            ae_samples=args.ae_samples,
+            depths=parse_list(args.depths, float, "depths"),
+            qa_samples=args.qa_samples,
+        )
+        runner = run_quality
+    from .loading import load_nugget2d
+
+    model, tokenizer = load_nugget2d(args.model, args.adapter, Nugget2DConfig(), args.attention)
+    path = runner(model, tokenizer, options, args.out, adapter=model.adapter_source)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0

@@ -1,0 +1,243 @@
+"""What both benchmarks share: methods and their cache shapes, input texts, machine details, the
+untrained-adapter notice, and writing results (DESIGN §8).
+
+A method is a cache policy of :class:`~nugget2d.runtime.session.StreamingSession` (``full`` is a
+session whose budget never binds). Every compressing method at ratio ``r`` over a context of
+``c`` tokens gets the same budget: ``ceil(r·c)`` entries for the history (4 sinks, a raw window of a
+quarter of it, the rest kept entries) plus room for the prompt and the tokens generated or scored.
+Text is read in segments of the largest power of two up to a quarter of the history (at most 256).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache_policies import POLICIES
+from .session import StreamSettings
+from .texts import bundled_text, read_text_file
+
+METHODS = ("full", *POLICIES)
+SINKS = 4
+FULL_SEGMENT = 256
+UNTRAINED = "untrained (zero-initialised LoRA, random scorer): nugget2d selects like an untrained eviction policy"
+
+
+def parse_list(text: str, kind: type, name: str) -> list:
+    """Comma-separated values of ``kind``; ``ValueError`` naming ``name`` for bad or empty input."""
+    items = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not items:
+        raise ValueError(f"--{name} is empty")
+    try:
+        return [kind(item) for item in items]
+    except ValueError as err:
+        raise ValueError(f"--{name} must be comma-separated {kind.__name__} values, got {text!r}") from err
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """The methods, validated: ``ValueError`` for an unknown one (``kvpress:`` presses are not built yet)."""
+    for method in methods:
+        if method.startswith("kvpress:"):
+            raise ValueError(
+                f"{method}: kvpress presses are not available in this version of the bench; choose from {list(METHODS)}"
+            )
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return methods
+
+
+def check_ratios(ratios: list[float]) -> list[float]:
+    """The ratios, validated: each in (0, 1)."""
+    for ratio in ratios:
+        if not 0 < ratio < 1:
+            raise ValueError(f"every ratio must be in (0, 1), got {ratio}")
+    return ratios
+
+
+def check_contexts(contexts: list[int], minimum: int = 1) -> list[int]:
+    """The context lengths, validated: each at least ``minimum`` tokens."""
+    for context in contexts:
+        if context < minimum:
+            raise ValueError(f"every context must be at least {minimum} tokens, got {context}")
+    return contexts
+
+
+def configurations(methods: list[str], ratios: list[float], contexts: list[int]) -> list[tuple[str, float, int]]:
+    """``(method, ratio, context)`` to measure: ``full`` once per context (ratio 1.0), the others at every ratio."""
+    configs = []
+    for context in contexts:
+        for method in methods:
+            for ratio in [1.0] if method == "full" else ratios:
+                configs.append((method, ratio, context))
+    return configs
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """A session's cache for one configuration: ``history`` entries for the text read, plus ``reserve``."""
+
+    method: str
+    ratio: float
+    context: int
+    reserve: int
+
+    @property
+    def history(self) -> int:
+        """Entries left for the text once the prompt and answer are in: ``ceil(r·c)`` (``full``: all of it)."""
+        if self.method == "full":
+            return self.context
+        return math.ceil(self.ratio * self.context - 1e-9)
+
+    def settings(self) -> StreamSettings:
+        """The :class:`StreamSettings` of this configuration; ``ValueError`` if ``ratio·context`` is too small."""
+        if self.method == "full":
+            recent = self.context + self.reserve + 64  # 64: slack for start tokens; nothing ever leaves
+            return StreamSettings(
+                ratio=1.0,
+                budget=SINKS + recent + FULL_SEGMENT + 1,
+                recent=recent,
+                segment=FULL_SEGMENT,
+                sinks=SINKS,
+            )
+        history = self.history
+        quarter = history // 4
+        if quarter < 1 or history <= SINKS + 2 * quarter:
+            raise ValueError(
+                f"ratio {self.ratio} of {self.context} tokens leaves {history} cache entries, too few for "
+                f"{SINKS} sinks, a raw window and kept entries; use a longer context or a larger ratio"
+            )
+        return StreamSettings(
+            ratio=self.ratio,
+            budget=history + self.reserve,
+            recent=quarter,
+            segment=1 << (min(FULL_SEGMENT, quarter).bit_length() - 1),  # a power of two: whole segments
+            sinks=SINKS,
+            policy=self.method,
+        )
+
+
+def load_token_texts(tokenizer, inputs: list[str] | None) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each input file (or of the bundled book when none), and their names.
+    ``ValueError`` for a missing, empty or binary file."""
+    if inputs:
+        texts, names = [], []
+        for name in inputs:
+            if not Path(name).is_file():
+                raise ValueError(f"input file {name} does not exist")
+            texts.append(read_text_file(name))
+            names.append(str(name))
+    else:
+        texts, names = [bundled_text()], ["bundled: The Compleat Angler (Walton, 1653)"]
+    ids = [tokenizer(text, add_special_tokens=False, verbose=False).input_ids for text in texts]
+    return ids, names
+
+
+def machine_info(model, adapter: str | None) -> dict:
+    """Where and with what the numbers were measured."""
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _memory_bytes(),
+        "device": str(model.device),
+        "model": model.config.base_model,
+        "dtype": str(model.base.get_input_embeddings().weight.dtype).replace("torch.", ""),
+        "attention": model.attention,
+        "adapter": UNTRAINED if _untrained(adapter) else adapter,
+        "untrained_adapter": _untrained(adapter),
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _untrained(adapter: str | None) -> bool:
+    return adapter in (None, "", "none", "untrained")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def announce_adapter(adapter: str | None, out=None) -> None:
+    """Say on ``out`` (standard error) which adapter is measured, loudly when it is untrained."""
+    out = out or sys.stderr
+    if _untrained(adapter):
+        print(f"nugget2d bench: adapter is {UNTRAINED}", file=out)
+    else:
+        print(f"nugget2d bench: adapter {adapter}", file=out)
+
+
+def write_results(
+    out_dir: str | Path, name: str, machine: dict, records: list[dict], extra: dict | None = None
+) -> Path:
+    """Write ``out_dir/name.json`` as ``{"machine": ..., "records": [...]}`` (plus ``extra`` keys)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine, **(extra or {}), "records": records}, indent=2) + "\n")
+    return path
+
+
+def median(values: list[float]) -> float:
+    """The median of a non-empty list."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
+    """Join the records of several ``speed.json`` (or several ``quality.json``) files of one kind into
+    ``out_dir`` (machine details of each run kept under ``runs``), and plot them; return the JSON path."""
+    from .bench_plots import plot_quality, plot_speed
+
+    loaded = []
+    for path in map(Path, paths):
+        path = (
+            path / "speed.json" if (path / "speed.json").is_file() else path / "quality.json" if path.is_dir() else path
+        )
+        if not path.is_file():
+            raise ValueError(f"no benchmark results at {path}")
+        loaded.append((path, json.loads(path.read_text())))
+    kinds = {path.stem for path, _ in loaded}
+    if len(kinds) != 1 or not kinds <= {"speed", "quality"}:
+        raise ValueError(f"merge needs results of one kind (all speed.json or all quality.json), got {sorted(kinds)}")
+    kind = kinds.pop()
+    records = [record for _, data in loaded for record in data["records"]]
+    runs = [{"source": str(path), **{k: v for k, v in data.items() if k != "records"}} for path, data in loaded]
+    out = write_results(out_dir, kind, loaded[0][1]["machine"], records, {"benchmark": kind, "runs": runs})
+    (plot_speed if kind == "speed" else plot_quality)(records, Path(out_dir) / f"{kind}.png", title="merged runs")
+    return out

@@ -1,0 +1,275 @@
+"""``nugget2d bench quality``: what each method keeps, at the same cache budget (DESIGN §8).
+
+* ``ppl`` — continuation perplexity: read ``context`` tokens of a text, then score the next
+  ``continuation`` (256) tokens teacher-forced over the cache.
+* ``recall_ppl`` — far recall (issue 11): the same windows; the text's first ``passage`` tokens
+  (after a short lead) sit at the far end of the context and the rest is distractor text; score the
+  passage's first ``repeat`` (128) tokens again right after the context.
+* ``bleu`` — autoencoding: read ``ae_tokens`` tokens, then decode as many greedily after an opener
+  token; sacrebleu corpus BLEU (0–1) against the text.
+* ``qa_accuracy`` — a fact ("The secret code of the blue door is 4821.") planted at controlled
+  depths of a ``context``-token text; the question goes through the chat template after the text;
+  correct when the answer contains the code. (DESIGN §8: the default 135M model cannot answer this
+  at length even with full KV.)
+
+All sessions go through :class:`StreamingSession` (reading, :meth:`~StreamingSession.score_ids`
+and :meth:`~StreamingSession.ask`); configurations are interleaved within each metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .bench_common import (
+    CacheShape,
+    announce_adapter,
+    check_contexts,
+    check_methods,
+    check_ratios,
+    configurations,
+    load_token_texts,
+    machine_info,
+    write_results,
+)
+from .bench_plots import plot_quality
+from .chat import ChatFormat
+from .generation import GenerationSettings
+from .session import StreamingSession
+
+METRICS = ("ppl", "recall_ppl", "bleu", "qa")
+RECALL_LEAD = 16
+COLORS = ("blue", "red", "green", "yellow", "black", "white", "silver", "golden")
+QA_NEW_TOKENS = 16
+
+
+@dataclass
+class QualityOptions:
+    """What ``bench quality`` measures; validated on construction."""
+
+    methods: list[str]
+    ratios: list[float]
+    contexts: list[int]
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    samples: int = 4
+    continuation: int = 256
+    passage: int = 256
+    repeat: int = 128
+    ae_tokens: int = 128
+    ae_samples: int = 8
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    qa_samples: int = 2
+    seed: int = 0
+    inputs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_methods(self.methods)
+        check_ratios(self.ratios)
+        for metric in self.metrics:
+            if metric not in METRICS:
+                raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
+        for name in ("samples", "continuation", "repeat", "ae_tokens", "ae_samples", "qa_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.repeat > self.passage:
+            raise ValueError(f"the repeat ({self.repeat}) cannot be longer than the passage ({self.passage})")
+        check_contexts(self.contexts, minimum=RECALL_LEAD + self.passage + 1 if "recall_ppl" in self.metrics else 2)
+        for depth in self.depths:
+            if not 0 <= depth <= 1:
+                raise ValueError(f"every depth must be in [0, 1], got {depth}")
+
+
+def windows(texts: list[list[int]], length: int, count: int) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens spread evenly over the texts (a window never crosses
+    two texts); ``ValueError`` when no text is long enough."""
+    usable = [ids for ids in texts if len(ids) >= length]
+    if not usable:
+        longest = max((len(ids) for ids in texts), default=0)
+        raise ValueError(
+            f"no input text has {length} tokens (the longest has {longest}); give longer --input files or "
+            "shorter --contexts"
+        )
+    slots = math.ceil(count / len(usable))
+    out = []
+    for i in range(count):
+        ids = usable[i % len(usable)]
+        start = int((len(ids) - length) * (i // len(usable) + 0.5) / slots)
+        out.append(ids[start : start + length])
+    return out
+
+
+def held_for(session: StreamingSession, needed: int) -> tuple[int, int]:
+    """Cache entries (and their bytes) holding the text when ``needed`` more tokens are read: the
+    session makes room down to ``budget - needed`` entries first."""
+    entries = int(session.cache.entry_counts()[0])
+    held = min(entries, session.settings.budget - needed)
+    return held, round(session.cache.nbytes * held / entries)
+
+
+def perplexities(model, tokenizer, shape: CacheShape, window: list[int], options: QualityOptions) -> dict:
+    """Continuation and far-recall negative log-likelihood sums (and counts) of one window of
+    ``context + continuation`` tokens, reading the context once (the session is forked)."""
+    context = shape.context
+    session = StreamingSession(model, tokenizer, shape.settings(), chat=False)
+    session.ingest_ids(window[: context - 1], final=True)
+    result = {}
+    if "ppl" in options.metrics:
+        scored = window[context - 1 : context + options.continuation]
+        result["held"] = held_for(session, len(scored))
+        nll = -session.fork().score_ids(scored)
+        result["ppl"] = (float(nll.sum()), int(nll.numel()))
+    if "recall_ppl" in options.metrics:
+        repeat = window[RECALL_LEAD : RECALL_LEAD + options.repeat]
+        result.setdefault("held", held_for(session, len(repeat) + 1))
+        nll = -session.score_ids([window[context - 1], *repeat])
+        result["recall_ppl"] = (float(nll.sum()), int(nll.numel()))
+    return result
+
+
+def autoencode(model, tokenizer, shape: CacheShape, text: list[int]) -> tuple[str, tuple[int, int]]:
+    """Greedy reconstruction of ``text`` from a session that read it, after an opener token."""
+    opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    session = StreamingSession(model, tokenizer, shape.settings(), chat=False)
+    session.ingest_formatted(text, final=True)  # the opener alone marks the start: no BOS or template
+    held = held_for(session, len(text) + 1)
+    out = list(session.ask_ids([opener], GenerationSettings(max_new_tokens=len(text))))
+    return tokenizer.decode(out, skip_special_tokens=True), held
+
+
+def plant(tokenizer, window: list[int], depth: float, fact: str) -> list[int]:
+    """``window`` with the tokens of ``fact`` inserted at ``depth`` (0 = start, 1 = end), same length."""
+    fact_ids = tokenizer(f"\n{fact}\n", add_special_tokens=False).input_ids
+    keep = len(window) - len(fact_ids)
+    if keep < 1:
+        raise ValueError(f"the fact ({len(fact_ids)} tokens) does not fit a {len(window)}-token context")
+    text = window[:keep]
+    at = round(depth * keep)
+    return text[:at] + fact_ids + text[at:]
+
+
+def answer(model, tokenizer, shape: CacheShape, ids: list[int], question: str) -> tuple[str, tuple[int, int]]:
+    """The greedy answer to ``question`` (chat template) after reading ``ids``."""
+    session = StreamingSession(model, tokenizer, shape.settings(), chat=True)
+    session.ingest_ids(ids, final=True)
+    settings = GenerationSettings(max_new_tokens=QA_NEW_TOKENS)
+    prompt = session.prompt_ids(question, settings)
+    held = held_for(session, len(prompt) + QA_NEW_TOKENS)
+    return "".join(session.ask(question, settings)), held
+
+
+def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, adapter: str | None = None) -> Path:
+    """Measure the chosen metrics for every configuration and write ``out_dir/quality.json`` and
+    ``quality.png``; return the JSON path."""
+    import sacrebleu
+
+    announce_adapter(adapter)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    texts, names = load_token_texts(tokenizer, options.inputs)
+    records: dict[tuple, dict] = {}
+    jobs = _jobs(tokenizer, texts, options)
+    sums: dict[tuple, dict[str, list]] = {}
+    for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
+        shape = CacheShape(*config, reserve=payload["reserve"])
+        record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
+        acc = sums.setdefault(config, {})
+        if kind == "window":
+            result = perplexities(model, tokenizer, shape, payload["ids"], options)
+            _note_size(record, shape, result["held"])
+            for metric in ("ppl", "recall_ppl"):
+                if metric in result:
+                    acc.setdefault(metric, [0.0, 0])
+                    acc[metric][0] += result[metric][0]
+                    acc[metric][1] += result[metric][1]
+        elif kind == "autoencode":
+            hypothesis, held = autoencode(model, tokenizer, shape, payload["ids"])
+            _note_size(record, shape, held)
+            acc.setdefault("bleu", []).append((hypothesis, tokenizer.decode(payload["ids"], skip_special_tokens=True)))
+        else:
+            reply, held = answer(model, tokenizer, shape, payload["ids"], payload["question"])
+            _note_size(record, shape, held)
+            correct = payload["code"] in reply
+            acc.setdefault("qa", []).append((payload["depth"], correct))
+            record.setdefault("qa_examples", []).append(
+                {"depth": payload["depth"], "code": payload["code"], "answer": reply.strip()[:120]}
+            )
+    for config, record in records.items():
+        acc = sums[config]
+        for metric in ("ppl", "recall_ppl"):
+            if metric in acc:
+                record[metric] = math.exp(acc[metric][0] / acc[metric][1])
+                record[f"{metric}_tokens"] = acc[metric][1]
+        if "bleu" in acc:
+            hypotheses, references = zip(*acc["bleu"])
+            record["bleu"] = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score / 100
+            record["bleu_samples"] = len(hypotheses)
+            record["bleu_example"] = hypotheses[0][:200]
+        if "qa" in acc:
+            record["qa_accuracy"] = sum(ok for _, ok in acc["qa"]) / len(acc["qa"])
+            record["qa_by_depth"] = {
+                str(d): sum(ok for dd, ok in acc["qa"] if dd == d) / sum(1 for dd, _ in acc["qa"] if dd == d)
+                for d in sorted({d for d, _ in acc["qa"]})
+            }
+    extra = {
+        "load_average_at_start": load_at_start,
+        "benchmark": "quality",
+        "inputs": names,
+        "options": {k: v for k, v in vars(options).items() if k not in ("methods", "ratios", "contexts", "inputs")},
+    }
+    ordered = sorted(records.values(), key=lambda r: (r["context"], r["method"], r["ratio"]))
+    path = write_results(out_dir, "quality", machine_info(model, adapter), ordered, extra)
+    state = "untrained adapter" if adapter in (None, "", "none") else f"adapter {Path(adapter).name}"
+    plot_quality(ordered, Path(out_dir) / "quality.png", title=f"{Path(str(model.config.base_model)).name}, {state}")
+    return path
+
+
+def _note_size(record: dict, shape: CacheShape, held: tuple[int, int]) -> None:
+    settings = shape.settings()
+    record.setdefault("cache_tokens", held[0])
+    record.setdefault("cache_bytes", held[1])
+    record.setdefault("budget", settings.budget)
+    record.setdefault("segment", settings.segment)
+    record.setdefault("recent", settings.recent)
+
+
+def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tuple[str, tuple, dict]]:
+    """Every sample to run, configurations interleaved (sample-major), impossible shapes refused first."""
+    jobs: list[tuple[str, tuple, dict]] = []
+    rng = random.Random(options.seed)
+    if {"ppl", "recall_ppl"} & set(options.metrics):
+        reserve = max(options.continuation, options.repeat) + 1
+        for context in options.contexts:
+            configs = configurations(options.methods, options.ratios, [context])
+            for ids in windows(texts, context + options.continuation, options.samples):
+                jobs.extend(("window", config, {"ids": ids, "reserve": reserve}) for config in configs)
+    if "bleu" in options.metrics:
+        configs = configurations(options.methods, options.ratios, [options.ae_tokens])
+        for ids in windows(texts, options.ae_tokens, options.ae_samples):
+            jobs.extend(("autoencode", config, {"ids": ids, "reserve": len(ids) + 1}) for config in configs)
+    if "qa" in options.metrics:
+        chat = ChatFormat.from_tokenizer(tokenizer)
+        for context in options.contexts:
+            configs = configurations(options.methods, options.ratios, [context])
+            count = len(options.depths) * options.qa_samples
+            for i, window in enumerate(windows(texts, context, count)):
+                depth = options.depths[i % len(options.depths)]
+                color, code = rng.choice(COLORS), str(rng.randrange(1000, 10000))
+                question = f"What is the secret code of the {color} door?"
+                ids = plant(tokenizer, window, depth, f"The secret code of the {color} door is {code}.")
+                prompt = tokenizer(chat.question(question, True), add_special_tokens=False).input_ids
+                payload = {
+                    "ids": ids,
+                    "question": question,
+                    "code": code,
+                    "depth": depth,
+                    "reserve": len(prompt) + QA_NEW_TOKENS,
+                }
+                jobs.extend(("qa", config, payload) for config in configs)
+    for _, config, payload in jobs:
+        CacheShape(*config, reserve=payload["reserve"]).settings()
+    return jobs

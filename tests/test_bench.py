@@ -1,0 +1,241 @@
+"""Cache policies (each keeps what it promises) and the two benchmarks (smoke runs on a tiny model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
+from nugget2d.compress.rope import rerotate
+from nugget2d.runtime.bench_common import CacheShape, configurations
+from nugget2d.runtime.bench_quality import QualityOptions, run_quality
+from nugget2d.runtime.bench_speed import SpeedOptions, run_speed
+from nugget2d.runtime.cache_policies import group_bounds
+from nugget2d.runtime.cli import main
+from nugget2d.runtime.generation import GenerationSettings
+from nugget2d.runtime.session import StreamingSession, StreamSettings
+
+COMPRESSING = ("nugget2d", "streaming", "snapkv", "compressive")
+
+
+def _model() -> Nugget2DModel:
+    return Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(scorer_layer=1)).eval()
+
+
+def _session(model: Nugget2DModel, **settings) -> StreamingSession:
+    return StreamingSession(model, tiny_tokenizer(), StreamSettings(**settings), chat=False)
+
+
+def _ids(count: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 90, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _text_file(tmp_path, words: int = 1500):
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(WORDS[i] for i in picks))
+    return path
+
+
+# --- policies ----------------------------------------------------------------------------------------
+
+
+def test_streaming_keeps_exactly_the_sinks_and_the_last_tokens():
+    session = _session(_model(), budget=48, recent=8, segment=8, policy="streaming", positions="original")
+    session.ingest_ids(_ids(200))
+    positions = session.cache.layers[0].positions[0].tolist()
+    assert positions == list(range(4)) + list(range(200 - 44, 200))
+    assert session.nuggets == 0 and session.cache.nugget_counts().item() == 0
+
+
+def test_snapkv_scores_are_the_attention_received_from_the_last_queries():
+    model = _model()
+    session = _session(model, budget=120, recent=60, segment=40, policy="snapkv")
+    ids = _ids(40)
+    session.ingest_ids(ids)
+    reference = tiny_llama()
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = reference(torch.tensor([ids]), output_attentions=True).attentions
+    expected = sum(layer[0, :, -32:, :].sum(dim=(0, 1)) for layer in attentions)
+    assert torch.allclose(session.cache.layers[0].scores[0], expected, atol=1e-4)
+
+
+def test_snapkv_keeps_the_tokens_that_received_most_attention():
+    session = _session(_model(), ratio=0.25, budget=100, recent=4, segment=16, policy="snapkv", positions="original")
+    session.ingest_ids(_ids(16), final=False)
+    scores = session.cache.layers[0].scores[0].clone()
+    session.ingest_ids(_ids(16, seed=1), final=False)  # entries 4..11 leave the raw window: 2 of them stay
+    leaving = scores[4:12]
+    expected = sorted(4 + int(i) for i in leaving.topk(nugget_count(8, 0.25)).indices)
+    kept = session.cache.layers[0].positions[0, 4 : 4 + session.nuggets].tolist()
+    assert kept == expected
+    assert session.cache.nugget_counts().item() == 0  # plain K/V, no score bias
+
+
+def test_compressive_entries_are_the_means_of_their_groups():
+    model = _model()
+    session = _session(model, ratio=0.25, budget=100, recent=4, segment=16, policy="compressive", positions="original")
+    session.ingest_ids(_ids(16), final=False)
+    before = [(layer.keys.clone(), layer.values.clone(), layer.positions.clone()) for layer in session.cache.layers]
+    session.ingest_ids(_ids(16, seed=1), final=False)  # entries 4..11 leave: 2 groups of 4
+    assert session.nuggets == 2 and session.cache.get_seq_length() == 4 + 2 + 4 + 16
+    for layer, (keys, values, positions) in zip(session.cache.layers, before):
+        for slot, (begin, end) in enumerate(group_bounds(8, 2)):
+            members = list(range(4 + begin, 4 + end))
+            last = members[-1]
+            assert layer.positions[0, 4 + slot] == positions[0, last]
+            assert torch.allclose(layer.values[0, :, 4 + slot], values[0, :, members].mean(dim=1), atol=1e-6)
+            moved = rerotate(keys[:, :, members], positions[:, [last]] - positions[:, members], model.rotary_emb)
+            assert torch.allclose(layer.keys[0, :, 4 + slot], moved[0].mean(dim=1), atol=1e-5)
+
+
+def test_nugget2d_keeps_the_scorer_selection_as_nuggets():
+    model = _model()
+    session = _session(model, ratio=0.25, budget=100, recent=4, segment=16, positions="original")
+    session.ingest_ids(_ids(16), final=False)
+    scores = session.cache.layers[0].scores[0, 4:12].clone()
+    session.ingest_ids(_ids(16, seed=1), final=False)
+    chosen, _ = model.select(scores[None], ratio=0.25)
+    assert session.cache.layers[0].positions[0, 4:6].tolist() == [4 + int(i) for i in chosen[0]]
+    assert session.cache.nugget_counts().item() == 2
+
+
+@pytest.mark.parametrize("policy", COMPRESSING)
+def test_every_policy_fills_the_same_budget_and_answers(policy):
+    session = _session(_model(), ratio=0.2, budget=64, recent=12, segment=12, policy=policy)
+    session.ingest_ids(_ids(400))  # 400 = 33 segments + 4: the last, short one leaves some room free
+    assert 64 - 12 <= session.cache.get_seq_length() <= 64
+    answer = list(session.ask_ids([5, 6], GenerationSettings(max_new_tokens=10, ignore_eos=True)))
+    assert len(answer) == 10 and session.cache.get_seq_length() == 64 - 12 + 2 + 9
+
+
+def test_score_ids_equals_a_plain_forward_when_nothing_is_evicted():
+    session = _session(_model(), ratio=0.5, budget=200, recent=150, segment=32)
+    ids = _ids(60)
+    session.ingest_ids(ids[:38])
+    scored = session.score_ids(ids[38:])
+    with torch.no_grad():
+        logits = tiny_llama()(torch.tensor([ids])).logits[0, 38:-1].log_softmax(-1)
+    assert torch.allclose(scored, logits.gather(1, torch.tensor(ids[39:])[:, None])[:, 0], atol=1e-4)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        StreamSettings(policy="h2o")
+
+
+# --- benchmarks -------------------------------------------------------------------------------------
+
+
+def test_speed_bench_writes_json_and_png_at_equal_budgets(tmp_path):
+    options = SpeedOptions(
+        methods=["full", *COMPRESSING], ratios=[0.25], contexts=[64, 128], repeats=2, decode_tokens=4
+    )
+    path = run_speed(_model(), tiny_tokenizer(), options, tmp_path / "out", adapter=None)
+    data = json.loads(path.read_text())
+    assert data["machine"]["untrained_adapter"] is True and "torch" in data["machine"]
+    records = data["records"]
+    assert {(r["method"], r["context"]) for r in records} == {(m, c) for m in ["full", *COMPRESSING] for c in (64, 128)}
+    for record in records:
+        for key in ("ratio", "cache_tokens", "cache_bytes", "prefill_s", "decode_ms_per_token", "peak_rss_bytes"):
+            assert record[key] > 0, key
+        assert record["repeats"] == 2 and record["decode_tokens_timed"] == 8
+    for context in (64, 128):
+        sizes = {r["cache_tokens"] for r in records if r["context"] == context and r["method"] != "full"}
+        prompt = data["prompt_tokens"]
+        assert sizes == {math.ceil(0.25 * context) + prompt + 4}
+        full = next(r for r in records if r["context"] == context and r["method"] == "full")
+        assert full["cache_tokens"] >= context + prompt + 4
+    assert (tmp_path / "out" / "speed.png").stat().st_size > 1000
+
+
+def test_quality_bench_writes_every_metric_at_equal_budgets(tmp_path):
+    options = QualityOptions(
+        methods=["full", *COMPRESSING],
+        ratios=[0.25],
+        contexts=[96],
+        samples=2,
+        continuation=16,
+        passage=32,
+        repeat=16,
+        ae_tokens=40,
+        ae_samples=2,
+        depths=[0.2, 0.8],
+        qa_samples=1,
+        inputs=[str(_text_file(tmp_path))],
+    )
+    path = run_quality(_model(), tiny_tokenizer(), options, tmp_path / "out", adapter="none")
+    data = json.loads(path.read_text())
+    assert data["machine"]["untrained_adapter"] is True
+    at_context = [r for r in data["records"] if r["context"] == 96]
+    assert {r["method"] for r in at_context} == {"full", *COMPRESSING}
+    for record in at_context:
+        assert record["ppl"] > 1 and record["recall_ppl"] > 1
+        assert 0 <= record["qa_accuracy"] <= 1 and set(record["qa_by_depth"]) == {"0.2", "0.8"}
+        assert record["ppl_tokens"] == 2 * 16 and record["recall_ppl_tokens"] == 2 * 16
+    assert {r["cache_tokens"] for r in at_context if r["method"] != "full"} == {math.ceil(0.25 * 96)}
+    autoencoding = [r for r in data["records"] if r["context"] == 40]
+    assert len(autoencoding) == 5 and all(0 <= r["bleu"] <= 1 for r in autoencoding)
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
+
+
+def test_recall_ppl_is_the_perplexity_of_the_repeated_passage(tmp_path):
+    from nugget2d.runtime.bench_quality import RECALL_LEAD, perplexities
+
+    model, tokenizer = _model(), tiny_tokenizer()
+    options = QualityOptions(
+        methods=["full"], ratios=[0.5], contexts=[64], metrics=["recall_ppl"], passage=32, repeat=8, continuation=8
+    )
+    window = _ids(72)
+    shape = CacheShape("full", 1.0, 64, reserve=9)
+    nll, count = perplexities(model, tokenizer, shape, window, options)["recall_ppl"]
+    sequence = window[:64] + window[RECALL_LEAD : RECALL_LEAD + 8]
+    with torch.no_grad():
+        logits = tiny_llama()(torch.tensor([sequence])).logits[0, 63:-1].log_softmax(-1)
+    expected = -logits.gather(1, torch.tensor(sequence[64:])[:, None]).sum()
+    assert count == 8 and math.isclose(nll, float(expected), rel_tol=1e-4)
+
+
+def test_configurations_measure_full_once_per_context():
+    configs = configurations(["full", "nugget2d"], [0.1, 0.2], [100, 200])
+    assert configs.count(("full", 1.0, 100)) == 1 and ("nugget2d", 0.2, 200) in configs and len(configs) == 6
+
+
+def test_bench_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
+    text = _text_file(tmp_path)
+    common = ["--model", str(tiny_model_dir), "--input", str(text), "--out", str(tmp_path / "cli")]
+    assert main(["bench", "speed", *common, "--contexts", "64", "--ratios", "0.25", "--repeats", "1",
+                 "--decode-tokens", "2", "--methods", "full,streaming"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "cli" / "speed.json").read_text())["records"]
+    assert "untrained" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "bench",
+                "merge",
+                str(tmp_path / "cli"),
+                str(tmp_path / "cli" / "speed.json"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    merged = json.loads((tmp_path / "m" / "speed.json").read_text())
+    assert len(merged["records"]) == 4 and len(merged["runs"]) == 2 and (tmp_path / "m" / "speed.png").is_file()
+    for bad, message in [
+        (["--methods", "full,h2o"], "unknown method"),
+        (["--ratios", "1.5"], "ratio"),
+        (["--ratios", "0.01", "--contexts", "64"], "too few"),
+    ]:
+        assert main(["bench", "speed", *common, *bad]) == 2
+        assert message in capsys.readouterr().err
+    missing = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]
+    assert main(["bench", "quality", *missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
