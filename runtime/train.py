@@ -269,7 +269,10 @@ def save_checkpoint(
     import deepspeed
 
     directory = output / f"checkpoint-{step}"
-    engine.save_checkpoint(str(directory / "engine"), tag="state")
+    # the frozen base model is not saved: it is the --model, and would make each checkpoint ~4 bytes/parameter
+    engine.save_checkpoint(str(directory / "engine"), tag="state", exclude_frozen_parameters=True)
+    if rank == 0:
+        _keep_trainable_only(directory / "engine", {n for n, p in engine.module.named_parameters() if p.requires_grad})
     # Under ZeRO-3 large trainable tensors are partitioned: gather them (on every rank) to save whole.
     with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=None):
         if rank == 0:
@@ -282,6 +285,15 @@ def save_checkpoint(
         (directory / "adapter" / CARD).write_text(card)
         (output / "latest").write_text(directory.name + "\n")
     return directory
+
+
+def _keep_trainable_only(engine_dir: Path, trainable: set[str]) -> None:
+    """Drop frozen tensors from DeepSpeed's module state: it keeps tied (shared) embeddings even with
+    ``exclude_frozen_parameters``, ~110 MB for SmolLM2, and they come back from ``--model`` anyway."""
+    for path in engine_dir.glob("*/mp_rank_*_model_states.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["module"] = {k: v for k, v in state["module"].items() if k in trainable}
+        torch.save(state, path)
 
 
 def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -305,7 +317,7 @@ def _resume(engine, model: Nugget2DModel, output: Path) -> tuple[int, int | None
             f"{saved.base_model_hash[:12]}), not on '{model.config.base_model}' ({model.fingerprint[:12]}); "
             "resume with the same --model or start a new --output"
         )
-    engine.load_checkpoint(str(directory / "engine"), tag="state")
+    engine.load_checkpoint(str(directory / "engine"), tag="state", load_module_strict=False)
     torch.set_rng_state(torch.load(directory / "rng.pt"))
     state = json.loads((directory / STATE).read_text())
     return state["step"], state.get("tokens_seen")
