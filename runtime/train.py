@@ -290,6 +290,8 @@ def save_checkpoint(
 def _keep_trainable_only(engine_dir: Path, trainable: set[str]) -> None:
     """Drop frozen tensors from DeepSpeed's module state: it keeps tied (shared) embeddings even with
     ``exclude_frozen_parameters``, ~110 MB for SmolLM2, and they come back from ``--model`` anyway."""
+    for script in engine_dir.glob("zero_to_*.py"):  # DeepSpeed's conversion scripts, copied into every checkpoint
+        script.unlink()
     for path in engine_dir.glob("*/mp_rank_*_model_states.pt"):
         state = torch.load(path, map_location="cpu", weights_only=False)
         state["module"] = {k: v for k, v in state["module"].items() if k in trainable}
