@@ -218,3 +218,13 @@ def test_ray_train_two_workers_report_a_loadable_checkpoint(tmp_path, tiny_model
     with result.checkpoint.as_directory() as adapter:
         restored = Nugget2DModel.from_pretrained(adapter, base_model=tiny_llama())
     assert restored.config.ratio == 0.5
+
+
+def test_init_adapter_starts_from_a_trained_adapter(tmp_path, tiny_model_dir, corpus):
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "first", max_steps=3, save_every=3))
+    adapter = tmp_path / "first" / "checkpoint-3" / "adapter"
+    fresh = train_loop(_config(tiny_model_dir, corpus, tmp_path / "fresh", max_steps=1))
+    warm = train_loop(_config(tiny_model_dir, corpus, tmp_path / "warm", max_steps=1, init_adapter=str(adapter)))
+    assert abs(warm[0]["loss"] - fresh[0]["loss"]) > 1e-4  # same batch, other weights
+    with pytest.raises(ValueError, match="is not a Nugget2D adapter directory"):
+        train_loop(_config(tiny_model_dir, corpus, tmp_path / "x", max_steps=1, init_adapter=str(tmp_path / "no")))
