@@ -139,16 +139,17 @@ def read_jsonl(path: str | Path, what: str) -> Iterator[dict]:
 
 
 def _gold_answers(example: dict) -> list[str]:
-    answers = example.get("answers", example.get("answer"))
-    answers = [answers] if isinstance(answers, str) else answers
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError('give "answers" (a non-empty list of strings) or "answer" (a string)')
-    return answers
+    return _gold_strings(example, "answers", "answer")
 
 
 def _gold_summaries(example: dict) -> list[str]:
-    references = example.get("references", example.get("summary"))
-    references = [references] if isinstance(references, str) else references
-    if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
-        raise ValueError('give "summary" (a string) or "references" (a non-empty list of strings)')
-    return references
+    return _gold_strings(example, "references", "summary")
+
+
+def _gold_strings(example: dict, many: str, one: str) -> list[str]:
+    """``example[many]`` (a non-empty list of strings) or ``[example[one]]``; ``ValueError`` otherwise."""
+    values = example.get(many, example.get(one))
+    values = [values] if isinstance(values, str) else values
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise ValueError(f'give "{many}" (a non-empty list of strings) or "{one}" (a string)')
+    return values

@@ -185,10 +185,11 @@ def load_model(config: ServerConfig) -> tuple:
     from nugget2d.compress import Nugget2DConfig
     from nugget2d.runtime.loading import load_nugget2d
 
-    model, tokenizer = load_nugget2d(config.model, config.adapter, Nugget2DConfig(ratio=config.ratio), config.attention)
+    shape = config.stream
+    model, tokenizer = load_nugget2d(config.model, config.adapter, Nugget2DConfig(ratio=shape.ratio), config.attention)
     window = int(model.base.config.max_position_embeddings)
-    if config.budget > window:
-        raise ValueError(f"--budget ({config.budget}) exceeds the model's native window ({window}); lower it")
+    if shape.budget > window:
+        raise ValueError(f"--budget ({shape.budget}) exceeds the model's native window ({window}); lower it")
     return model, tokenizer
 
 

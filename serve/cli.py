@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nugget2d.runtime.cli_options import add_cache_arguments, add_model_arguments
+from nugget2d.runtime.cli_options import add_cache_arguments, add_model_arguments, stream_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,13 +53,7 @@ def config_from(args: argparse.Namespace):
         attention=args.attention,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
-        ratio=args.ratio,
-        budget=args.budget,
-        recent=args.recent,
-        segment=args.segment,
-        sinks=args.sinks,
-        overflow=args.overflow,
-        policy=args.policy,
+        stream=stream_settings(args),
         compress_threshold=args.compress_threshold,
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=int(args.max_body_mb * 2**20),

@@ -23,13 +23,7 @@ class ServerConfig:
     attention: str = "sdpa"
     served_model_name: str = "nugget2d"
     api_key: str | None = None
-    ratio: float = 0.1
-    budget: int = 2048
-    recent: int = 512
-    segment: int = 256
-    sinks: int = 4
-    overflow: str = "evict"
-    policy: str = "nugget2d"
+    stream: StreamSettings = field(default_factory=StreamSettings)  # the cache shape of every session
     compress_threshold: int = 1024
     max_tokens_cap: int = 512
     max_body_bytes: int = 16 * 2**20
@@ -41,7 +35,6 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         self.documents_dir = Path(self.documents_dir).expanduser().absolute()
-        self.stream_settings()  # validates ratio, budget, recent, segment, sinks, overflow
         positive = ("compress_threshold", "max_tokens_cap", "max_body_bytes", "slots", "document_memory_bytes")
         for name in positive:
             if getattr(self, name) < 1:
@@ -50,24 +43,13 @@ class ServerConfig:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
-        needed = self.sinks + self.compress_threshold + self.max_tokens_cap
-        if needed > self.budget:
+        sinks, budget = self.stream.sinks, self.stream.budget
+        needed = sinks + self.compress_threshold + self.max_tokens_cap
+        if needed > budget:
             raise ValueError(
                 f"a prompt of compress-threshold ({self.compress_threshold}) tokens plus max-tokens-cap "
-                f"({self.max_tokens_cap}) and {self.sinks} sinks needs {needed} cache entries, more than the budget "
-                f"({self.budget}); lower --compress-threshold or --max-tokens-cap, or raise --budget"
+                f"({self.max_tokens_cap}) and {sinks} sinks needs {needed} cache entries, more than the budget "
+                f"({budget}); lower --compress-threshold or --max-tokens-cap, or raise --budget"
             )
         if not self.served_model_name.strip():
             raise ValueError("served-model-name must not be empty")
-
-    def stream_settings(self) -> StreamSettings:
-        """The cache shape every document and request session uses."""
-        return StreamSettings(
-            ratio=self.ratio,
-            budget=self.budget,
-            recent=self.recent,
-            segment=self.segment,
-            sinks=self.sinks,
-            overflow=self.overflow,
-            policy=self.policy,
-        )

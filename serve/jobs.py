@@ -60,9 +60,9 @@ def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[Doc
     if not text.strip():
         raise ValueError("the document is empty")
     started = time.perf_counter()
-    session = StreamingSession(ctx.model, ctx.tokenizer, ctx.config.stream_settings(), chat=True)
+    session = StreamingSession(ctx.model, ctx.tokenizer, ctx.config.stream, chat=True)
     for ids in token_chunks(ctx.tokenizer, _pieces(text)):
-        for chunk in _segments(ids, ctx.config.segment):
+        for chunk in _segments(ids, ctx.config.stream.segment):
             session.ingest_ids(chunk, final=False)
             yield None
     session.ingest_ids([], final=True)
@@ -89,7 +89,7 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
         else:
             ids = _completion_ids(tokenizer, ask.prompt, starts_stream=False)
     else:
-        session = StreamingSession(ctx.model, tokenizer, config.stream_settings(), chat=False)
+        session = StreamingSession(ctx.model, tokenizer, config.stream, chat=False)
         if ask.messages is not None:
             templated = bool(getattr(tokenizer, "chat_template", None))
             ids = prompt_ids(tokenizer, chat_text(tokenizer, ask.messages), True, templated)
@@ -101,7 +101,7 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
         raise ValueError("the prompt is empty")
     if context:
         started, before = time.perf_counter(), session.stats.encoder_calls
-        for chunk in _segments(context, config.segment):
+        for chunk in _segments(context, config.stream.segment):
             session.ingest_formatted(chunk, final=False)
             yield None
         session.ingest_formatted([], final=True)
