@@ -318,7 +318,9 @@ def test_a_restart_keeps_uploaded_documents(model_dir, tmp_path):
 def test_ray_serve_with_two_replicas_answers(model_dir, tmp_path):
     flags = [*FLAGS, "--ray", "--replicas", "2", "--replica-cpus", "0.5"]
     with running_server(model_dir, tmp_path / "documents", *flags, timeout=400) as url:
-        replicas = {_http.get(url + "/health").json()["pid"] for _ in range(30)}
+        replicas, deadline = set(), time.monotonic() + 120  # the second replica may still be loading its model
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            replicas |= {_http.get(url + "/health").json()["pid"] for _ in range(30)}
         assert len(replicas) == 2
         answer = ask(url, "where are the fish ?", max_tokens=8)
         assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content
