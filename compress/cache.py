@@ -49,6 +49,10 @@ class NuggetLayer(DynamicLayer):
         """Append raw entries (not nuggets) at the end."""
         flags = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
         scores = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
+        if self.is_initialized and self.bias.shape[1] > 1:  # per-head entries: raw tokens are in every head
+            bias = bias.expand(-1, self.bias.shape[1], -1)
+        if self.is_initialized and self.scores.dim() == 3:
+            scores = scores[:, None, :].expand(-1, self.scores.shape[1], -1)
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
             self.keys, self.values = keys, values
@@ -69,7 +73,25 @@ class NuggetLayer(DynamicLayer):
         self.bias = self.bias.gather(2, index[:, None, :].expand(-1, self.bias.shape[1], -1))
         self.positions = self.positions.gather(1, index)
         self.is_nugget = self.is_nugget.gather(1, index)
-        self.scores = self.scores.gather(1, index)
+        if self.scores.dim() == 3:
+            self.scores = self.scores.gather(2, index[:, None, :].expand(-1, self.scores.shape[1], -1))
+        else:
+            self.scores = self.scores.gather(1, index)
+
+    def gather_heads(self, index: torch.Tensor, slot_positions: torch.Tensor, rotary_emb: torch.nn.Module) -> None:
+        """Keep entry ``index[b, h, j]`` in slot ``j`` of head ``h`` (``index`` ``(B, H, M)``): each head
+        keeps its own entries. Keys are re-rotated to the slot's position ``slot_positions`` ``(B, M)``;
+        the caller sets the bias of the slots (which heads use them)."""
+        heads = self.keys.shape[1]
+        kv_index = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        source = self.positions[:, None, :].expand(-1, heads, -1).gather(2, index)
+        self.keys = rerotate(self.keys.gather(2, kv_index), slot_positions[:, None, :] - source, rotary_emb)
+        self.values = self.values.gather(2, kv_index)
+        self.bias = self.bias.expand(-1, heads, -1).gather(2, index)
+        scores = self.scores if self.scores.dim() == 3 else self.scores[:, None, :].expand(-1, heads, -1)
+        self.scores = scores.gather(2, index)
+        self.positions = slot_positions
+        self.is_nugget = self.is_nugget.gather(1, index[:, 0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by name (empty before the first append)."""
@@ -97,10 +119,16 @@ class NuggetLayer(DynamicLayer):
 class NuggetCache(Cache):
     """Nuggets and raw tokens of every layer, with the bias and position of each entry."""
 
-    def __init__(self, num_layers: int, model_fingerprint: str = "", positions: str = "original") -> None:
+    def __init__(
+        self, num_layers: int, model_fingerprint: str = "", positions: str = "original", allocation: str = "token"
+    ) -> None:
         super().__init__(layers=[NuggetLayer() for _ in range(num_layers)])
         if positions not in ("original", "cache"):
             raise ValueError(f"positions must be 'original' or 'cache', got {positions!r}")
+        if allocation not in ("token", "head"):
+            raise ValueError(f"allocation must be 'token' or 'head', got {allocation!r}")
+        #: ``token``: every layer and head keeps the same nuggets; ``head``: each (layer, KV head) keeps its own.
+        self.allocation = allocation
         self.model_fingerprint = model_fingerprint
         #: How new tokens are numbered: after the text seen (``original``) or after the entries (``cache``).
         self.position_mode = positions
@@ -109,6 +137,9 @@ class NuggetCache(Cache):
         #: Called by the attention backends as ``observer(layer_idx, query, key, bias, scaling)`` on every
         #: forward pass over this cache (not copied by :meth:`fork`); None = nobody listens.
         self.observer: Callable[..., None] | None = None
+        #: Per-head caches: the token-equivalent number of nuggets per row ``(B,)`` (their entries
+        #: total ``span · layers · kv_heads``); nugget positions are spread over this many slots.
+        self.nugget_span: torch.Tensor | None = None
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- the forward-pass protocol -------------------------------------------------------------
@@ -138,9 +169,23 @@ class NuggetCache(Cache):
     # --- choosing, converting and moving entries ----------------------------------------------
 
     def set_scores(self, scores: torch.Tensor) -> None:
-        """Record the scorer's scores ``(B, Q)`` of the last ``Q`` entries (this step's tokens)."""
-        for layer in self.layers:
-            layer.scores = torch.cat([layer.scores[:, : -scores.shape[1]], scores.float()], dim=1)
+        """Record the scorer's scores of the last ``Q`` entries (this step's tokens): ``(B, Q)`` from a
+        token scorer, ``(B, Q, layers, kv_heads)`` from a per-head one. A token-level cache keeps the
+        mean of per-head scores; a per-head cache keeps ``(B, kv_heads, N)`` scores per layer."""
+        scores = scores.float()
+        if scores.dim() == 4 and self.allocation == "token":
+            scores = scores.mean(dim=(2, 3))
+        if scores.dim() == 2:
+            for layer in self.layers:
+                layer.scores = torch.cat([layer.scores[:, : -scores.shape[1]], scores], dim=1)
+            return
+        new = scores.shape[1]
+        for index, layer in enumerate(self.layers):
+            own = scores[:, :, index].transpose(1, 2)
+            old = layer.scores[..., :-new]
+            if old.dim() == 2:
+                old = old[:, None, :].expand(-1, own.shape[1], -1)
+            layer.scores = torch.cat([old, own], dim=2)
 
     def retain(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep entries ``index`` ``(B, M)`` of every row in that order; slots where ``valid`` is
@@ -158,12 +203,56 @@ class NuggetCache(Cache):
             layer.bias = torch.where(mask[:, None, :], bias, layer.bias)
             layer.is_nugget = layer.is_nugget | mask
 
+    def keep_top_entries(
+        self,
+        keep: torch.Tensor,
+        rotary_emb: torch.nn.Module,
+        *,
+        tail: int = 0,
+        lead: int | None = None,
+        pool: int | None = None,
+        bias_mode: str = "plain",
+    ) -> None:
+        """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
+        entries, or the last ``pool`` before the ``tail`` — compete by score across all layers and KV
+        heads; the ``keep`` ``(B,)`` best (layer, head, entry) triples stay as nuggets, each head's in
+        text order, in as many slots as that layer's busiest head needs (a head's unused slots are
+        masked). The last ``tail`` entries stay as they are. Per-head caches only."""
+        if self.allocation != "head":
+            raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
+        bounds, pools = [], []
+        for layer in self.layers:
+            length = layer.keys.shape[2]
+            start = lead if lead is not None else length - tail - pool
+            bounds.append((start, length - tail))
+            heads = layer.keys.shape[1]
+            scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
+            valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
+            pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
+        flat = torch.cat([p.flatten(1) for p in pools], dim=1)
+        keep = keep.to(flat.device).clamp(max=flat.isfinite().sum(dim=1))
+        ranked = flat.argsort(dim=1, descending=True)[:, : int(keep.max())]
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen.scatter_(1, ranked, torch.arange(ranked.shape[1], device=flat.device) < keep[:, None])
+        for layer, (start, stop), pool_scores, part in zip(
+            self.layers, bounds, pools, chosen.split([p[0].numel() for p in pools], 1)
+        ):
+            _regroup_layer(layer, start, stop, part.view(pool_scores.shape), bias_mode, rotary_emb)
+
     def reposition(self, rotary_emb: torch.nn.Module) -> None:
         """Renumber each row's real entries 0, 1, 2, ... and re-rotate their keys to match, so the
-        next token's position is the number of entries before it (DESIGN §4)."""
-        valid = self.layers[0].bias[:, 0, :] > MASKED / 2
-        target = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        next token's position is the number of entries before it (DESIGN §4). In a per-head cache the
+        nugget slots of each layer are spread evenly over :attr:`nugget_span` positions, so every
+        layer numbers the raw tokens after them alike."""
         for layer in self.layers:
+            valid = (layer.bias > MASKED / 2).any(dim=1)
+            nuggets = layer.is_nugget & valid
+            raw = valid & ~nuggets
+            raw_before = raw.long().cumsum(dim=1) - raw.long()
+            nuggets_before = nuggets.long().cumsum(dim=1) - nuggets.long()
+            slots = nuggets.sum(dim=1, keepdim=True)
+            span = slots if self.nugget_span is None else self.nugget_span[:, None].to(slots.device)
+            target = raw_before + nuggets_before * span // slots.clamp(min=1)
             delta = target - layer.positions
             if bool((delta != 0).any()):
                 layer.keys = rerotate(layer.keys, delta, rotary_emb)
@@ -178,18 +267,32 @@ class NuggetCache(Cache):
         return first.keys.shape[0] if first.is_initialized else 0
 
     def entry_counts(self) -> torch.Tensor:
-        """Real (non-padding) entries per row, ``(B,)``."""
-        bias = self.layers[0].bias
-        if bias is None:
-            return torch.zeros(0, dtype=torch.long)
-        return (bias[:, 0, :] > MASKED / 2).sum(dim=1)
-
-    def nugget_counts(self) -> torch.Tensor:
-        """Nugget entries per row, ``(B,)``."""
+        """Real (non-padding) entries per row, ``(B,)``, counting the nuggets of a per-head cache as
+        their token-equivalent :attr:`nugget_span` (so this is also the next token's cache position)."""
         layer = self.layers[0]
         if layer.bias is None:
             return torch.zeros(0, dtype=torch.long)
-        return (layer.is_nugget & (layer.bias[:, 0, :] > MASKED / 2)).sum(dim=1)
+        valid = (layer.bias > MASKED / 2).any(dim=1)
+        return (valid & ~layer.is_nugget).sum(dim=1) + self.nugget_counts()
+
+    def nugget_counts(self) -> torch.Tensor:
+        """Nugget entries per row, ``(B,)`` (token-equivalents in a per-head cache)."""
+        layer = self.layers[0]
+        if layer.bias is None:
+            return torch.zeros(0, dtype=torch.long)
+        if self.nugget_span is not None:
+            return self.nugget_span.to(layer.bias.device)
+        return (layer.is_nugget & (layer.bias > MASKED / 2).any(dim=1)).sum(dim=1)
+
+    def stored_entries(self) -> torch.Tensor:
+        """K/V pairs in use per row, ``(B,)``, over every layer and KV head (masked slots excluded):
+        ``entry_counts() · layers · kv_heads`` whether the budget is spread per token or per head."""
+        total = torch.zeros(self.batch_size, dtype=torch.long)
+        for layer in self.layers:
+            if layer.is_initialized:
+                heads = layer.keys.shape[1]
+                total = total + (layer.bias > MASKED / 2).expand(-1, heads, -1).sum(dim=(1, 2)).cpu()
+        return total
 
     @property
     def nbytes(self) -> int:
@@ -209,9 +312,9 @@ class NuggetCache(Cache):
 
     def fork(self) -> NuggetCache:
         """A cache sharing these tensors; what is appended to the fork does not change this one."""
-        twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode)
+        twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode, self.allocation)
         twin.layers = [layer.copy() for layer in self.layers]
-        twin.seen_tokens = self.seen_tokens
+        twin.seen_tokens, twin.nugget_span = self.seen_tokens, self.nugget_span
         return twin
 
     def detach(self) -> NuggetCache:
@@ -229,14 +332,16 @@ class NuggetCache(Cache):
             for name, value in layer.tensors().items():
                 # cloned: layers may share one bias/positions tensor, which safetensors refuses to write
                 tensors[f"layers.{i}.{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
-        if self.seen_tokens is not None:
-            tensors["seen_tokens"] = self.seen_tokens.detach().cpu()
+        for name in ("seen_tokens", "nugget_span"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).detach().cpu()
         metadata = {
             "format": _FORMAT,
             "version": _VERSION,
             "model_fingerprint": self.model_fingerprint,
             "num_layers": json.dumps(len(self.layers)),
             "position_mode": self.position_mode,
+            "allocation": self.allocation,
         }
         path = Path(path)
         save_file(tensors, str(path), metadata=metadata)
@@ -261,9 +366,11 @@ class NuggetCache(Cache):
             int(metadata["num_layers"]),
             metadata.get("model_fingerprint", ""),
             metadata.get("position_mode", "original"),
+            metadata.get("allocation", "token"),
         )
         tensors = load_file(str(path), device=str(device))
         cache.seen_tokens = tensors.pop("seen_tokens", None)
+        cache.nugget_span = tensors.pop("nugget_span", None)
         for key, value in tensors.items():
             _, index, name = key.split(".")
             setattr(cache.layers[int(index)], name, value)
@@ -280,3 +387,29 @@ class NuggetCache(Cache):
                 f"and cannot be read by {model_name} (fingerprint {fingerprint[:12]}); "
                 "compress the text again with this model"
             )
+
+
+def _regroup_layer(
+    layer: NuggetLayer, start: int, stop: int, chosen: torch.Tensor, bias_mode: str, rotary_emb: torch.nn.Module
+) -> None:
+    """Replace entries ``[start, stop)`` of ``layer`` by the ``chosen`` ``(B, H, stop - start)`` ones:
+    each head's in text order, slots a head does not use masked; all of them become nuggets."""
+    batch, heads, size = chosen.shape
+    device = chosen.device
+    counts = chosen.sum(dim=2)
+    slots = int(counts.max())
+    order = torch.arange(size, device=device)
+    picked = torch.where(chosen, order, size + order).argsort(dim=2)[..., :slots] + start
+    used = torch.arange(slots, device=device) < counts[..., None]
+    length = layer.keys.shape[2]
+    front = torch.arange(start, device=device).expand(batch, heads, -1)
+    back = torch.arange(stop, length, device=device).expand(batch, heads, -1)
+    index = torch.cat([front, picked, back], dim=2)
+    # any position works for a slot shared by several heads' tokens: each key is rotated to it
+    layer.gather_heads(index, layer.positions.gather(1, index[:, 0]), rotary_emb)
+    middle = slice(start, start + slots)
+    bias = torch.where(used, nugget_bias(layer.scores[..., middle], bias_mode), MASKED)
+    layer.bias = torch.cat([layer.bias[..., :start], bias, layer.bias[..., start + slots :]], dim=2)
+    flags = layer.is_nugget.clone()
+    flags[:, middle] = True
+    layer.is_nugget = flags

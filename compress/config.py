@@ -13,6 +13,7 @@ CONFIG_NAME = "nugget2d_config.json"
 BiasMode = Literal["straight_through", "plain"]
 SelectionMode = Literal["topk", "threshold"]
 PositionMode = Literal["original", "cache"]
+Allocation = Literal["token", "head"]
 
 
 @dataclass
@@ -30,6 +31,10 @@ class Nugget2DConfig:
       native window); ``cache``: a token's position is the number of cache entries before it.
     * ``decoder_adapter`` — whether the decoder LoRA reads the nuggets; ``False`` lets the unmodified
       base model read them (DESIGN §9: the frozen reader).
+    * ``allocation`` — what the scorer scores: ``token`` (one score per token: every layer and head
+      keeps the same nuggets) or ``head`` (one score per token, layer and KV head: the budget is
+      spread unevenly over layers and heads, DESIGN §4). A ``head`` scorer also serves token-level
+      caches (the mean of its scores).
     """
 
     ratio: float = 0.1
@@ -43,6 +48,7 @@ class Nugget2DConfig:
     threshold: float = 0.0
     positions: PositionMode = "original"
     decoder_adapter: bool = False
+    allocation: Allocation = "token"
     base_model: str = ""
     base_model_hash: str = ""
 
@@ -62,6 +68,7 @@ class Nugget2DConfig:
         _check_choice("bias_mode", self.bias_mode, ("straight_through", "plain"))
         _check_choice("selection", self.selection, ("topk", "threshold"))
         _check_choice("positions", self.positions, ("original", "cache"))
+        _check_choice("allocation", self.allocation, ("token", "head"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""

@@ -24,7 +24,7 @@ from .attention import implementation_name
 from .cache import NuggetCache
 from .config import Nugget2DConfig
 from .scorer import Scorer
-from .selection import select_threshold, select_topk
+from .selection import nugget_count, select_threshold, select_topk
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SCORER_WEIGHTS = "scorer.safetensors"
@@ -96,7 +96,8 @@ class Nugget2DModel(nn.Module):
             parameter.requires_grad_(False)
         self.peft_model = attach_adapters(base_model, config)
         weight = base_model.get_input_embeddings().weight
-        self.scorer = Scorer(base_model.config.hidden_size).to(device=weight.device, dtype=torch.float32)
+        heads = (self.num_layers, self.num_kv_heads) if config.allocation == "head" else None
+        self.scorer = Scorer(base_model.config.hidden_size, heads).to(device=weight.device, dtype=torch.float32)
         self.set_attention(attention)
 
     # --- construction --------------------------------------------------------------------------
@@ -168,14 +169,29 @@ class Nugget2DModel(nn.Module):
     def num_layers(self) -> int:
         return self.base.config.num_hidden_layers
 
+    @property
+    def num_kv_heads(self) -> int:
+        config = self.base.config
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
     def set_attention(self, backend: str) -> None:
         """Choose the attention backend (``eager``, ``sdpa``, ``flex``, ``flash_attn``)."""
         self.base.set_attn_implementation(implementation_name(backend))
         self.attention = backend
 
-    def new_cache(self, positions: str | None = None) -> NuggetCache:
-        """An empty cache bound to this model; ``positions`` defaults to the config's scheme."""
-        return NuggetCache(self.num_layers, self.fingerprint, positions or self.config.positions)
+    def new_cache(self, positions: str | None = None, allocation: str | None = None) -> NuggetCache:
+        """An empty cache bound to this model; ``positions`` and ``allocation`` default to the config's
+        (a per-head cache needs a per-head scorer and cache positions)."""
+        allocation = allocation or self.config.allocation
+        positions = positions or self.config.positions
+        if allocation == "head" and self.scorer.heads is None:
+            raise ValueError(
+                "per-head budgets need a scorer that scores every (layer, KV head); this adapter's scores tokens "
+                "(train one with `nugget2d train --objective scorer`) — use allocation='token'"
+            )
+        if allocation == "head" and positions != "cache":
+            raise ValueError("per-head budgets number the cache by entries: use positions='cache'")
+        return NuggetCache(self.num_layers, self.fingerprint, positions, allocation)
 
     @property
     def rotary_emb(self) -> nn.Module:
@@ -220,12 +236,16 @@ class Nugget2DModel(nn.Module):
         """Encode ``input_ids`` ``(B, n)`` and keep the selected tokens' K/V as nuggets.
 
         The encoder adapter attends to ``cache`` when given and the nuggets are appended to it;
-        otherwise a new cache is returned. ``attention_mask`` marks real tokens (left or right
-        padding). ``ratio`` overrides the config's for top-k selection.
+        otherwise a new cache is returned. A cache with ``positions="cache"`` is renumbered after (the
+        nuggets' keys re-rotated to follow the entries before them). A per-head cache spreads the
+        nuggets' entries over layers and KV heads by the scorer's per-head scores. ``attention_mask``
+        marks real tokens (left or right padding). ``ratio`` overrides the config's for top-k selection.
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
         cache = self.encode(input_ids, mask, cache)
         new = input_ids.shape[1]
+        if cache.allocation == "head":
+            return self._compress_per_head(cache, mask, self.config.ratio if ratio is None else ratio)
         scores = cache.layers[0].scores[:, -new:]
         indices, valid = self.select(scores, mask, ratio)
         old = cache.get_seq_length() - new
@@ -236,7 +256,23 @@ class Nugget2DModel(nn.Module):
         converted = torch.zeros(cache.layers[0].is_nugget.shape, dtype=torch.bool, device=valid.device)
         converted[:, old:] = valid
         cache.convert(converted, self.config.bias_mode)
+        return self._renumbered(cache)
+
+    def _renumbered(self, cache: NuggetCache) -> NuggetCache:
+        """With cache positions, entries renumbered 0, 1, 2, ... (keys re-rotated), as a session keeps them."""
+        if cache.position_mode == "cache":
+            cache.reposition(self.rotary_emb)
         return cache
+
+    def _compress_per_head(self, cache: NuggetCache, mask: torch.Tensor, ratio: float) -> NuggetCache:
+        """The last ``n`` entries just encoded compete across layers and heads for
+        ``ceil(n·r) · layers · kv_heads`` entries (per row, ``n`` its real tokens)."""
+        added = torch.tensor([nugget_count(int(n), ratio) for n in mask.sum(dim=1).tolist()], device=mask.device)
+        before = cache.nugget_counts().to(mask.device)
+        entries = added * self.num_layers * self.num_kv_heads
+        cache.keep_top_entries(entries, self.rotary_emb, pool=mask.shape[1], bias_mode=self.config.bias_mode)
+        cache.nugget_span = before + added
+        return self._renumbered(cache)
 
     def select(
         self, scores: torch.Tensor, mask: torch.Tensor | None = None, ratio: float | None = None

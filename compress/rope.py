@@ -38,12 +38,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rerotate(keys: torch.Tensor, delta: torch.Tensor, rotary_emb: nn.Module) -> torch.Tensor:
     """Keys ``(B, H, N, D)`` rotated at positions ``p`` → the same keys rotated at ``p + delta``.
 
-    ``delta`` is ``(B, N)`` (any sign). Uses the model's own rotary module for the angles, divided
-    by its attention scaling (yarn multiplies cos/sin by it; a relative rotation must not).
+    ``delta`` is ``(B, N)``, or ``(B, H, N)`` for a shift per head (any sign). Uses the model's own
+    rotary module for the angles, divided by its attention scaling (yarn multiplies cos/sin by it; a
+    relative rotation must not).
     """
     check_rerotatable(rotary_emb)
-    cos, sin = rotary_emb(keys.float(), position_ids=delta.to(keys.device))
+    delta = delta.to(keys.device)
     scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
-    cos, sin = (cos / scale)[:, None], (sin / scale)[:, None]
+    cos, sin = rotary_emb(keys.float(), position_ids=delta.flatten(0, -2))
+    if delta.dim() == 3:
+        cos, sin = cos.unflatten(0, delta.shape[:2]) / scale, sin.unflatten(0, delta.shape[:2]) / scale
+    else:
+        cos, sin = (cos / scale)[:, None], (sin / scale)[:, None]
     moved = keys.float() * cos + _rotate_half(keys.float()) * sin
     return moved.to(keys.dtype)

@@ -1,4 +1,5 @@
-"""The nugget scorer: an MLP that gives each token a scalar importance score."""
+"""The nugget scorer: an MLP over the layer-λ hidden states that scores each token, either once
+(token-level nuggets) or once per (layer, KV head) (per-head budgets, DESIGN §4)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,23 @@ from torch import nn
 
 
 class Scorer(nn.Module):
-    """``Linear(h, h) -> ReLU -> Linear(h, 1)`` over hidden states (DESIGN §1)."""
+    """``Linear(h, h) -> ReLU -> Linear(h, outputs)`` over hidden states (DESIGN §1).
 
-    def __init__(self, hidden_size: int) -> None:
+    ``heads=None`` gives one score per token; ``heads=(layers, kv_heads)`` gives one per token and
+    (layer, KV head), so the cache can spend its budget unevenly across layers and heads.
+    """
+
+    def __init__(self, hidden_size: int, heads: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        self.heads = tuple(heads) if heads is not None else None
+        outputs = 1 if heads is None else heads[0] * heads[1]
+        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, outputs))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scores of shape ``(batch, tokens)`` in float32 for hidden states ``(batch, tokens, hidden)``."""
+        """float32 scores for hidden states ``(batch, tokens, hidden)``: ``(batch, tokens)`` for a
+        token scorer, ``(batch, tokens, layers, kv_heads)`` for a per-head one."""
         weight = self.net[0].weight
-        return self.net(hidden_states.to(weight.dtype)).squeeze(-1).float()
+        out = self.net(hidden_states.to(weight.dtype)).float()
+        if self.heads is None:
+            return out.squeeze(-1)
+        return out.unflatten(-1, self.heads)

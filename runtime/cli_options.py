@@ -26,7 +26,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_cache_arguments(
     parser: argparse.ArgumentParser, title: str = "cache", positions: bool = True
 ) -> argparse._ArgumentGroup:
-    """The cache shape (``--ratio --budget --recent --segment --sinks --overflow --policy`` and,
+    """The cache shape (``--ratio --budget --recent --segment --sinks --overflow --policy --allocation`` and,
     with ``positions``, ``--positions``) in a group the caller may extend."""
     cache = parser.add_argument_group(title)
     cache.add_argument("--ratio", type=float, default=0.1, help="fraction of each segment kept as nuggets")
@@ -46,6 +46,13 @@ def add_cache_arguments(
         default="nugget2d",
         help="what stays of text leaving the raw window: nuggets, nothing (StreamingLLM), the most attended "
         "tokens (SnapKV-style) or mean-pooled groups (compressive)",
+    )
+    cache.add_argument(
+        "--allocation",
+        choices=["auto", "token", "head"],
+        default="auto",
+        help="nugget budget per token, or spread over (layer, KV head) by a per-head scorer (auto: head when "
+        "the adapter's scorer scores heads)",
     )
     if positions:
         cache.add_argument(
@@ -70,6 +77,7 @@ def stream_settings(args: argparse.Namespace):
         overflow=args.overflow,
         positions=getattr(args, "positions", "cache"),
         policy=args.policy,
+        allocation=args.allocation,
     )
 
 

@@ -42,7 +42,9 @@ class StreamSettings:
     ``recent`` last tokens stay raw; text is read ``segment`` tokens at a time. ``policy`` decides
     what the tokens leaving the raw window become (:mod:`~nugget2d.runtime.cache_policies`):
     nuggets (``nugget2d``), nothing (``streaming``), top tokens by attention received (``snapkv``)
-    or mean-pooled groups (``compressive``)."""
+    or mean-pooled groups (``compressive``). ``allocation`` spreads the nuggets' budget per token
+    (every layer and head keeps the same tokens) or per (layer, KV head) by a per-head scorer;
+    ``auto`` takes ``head`` when the adapter's scorer scores heads, ``token`` otherwise."""
 
     ratio: float = 0.1
     budget: int = 2048
@@ -52,6 +54,7 @@ class StreamSettings:
     overflow: Literal["evict", "recompress"] = "evict"
     positions: Literal["cache", "original"] = "cache"
     policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
+    allocation: Literal["auto", "token", "head"] = "auto"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -66,6 +69,13 @@ class StreamSettings:
             raise ValueError(f"overflow must be 'evict' or 'recompress', got {self.overflow!r}")
         if self.positions not in ("cache", "original"):
             raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
+        if self.allocation not in ("auto", "token", "head"):
+            raise ValueError(f"allocation must be 'auto', 'token' or 'head', got {self.allocation!r}")
+        if self.allocation == "head" and (self.policy != "nugget2d" or self.overflow != "evict"):
+            raise ValueError(
+                "allocation='head' spreads the nugget2d scorer's per-head scores, evicting the lowest: it needs "
+                "policy='nugget2d' and overflow='evict'"
+            )
         floor = self.sinks + self.recent + self.segment
         if self.budget <= floor:
             raise ValueError(
@@ -123,13 +133,24 @@ class StreamingSession:
         self.window = int(model.base.config.max_position_embeddings)
         self.format = ChatFormat.from_tokenizer(tokenizer) if chat else ChatFormat.plain()
         self.progress = progress
-        self.cache = model.new_cache(positions=self.settings.positions)
+        self.allocation = self._allocation(model)
+        self.cache = model.new_cache(positions=self.settings.positions, allocation=self.allocation)
         self.sinks = self.nuggets = self.raw = 0  # entries per part: [sinks][nuggets][raw], one row
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
         self.turns = 0
         self.stats = SessionStats()
+
+    def _allocation(self, model: Nugget2DModel) -> str:
+        """The cache's allocation: ``auto`` is ``head`` for a per-head scorer under the nugget2d policy
+        with cache positions and eviction, ``token`` otherwise."""
+        chosen = self.settings.allocation
+        if chosen != "auto":
+            return chosen
+        settings = self.settings
+        fits = settings.policy == "nugget2d" and settings.positions == "cache" and settings.overflow == "evict"
+        return "head" if model.scorer.heads is not None and fits else "token"
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -308,6 +329,9 @@ class StreamingSession:
             return
         if self.settings.policy == "streaming":  # nothing is kept, so the raw window takes all the room
             keep_raw = max(keep_raw, self.settings.budget - self.sinks - incoming)
+        if self.allocation == "head":
+            self._make_room_per_head(incoming, keep_raw)
+            return
         scores = scores[0]
         start = self.sinks + self.nuggets
         leaving = self.raw - keep_raw if self.raw > keep_raw else 0
@@ -329,6 +353,26 @@ class StreamingSession:
         if self.settings.positions == "cache":
             self.cache.reposition(self.model.rotary_emb)
         self.nuggets, self.raw = len(all_nuggets), len(raw)
+
+    def _make_room_per_head(self, incoming: int, keep_raw: int) -> None:
+        """:meth:`_make_room` for a per-head cache: the same token-level budget, but the nuggets' entries
+        (old ones and ``ceil(n·r)`` per leaving token block, times layers × KV heads) go to the
+        highest-scoring (layer, head, token) triples; the lowest are evicted."""
+        leaving = max(self.raw - keep_raw, 0)
+        raw = self.raw - leaving
+        wanted = self.nuggets + (nugget_count(leaving, self.settings.ratio) if leaving else 0)
+        room = self.settings.budget - self.sinks - raw - incoming
+        nuggets = max(0, min(wanted, room))
+        if nuggets == self.nuggets and not leaving:
+            return  # nothing moves
+        entries = nuggets * self.model.num_layers * self.model.num_kv_heads
+        keep = torch.tensor([entries], device=self.model.device)
+        self.cache.keep_top_entries(
+            keep, self.model.rotary_emb, tail=raw, lead=self.sinks, bias_mode=self.model.config.bias_mode
+        )
+        self.cache.nugget_span = torch.tensor([nuggets], device=self.model.device)
+        self.cache.reposition(self.model.rotary_emb)
+        self.nuggets, self.raw = nuggets, raw
 
     def _choose(self, indices: list[int], scores: torch.Tensor) -> list[int]:
         """Which of the consecutive cache entries ``indices`` stay, by the policy: the scorer's
@@ -433,6 +477,7 @@ class StreamingSession:
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err
         session.cache = NuggetCache.load(directory / "cache.safetensors", device=model.device)
+        session.allocation = session.cache.allocation
         session.cache.check_model(model.fingerprint)
         return session
 

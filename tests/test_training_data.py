@@ -10,6 +10,7 @@ import torch
 from tiny_models import tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.rope import rerotate
 from nugget2d.runtime.objectives import NuggetObjective
 from nugget2d.runtime.train import TrainConfig
 from nugget2d.runtime.train_data import Shape, build_examples, collate, parse_mix
@@ -144,3 +145,41 @@ def test_the_hybrid_training_cache_matches_a_sessions_layout(book):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
+
+
+def _training_cache(book, positions: str):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Nugget2DConfig(ratio=0.25, scorer_layer=1, lora_rank=4, positions=positions)
+    model = Nugget2DModel.from_base(tiny_llama(), config)
+    example = build_examples([book], tokenizer, "continue", Shape(segment=16, target=6, recent=5, sinks=2))[0]
+    batch = collate([example], pad_id=0)
+    cache = NuggetObjective(model).cache(
+        batch["context"],
+        batch["context_mask"],
+        batch["sinks"],
+        batch["sinks_mask"],
+        batch["recent"],
+        batch["recent_mask"],
+    )
+    return model, example, cache
+
+
+def test_the_training_cache_numbers_entries_as_a_session_does(book):
+    """With cache positions (the sessions' default) the reader sees sinks, nuggets and recent tokens
+    at 0, 1, 2, ... with the nuggets' keys re-rotated there; original positions keep text positions."""
+    model, example, by_cache = _training_cache(book, "cache")
+    _, _, by_text = _training_cache(book, "original")
+    nuggets = math.ceil(len(example.context) * 0.25)
+    entries = 2 + nuggets + len(example.recent)
+    assert by_cache.layers[0].positions[0].tolist() == list(range(entries))
+    text = by_text.layers[0].positions[0, : 2 + nuggets]
+    assert text[:2].tolist() == [0, 1] and bool((text.diff() > 0).all())
+    assert int(text[-1]) == 2 + len(example.context) - 1  # a segment's last token is always kept
+    assert int(by_text.layers[0].positions[0, -1]) == 2 + len(example.context) + len(example.recent) - 1
+    kept = slice(0, 2 + nuggets)  # sinks and nuggets: same encoder keys, only rotated elsewhere
+    for cached, original in zip(by_cache.layers, by_text.layers):
+        delta = cached.positions[:, kept] - original.positions[:, kept]
+        moved = rerotate(original.keys[:, :, kept], delta, model.rotary_emb)
+        torch.testing.assert_close(cached.keys[:, :, kept], moved, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.values[:, :, kept], original.values[:, :, kept])

@@ -1,0 +1,132 @@
+"""Per-head budgets (DESIGN §4): each (layer, KV head) keeps its own nuggets inside the token budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_llama, tiny_tokenizer
+from torch import nn
+
+from nugget2d.compress import MASKED, Nugget2DConfig, Nugget2DModel, biased_attention
+from nugget2d.compress.attention import extra_column_attention, sdpa_kernel
+from nugget2d.runtime.session import StreamingSession, StreamSettings
+
+SHAPE = StreamSettings(budget=64, recent=16, segment=16, sinks=2)
+
+
+def _model(allocation: str = "head") -> Nugget2DModel:
+    torch.manual_seed(0)
+    return Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(allocation=allocation, scorer_layer=1))
+
+
+def _text(length: int = 300) -> list[int]:
+    return torch.randint(3, 60, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "flash_column"])
+def test_a_head_that_keeps_no_nugget_attends_only_to_its_raw_tokens(backend):
+    """Head 1 masks the four nugget keys: it must equal attention over the raw keys alone."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 16, generator=generator)
+    k = torch.randn(1, 2, 10, 16, generator=generator)
+    v = torch.randn(1, 2, 10, 16, generator=generator)
+    bias = torch.randn(1, 2, 10, generator=generator)
+    bias[:, :, 4:] = 0.0  # raw tokens
+    bias[:, 1, :4] = MASKED  # head 1 keeps none of the nuggets
+    if backend == "flash_column":
+        out = extra_column_attention(q, k, v, bias, 16**-0.5, True, kernel=sdpa_kernel)
+    else:
+        out = biased_attention(q, k, v, bias, backend=backend)
+    reference = biased_attention(q, k, v, bias, backend="eager")
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    raw_only = biased_attention(q[:, 2:], k[:, 1:, 4:], v[:, 1:, 4:], None, backend="eager")
+    torch.testing.assert_close(out[:, 2:], raw_only, atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_budgets_store_the_token_budget_in_entries_and_bytes():
+    """Streamed far past the budget: the K/V pairs in use equal what a token-level cache of the same
+    entries holds, layers differ in length, and ``nbytes`` counts every stored tensor (padding too)."""
+    model = _model()
+    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    assert session.allocation == "head"
+    text = _text()
+    heads = model.num_layers * model.num_kv_heads
+    for begin in range(0, len(text), 16):
+        session.ingest_ids(text[begin : begin + 16], final=False)
+        entries = int(session.cache.entry_counts()[0])
+        assert entries <= SHAPE.budget
+        assert int(session.cache.stored_entries()[0]) == entries * heads
+    cache = session.cache
+    assert len({layer.keys.shape[2] for layer in cache.layers}) > 1  # the budget is spread unevenly
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
+    assert cache.nbytes == stored
+    pair = 2 * cache.layers[0].keys.shape[-1] * cache.layers[0].keys.element_size()
+    assert cache.kv_nbytes() >= int(cache.stored_entries()[0]) * pair
+    positions = cache.layers[0].positions[0]
+    assert int(positions.max()) == entries - 1  # numbered within the budget whatever the text length
+    assert torch.isfinite(session.score_ids(text[:12])).all()
+
+
+class _SharedScores(nn.Module):
+    """A scorer giving every (layer, head) the same score: later tokens of a segment score higher (the
+    token-level rule always keeps a block's last token), ties broken by the token's features."""
+
+    def __init__(self, heads: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        order = torch.arange(hidden.shape[1], dtype=torch.float32) + 0.01 * hidden[..., 0].float().tanh()
+        return order if self.heads is None else order[..., None, None].expand(-1, -1, *self.heads)
+
+
+def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets():
+    """When every head scores tokens alike, spreading the budget per head keeps the same tokens in every
+    layer and head: the same log-probabilities as the token-level cache."""
+    torch.manual_seed(0)
+    text, question = _text(200), _text(30)[:12]
+    results = {}
+    for allocation in ("token", "head"):
+        model = _model()
+        model.scorer = _SharedScores((model.num_layers, model.num_kv_heads) if allocation == "head" else None)
+        # blocks leaving the raw window are whole segments, so both rules see the same candidates
+        settings = StreamSettings(budget=64, recent=16, segment=16, sinks=0, allocation=allocation)
+        session = StreamingSession(model, tiny_tokenizer(), settings, chat=False)
+        session.ingest_ids(text)
+        results[allocation] = session.score_ids(question)
+    torch.testing.assert_close(results["head"], results["token"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_per_head_session_saves_and_answers_the_same(tmp_path):
+    model = _model()
+    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    session.ingest_ids(_text())
+    session.save(tmp_path / "doc")
+    again = StreamingSession.load(tmp_path / "doc", model, tiny_tokenizer())
+    assert again.allocation == "head" and again.cache.allocation == "head"
+    question = _text(30)[:10]
+    torch.testing.assert_close(again.score_ids(question), session.score_ids(question))
+
+
+def test_per_head_budgets_need_a_per_head_scorer_and_the_nugget2d_policy():
+    with pytest.raises(ValueError, match="per-head scorer|scores every"):
+        StreamingSession(_model("token"), tiny_tokenizer(), StreamSettings(**{**vars(SHAPE), "allocation": "head"}))
+    with pytest.raises(ValueError, match="policy='nugget2d'"):
+        StreamSettings(budget=64, recent=16, segment=16, allocation="head", policy="snapkv")
+    token = StreamingSession(
+        _model(), tiny_tokenizer(), StreamSettings(budget=64, recent=16, segment=16, policy="snapkv")
+    )
+    assert token.allocation == "token"  # auto: per-head scores only serve the nugget2d policy
+
+
+def test_compress_spreads_a_batch_over_heads_and_renumbers_it():
+    model = _model()
+    ids = torch.tensor([_text(40), _text(40)])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :10] = False  # left padding
+    cache = model.compress(ids, mask, cache=model.new_cache(positions="cache"), ratio=0.25)
+    assert cache.nugget_counts().tolist() == [10, 8]
+    heads = model.num_layers * model.num_kv_heads
+    assert cache.stored_entries().tolist() == [10 * heads, 8 * heads]
+    out = model(torch.tensor([[5, 6], [7, 8]]), nuggets=cache)
+    assert torch.isfinite(out.logits).all()
