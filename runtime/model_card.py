@@ -20,6 +20,7 @@ def model_card(
     head = [m["loss"] for m in metrics[:10]]
     tail = [m["loss"] for m in metrics[-10:]]
     evaluated = [m for m in metrics if "heldout_loss" in m]
+    scorer_only = config["objective"] == "scorer"
     lines = [
         "# Nugget2D adapter",
         "",
@@ -31,9 +32,15 @@ def model_card(
         "## Training",
         "",
         f"* Objective: `{config['objective']}`" + (f" ({config['mix']})" if config.get("mix") else ""),
+        f"* {_loss_line(config)}",
         f"* Data: {', '.join(Path(p).name for p in config['data'])}",
-        f"* Examples: segments of {config['segment_size']} tokens, targets of {config['target_size']}"
-        + (f", {config['sinks']} sink and {config['recent']} recent tokens kept raw" if config["recent"] else ""),
+        f"* Examples: segments of {config['segment_size']} tokens, "
+        + (
+            "each read again after a repeat instruction (KVzip's importance pass)"
+            if scorer_only
+            else f"targets of {config['target_size']}"
+            + (f", {config['sinks']} sink and {config['recent']} recent tokens kept raw" if config["recent"] else "")
+        ),
         f"* Steps: {steps} of {config['max_steps']} (batch {config['batch_size']}), {tokens_seen:,} tokens seen",
         f"* Optimiser: AdamW (0.9, 0.95), lr {config['lr']}, warm-up {config['warmup_steps']}, cosine; "
         f"DeepSpeed `{config['ds_config']}`",
@@ -50,7 +57,35 @@ def model_card(
         last = evaluated[-1]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("heldout", "autoencode")))
         lines.append(f"* Held-out at step {last['step']}: {shown}")
+    if scorer_only and evaluated:
+        first = evaluated[0]
+        lines.append(
+            f"* Scorer vs importance, step {first['step']} → {evaluated[-1]['step']}: rank correlation "
+            f"{first['heldout_rank_corr']:.3f} → {evaluated[-1]['heldout_rank_corr']:.3f}, top-10% recall "
+            f"{first['heldout_topk_recall']:.3f} → {evaluated[-1]['heldout_topk_recall']:.3f}"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _loss_line(config: dict[str, Any]) -> str:
+    """What the run minimised, in words."""
+    if config["objective"] == "scorer":
+        allocation = config.get("allocation") or "head"
+        unit = "(layer, KV head, token) entry" if allocation == "head" else "token (mean over layers and heads)"
+        return (
+            f"Loss: the scorer alone (LoRA frozen), allocation `{allocation}`, fitted to the frozen model's "
+            f"importance of each {unit} — the max attention it gets from KVzip's repeat queries or the last 32 "
+            "context queries (SnapKV) — by ListNet over all entries of an example (KL to softmax of z-scored "
+            "log-importance, τ = 1); saved with bias mode `straight_through`: its scores select entries and "
+            "never bias attention"
+        )
+    loss = config.get("loss", "ce")
+    kl = "KL(the frozen model reading the full uncompressed text ‖ the model reading the cache) on the target tokens"
+    return {
+        "ce": "Loss: cross-entropy of the target tokens read over the cache",
+        "kl": f"Loss: {kl}",
+        "ce+kl": f"Loss: cross-entropy of the target tokens + {kl}",
+    }[loss]
 
 
 def command(config: dict[str, Any], defaults: dict[str, Any]) -> str:

@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.scorer import Scorer
 
 from .model_card import CARD, model_card, read_metrics
 from .models import load_model
-from .objectives import NuggetObjective
+from .objectives import LOSSES, NuggetObjective, ScorerObjective
 from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, parse_mix, split_heldout
 from .train_eval import evaluate
 
@@ -49,6 +50,7 @@ class TrainConfig:
     target_size: int = 64
     recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of DESIGN §9); 0 = nuggets only
     sinks: int = 0  # first tokens kept raw when recent > 0
+    positions: str = "cache"  # how the reader numbers the cache: as sessions do ("cache") or text positions
     lr: float = 1e-4
     warmup_steps: int = 10
     seed: int = 0
@@ -62,6 +64,8 @@ class TrainConfig:
     lora_rank: int = 32
     decoder_adapter: bool = False
     init_adapter: str | None = None  # start from this adapter's weights (e.g. an autoencoding run)
+    loss: str = "ce"  # cache objectives: "ce", "kl" (to the full-context frozen model) or "ce+kl"
+    allocation: str | None = None  # scorer outputs: "token" or "head"; None = "head" for scorer, else the default
     resume: bool = False
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
 
@@ -75,6 +79,23 @@ class TrainConfig:
         if (self.objective == "mix") != bool(self.mix):
             raise ValueError("--mix NAME=WEIGHT,... goes with --objective mix, and mix needs it")
         parse_mix(self.mix)
+        if self.positions not in ("cache", "original"):
+            raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.allocation not in (None, "token", "head"):
+            raise ValueError(f"--allocation must be 'token' or 'head', got {self.allocation!r}")
+        if self.objective == "scorer":
+            if self.loss != "ce":
+                raise ValueError(
+                    f"--loss {self.loss} applies to the cache objectives; --objective scorer fits the scorer to "
+                    "the frozen model's KV importance with its own ranking loss"
+                )
+            if self.decoder_adapter or self.recent or self.sinks:
+                raise ValueError(
+                    "--objective scorer trains the scorer alone on whole segments: drop --decoder-adapter, "
+                    "--recent and --sinks"
+                )
         self.shape  # noqa: B018  (validates the example shape before any work)
 
     @property
@@ -147,10 +168,50 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def build_model(config: TrainConfig, base) -> Nugget2DModel:
+    """The model to train on ``base``: fresh, or from ``--init-adapter`` (its scorer too when its
+    allocation is the one asked for, else a fresh scorer). Cache objectives train with the plain
+    score bias; the scorer objective saves ``straight_through`` (its scores select, never bias)."""
+    scorer_only = config.objective == "scorer"
+    bias_mode = "straight_through" if scorer_only else "plain"
+    allocation = config.allocation or ("head" if scorer_only else None)
+    if config.init_adapter:
+        model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
+        model.config.ratio, model.config.bias_mode = config.ratio, bias_mode
+        model.config.positions = config.positions
+        if allocation and allocation != model.config.allocation:
+            heads = (model.num_layers, model.num_kv_heads) if allocation == "head" else None
+            model.scorer = Scorer(model.base.config.hidden_size, heads).to(model.device)
+            model.config.allocation = allocation
+    else:
+        nugget_config = Nugget2DConfig(
+            ratio=config.ratio,
+            scorer_layer=config.scorer_layer,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_rank,
+            bias_mode=bias_mode,
+            positions=config.positions,
+            decoder_adapter=config.decoder_adapter,
+            allocation=allocation or "token",
+        )
+        model = Nugget2DModel.from_base(base, nugget_config)
+    model.config.base_model = config.model or model.config.base_model
+    if scorer_only:  # the LoRA stays as it is (zero, or the init adapter's): only the scorer trains
+        for parameter in model.peft_model.parameters():
+            parameter.requires_grad_(False)
+    return model
+
+
+def build_objective(config: TrainConfig, model: Nugget2DModel) -> torch.nn.Module:
+    """The module DeepSpeed wraps: the scorer's ranking objective or the cache objective with ``--loss``."""
+    return ScorerObjective(model) if config.objective == "scorer" else NuggetObjective(model, config.loss)
+
+
 def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] | None = None) -> list[dict]:
-    """Train LoRA + scorer on ``config.objective``; checkpoint every ``save_every`` steps; return the
-    per-step metrics. With ``resume`` it continues from the latest checkpoint in ``output``.
-    ``on_checkpoint(directory, metrics)`` runs on every rank after each checkpoint (Ray reports)."""
+    """Train LoRA + scorer (the scorer alone for ``scorer``) on ``config.objective``; checkpoint
+    every ``save_every`` steps; return the per-step metrics. With ``resume`` it continues from the
+    latest checkpoint in ``output``. ``on_checkpoint(directory, metrics)`` runs on every rank after
+    each checkpoint (Ray reports)."""
     import deepspeed
 
     # --- data ---------------------------------------------------------------------------------
@@ -167,21 +228,8 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
 
     # --- model and engine ---------------------------------------------------------------------
     torch.manual_seed(config.seed)
-    nugget_config = Nugget2DConfig(
-        ratio=config.ratio,
-        scorer_layer=config.scorer_layer,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_rank,
-        bias_mode="plain",
-        decoder_adapter=config.decoder_adapter,
-    )
-    if config.init_adapter:
-        model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
-        model.config.ratio, model.config.bias_mode = config.ratio, "plain"
-    else:
-        model = Nugget2DModel.from_base(base, nugget_config)
-    model.config.base_model = config.model or model.config.base_model
-    objective = NuggetObjective(model).train()
+    model = build_model(config, base)
+    objective = build_objective(config, model).train()
     ds_config["optimizer"]["params"]["lr"] = config.lr
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective,
@@ -253,7 +301,7 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     if held:
         axes.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out loss")
     axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy (nats)")
+    axes.set_ylabel("loss (nats)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=120)
@@ -396,6 +444,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "ratio", "eval_fraction"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--positions",
+        choices=("cache", "original"),
+        default=defaults.positions,
+        help="number the reader's cache as streaming sessions do (cache, default) or by text position (original)",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=defaults.loss,
+        help="cache objectives: cross-entropy on the targets (ce), KL to the frozen model reading the full "
+        "context (kl), or both (ce+kl)",
+    )
+    parser.add_argument(
+        "--allocation",
+        choices=("token", "head"),
+        default=None,
+        help="what the scorer scores: each token, or each (layer, KV head, token) (default: head for "
+        "--objective scorer, token otherwise)",
+    )
     parser.add_argument(
         "--decoder-adapter", action="store_true", help="train a decoder LoRA too (default: frozen reader)"
     )

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .importance import REPEAT_INSTRUCTION
 from .texts import read_text_file
 
-TEXT_OBJECTIVES = ("autoencode", "continue", "recall")
+TEXT_OBJECTIVES = ("autoencode", "continue", "recall", "scorer")
 JSONL_OBJECTIVES = {"qa": ("context", "question", "answer"), "summarize": ("document", "summary")}
 OBJECTIVES = (*TEXT_OBJECTIVES, *JSONL_OBJECTIVES, "mix")
 _SENTENCE_END = (".", "!", "?", "\n", '."', '?"', '!"')
@@ -100,8 +101,9 @@ def build_examples(
     seed: int = 0,
 ) -> list[Example]:
     """Examples of ``objective`` from the data: text files for ``autoencode`` (reproduce a segment
-    from its nuggets), ``continue`` (the tokens after a segment) and ``recall`` (a passage again,
-    after a distractor segment); JSONL rows for ``qa`` and ``summarize``; ``mix`` draws from several
+    from its nuggets), ``continue`` (the tokens after a segment), ``recall`` (a passage again,
+    after a distractor segment) and ``scorer`` (a segment, the repeat instruction, the segment again:
+    KVzip's importance pass); JSONL rows for ``qa`` and ``summarize``; ``mix`` draws from several
     by weight. ``ValueError`` when the data gives none."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -112,15 +114,17 @@ def build_examples(
         examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
     else:
         opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        repeat = tuple(tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False, verbose=False).input_ids)
         examples = []
         for path in _text_files(paths):
             ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
             segments = sentence_segments(ids, tokenizer, shape.segment)
-            examples.extend(text_examples(segments, objective, shape, opener))
+            examples.extend(text_examples(segments, objective, shape, opener, repeat))
     if not examples:
+        needed = {"recall": "three segments", "continue": "two segments"}.get(objective, "one segment")
         raise ValueError(
             f"the training data gives no {objective} examples: the texts are shorter than the "
-            f"{'three' if objective == 'recall' else 'two'} segments of {shape.segment} tokens an example needs; add "
+            f"{needed} of {shape.segment} tokens an example needs; add "
             "text or lower --segment-size"
             if objective in TEXT_OBJECTIVES
             else f"the training data gives no {objective} examples (no rows)"
@@ -128,11 +132,16 @@ def build_examples(
     return examples
 
 
-def text_examples(segments: list[list[int]], objective: str, shape: Shape, opener: int) -> list[Example]:
-    """Examples of a text objective from consecutive segments of one text."""
+def text_examples(
+    segments: list[list[int]], objective: str, shape: Shape, opener: int, repeat: tuple[int, ...] = ()
+) -> list[Example]:
+    """Examples of a text objective from consecutive segments of one text (``repeat``: the
+    instruction of ``scorer`` examples)."""
     out: list[Example] = []
     if objective == "autoencode":
         return [Example(tuple(s), (opener,), tuple(s), objective=objective) for s in segments]
+    if objective == "scorer":
+        return [Example(tuple(s), repeat, tuple(s), objective=objective) for s in segments]
     span = 2 if objective == "continue" else 3
     for i in range(len(segments) - span + 1):
         first, following = segments[i], segments[i + span - 1]
@@ -200,8 +209,11 @@ def mix_examples(
     if not weights:
         raise ValueError("--objective mix needs --mix NAME=WEIGHT,... (e.g. continue=0.7,recall=0.3)")
     for name, weight in weights.items():
+        if name == "scorer":
+            raise ValueError("--mix cannot include scorer: it trains the scorer alone, with its own ranking loss")
         if name not in OBJECTIVES or name == "mix":
-            raise ValueError(f"--mix: unknown objective {name!r}; choose from {[o for o in OBJECTIVES if o != 'mix']}")
+            mixable = [o for o in OBJECTIVES if o not in ("mix", "scorer")]
+            raise ValueError(f"--mix: unknown objective {name!r}; choose from {mixable}")
         if not weight > 0:
             raise ValueError(f"--mix: the weight of {name} must be > 0, got {weight}")
     parts = {name: build_examples(paths, tokenizer, name, shape) for name in weights}

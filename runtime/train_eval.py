@@ -1,5 +1,6 @@
-"""Held-out evaluation during training: loss and perplexity per objective, and autoencoding BLEU
-(sacrebleu) from greedy reconstructions decoded by the runtime's one generation loop."""
+"""Held-out evaluation during training: loss and perplexity per objective, autoencoding BLEU
+(sacrebleu) from greedy reconstructions decoded by the runtime's one generation loop, and the
+scorer's rank correlation and top-10% recall against the frozen model's KV importance."""
 
 from __future__ import annotations
 
@@ -8,33 +9,46 @@ import math
 import torch
 
 from .generation import GenerationSettings, TokenStream
-from .objectives import NuggetObjective
+from .objectives import NuggetObjective, ScorerObjective
 from .train_data import Example, collate
 
 
 @torch.no_grad()
 def evaluate(
-    objective: NuggetObjective, heldout: list[Example], pad_id: int, batch_size: int, tokenizer, bleu_examples: int
+    objective: NuggetObjective | ScorerObjective,
+    heldout: list[Example],
+    pad_id: int,
+    batch_size: int,
+    tokenizer,
+    bleu_examples: int,
 ) -> dict[str, float]:
-    """``heldout_loss`` and ``heldout_ppl`` over all held-out examples, the same per objective when
-    there are several, and ``autoencode_bleu`` (0–1) over the first ``bleu_examples`` autoencoding
-    ones. Leaves the module in training mode."""
+    """``heldout_loss`` (the training loss) over all held-out examples and, per objective when there
+    are several, ``heldout_loss/NAME``; for cache objectives ``heldout_ppl`` (of the cross-entropy),
+    with ``heldout_ce`` and ``heldout_kl`` when the loss has a KL term, and ``autoencode_bleu`` (0–1)
+    over the first ``bleu_examples`` autoencoding examples; for the scorer ``heldout_rank_corr`` and
+    ``heldout_topk_recall`` (averaged over examples). Leaves the module in training mode."""
     if not heldout:
         return {}
     objective.eval()
     by_objective: dict[str, list[float]] = {}
+    totals: dict[str, float] = {}
     for begin in range(0, len(heldout), batch_size):
         chunk = heldout[begin : begin + batch_size]
         groups: dict[str, list[Example]] = {}
         for example in chunk:
             groups.setdefault(example.objective, []).append(example)
         for name, examples in groups.items():
-            by_objective.setdefault(name, []).append(float(objective(**collate(examples, pad_id))))
+            values = objective.measure(**collate(examples, pad_id))
+            by_objective.setdefault(name, []).append(values.pop("loss"))
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value * len(examples)
     losses = [loss for values in by_objective.values() for loss in values]
     record = {"heldout_loss": sum(losses) / len(losses)}
     if len(by_objective) > 1:
         record.update({f"heldout_loss/{name}": sum(v) / len(v) for name, v in by_objective.items()})
-    record["heldout_ppl"] = math.exp(min(record["heldout_loss"], 50.0))
+    record.update({f"heldout_{key}": total / len(heldout) for key, total in totals.items()})
+    if isinstance(objective, NuggetObjective):
+        record["heldout_ppl"] = math.exp(min(record.get("heldout_ce", record["heldout_loss"]), 50.0))
     autoencode = [e for e in heldout if e.objective == "autoencode"][:bleu_examples]
     if autoencode:
         record["autoencode_bleu"] = autoencode_bleu(objective, autoencode, pad_id, tokenizer)
