@@ -215,9 +215,11 @@ class NuggetCache(Cache):
     ) -> None:
         """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
         entries, or the last ``pool`` before the ``tail`` — compete by score across all layers and KV
-        heads; the ``keep`` ``(B,)`` best (layer, head, entry) triples stay as nuggets, each head's in
-        text order, in as many slots as that layer's busiest head needs (a head's unused slots are
-        masked). The last ``tail`` entries stay as they are. Per-head caches only."""
+        heads; the best (layer, head, entry) triples stay as nuggets, each head's in text order, in as
+        many slots as that layer's busiest head needs (a head's unused slots are masked). ``keep``
+        ``(B,)`` bounds the *stored* K/V pairs, masked slots included, so the cache takes no more
+        memory than a token-level one keeping ``keep / (layers · heads)`` tokens; the best triples are
+        taken in score order while they fit. The last ``tail`` entries stay as they are."""
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = [], []
@@ -232,6 +234,7 @@ class NuggetCache(Cache):
         flat = torch.cat([p.flatten(1) for p in pools], dim=1)
         keep = keep.to(flat.device).clamp(max=flat.isfinite().sum(dim=1))
         ranked = flat.argsort(dim=1, descending=True)[:, : int(keep.max())]
+        keep = _within_slots(ranked, keep, [p.shape[1:] for p in pools])
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen.scatter_(1, ranked, torch.arange(ranked.shape[1], device=flat.device) < keep[:, None])
         for layer, (start, stop), pool_scores, part in zip(
@@ -413,3 +416,20 @@ def _regroup_layer(
     flags = layer.is_nugget.clone()
     flags[:, middle] = True
     layer.is_nugget = flags
+
+
+def _within_slots(ranked: torch.Tensor, keep: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
+    """How many of the ``ranked`` ``(B, K)`` candidates (flat indices over the layers' ``(H, C_l)``
+    pools, best first) fit when every layer stores ``heads × (its busiest head's count)`` pairs and
+    all layers together may store ``keep`` ``(B,)`` pairs: the longest prefix that fits, per row."""
+    sizes = [shape.numel() for shape in shapes]
+    starts = torch.tensor([0, *sizes], device=ranked.device).cumsum(0)[:-1]
+    layer = torch.bucketize(ranked, starts, right=True) - 1
+    head = (ranked - starts[layer]) // torch.tensor([shape[1] for shape in shapes], device=ranked.device)[layer]
+    heads = shapes[0][0]
+    group = layer * heads + head  # (layer, head) of each candidate
+    counts = torch.nn.functional.one_hot(group, len(shapes) * heads).cumsum(dim=1)  # (B, K, L·H)
+    stored = counts.view(*counts.shape[:2], len(shapes), heads).amax(dim=3).sum(dim=2) * heads  # (B, K)
+    fits = stored <= keep[:, None]
+    fitting = torch.where(fits, torch.arange(1, ranked.shape[1] + 1, device=ranked.device), 0).amax(dim=1)
+    return torch.minimum(fitting, keep)
