@@ -232,9 +232,9 @@ class NuggetCache(Cache):
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
         flat = torch.cat([p.flatten(1) for p in pools], dim=1)
-        keep = keep.to(flat.device).clamp(max=flat.isfinite().sum(dim=1))
-        ranked = flat.argsort(dim=1, descending=True)[:, : int(keep.max())]
-        keep = _within_slots(ranked, keep, [p.shape[1:] for p in pools])
+        candidates = flat.isfinite().sum(dim=1)
+        ranked = flat.argsort(dim=1, descending=True)[:, : int(torch.minimum(keep.to(flat.device), candidates).max())]
+        keep = torch.minimum(_within_slots(ranked, keep.to(flat.device), [p.shape[1:] for p in pools]), candidates)
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen.scatter_(1, ranked, torch.arange(ranked.shape[1], device=flat.device) < keep[:, None])
         for layer, (start, stop), pool_scores, part in zip(
@@ -431,5 +431,4 @@ def _within_slots(ranked: torch.Tensor, keep: torch.Tensor, shapes: list[torch.S
     counts = torch.nn.functional.one_hot(group, len(shapes) * heads).cumsum(dim=1)  # (B, K, L·H)
     stored = counts.view(*counts.shape[:2], len(shapes), heads).amax(dim=3).sum(dim=2) * heads  # (B, K)
     fits = stored <= keep[:, None]
-    fitting = torch.where(fits, torch.arange(1, ranked.shape[1] + 1, device=ranked.device), 0).amax(dim=1)
-    return torch.minimum(fitting, keep)
+    return torch.where(fits, torch.arange(1, ranked.shape[1] + 1, device=ranked.device), 0).amax(dim=1)

@@ -144,3 +144,22 @@ def test_compress_spreads_a_batch_over_heads_and_renumbers_it():
         assert int(cache.stored_entries()[row]) <= nuggets * heads
     out = model(torch.tensor([[5, 6], [7, 8]]), nuggets=cache)
     assert torch.isfinite(out.logits).all()
+
+
+def test_the_budget_counts_stored_slots_and_takes_the_best_entries_that_fit():
+    """Only layer 0's head 0 holds candidates: each of its entries costs a slot in every head of the
+    layer, so a budget of 20 · heads slots keeps all 20, and 12 · heads keeps its 12 best."""
+    model = _model()
+    heads, layers = model.num_kv_heads, model.num_layers
+    for slots, kept in ((20 * heads, 20), (12 * heads, 12)):
+        cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
+        for index, layer in enumerate(cache.layers):
+            layer.scores = torch.zeros(1, heads, 20)
+            layer.bias = torch.full((1, heads, 20), MASKED)
+            if index == 0:
+                layer.scores[:, 0] = torch.arange(20.0)
+                layer.bias[:, 0] = 0.0
+        cache.keep_top_entries(torch.tensor([slots]), model.rotary_emb, pool=20)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [kept] + [0] * (layers - 1)
+        assert int(cache.stored_entries()[0]) == kept
+        assert cache.layers[0].scores[0, 0].tolist() == [float(i) for i in range(20 - kept, 20)]
