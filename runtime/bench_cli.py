@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--ae-samples", type=int, default=8, help="autoencoding samples")
     quality.add_argument("--depths", default="0.1,0.5,0.9", help="where facts are planted (0 = start, 1 = end)")
     quality.add_argument("--qa-samples", type=int, default=2, help="planted facts per depth and context")
+    quality.add_argument(
+        "--recent-share", type=float, default=0.25, help="share of each compressing method's budget kept raw"
+    )
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
@@ -39,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _common(parser: argparse.ArgumentParser, contexts: str, ratios: str) -> None:
     add_model_arguments(parser)
     parser.add_argument("--contexts", default=contexts, help="context lengths in tokens (comma-separated)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="cache methods (comma-separated)")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="cache methods (comma-separated); quality also takes kvpress:<Press> references (the peers extra)",
+    )
     parser.add_argument("--ratios", default=ratios, help="fractions of the context kept (comma-separated)")
     parser.add_argument("--input", nargs="+", default=None, help="plain-text files (default: the bundled book)")
     parser.add_argument("--seed", type=int, default=0)
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             ae_samples=args.ae_samples,
             depths=parse_list(args.depths, float, "depths"),
             qa_samples=args.qa_samples,
+            recent_share=args.recent_share,
         )
         runner = run_quality
     from .loading import load_nugget2d

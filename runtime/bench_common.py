@@ -4,7 +4,7 @@ untrained-adapter notice, and writing results (DESIGN §8).
 A method is a cache policy of :class:`~nugget2d.runtime.session.StreamingSession` (``full`` is a
 session whose budget never binds). Every compressing method at ratio ``r`` over a context of
 ``c`` tokens gets the same budget: ``ceil(r·c)`` entries for the history (4 sinks, a raw window of a
-quarter of it, the rest kept entries) plus room for the prompt and the tokens generated or scored.
+quarter of it — ``recent_share`` — the rest kept entries) plus room for the prompt and the tokens generated or scored.
 Text is read in segments of the largest power of two up to a quarter of the history (at most 256).
 """
 
@@ -42,15 +42,17 @@ def parse_list(text: str, kind: type, name: str) -> list:
         raise ValueError(f"--{name} must be comma-separated {kind.__name__} values, got {text!r}") from err
 
 
-def check_methods(methods: list[str]) -> list[str]:
-    """The methods, validated: ``ValueError`` for an unknown one (``kvpress:`` presses are not built yet)."""
+def check_methods(methods: list[str], peers: bool = False) -> list[str]:
+    """The methods, validated: ``ValueError`` for an unknown one. ``kvpress:<Press>`` methods only where
+    ``peers`` (``bench quality``), and only with kvpress installed (checked here, before any model loads)."""
+    from .bench_peers import check_peers, is_peer
+
     for method in methods:
-        if method.startswith("kvpress:"):
-            raise ValueError(
-                f"{method}: kvpress presses are not available in this version of the bench; choose from {list(METHODS)}"
-            )
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+        if is_peer(method) and not peers:
+            raise ValueError(f"{method}: kvpress presses are measured by `nugget2d bench quality` only")
+        if not is_peer(method) and method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)} or kvpress:<Press>")
+    check_peers(methods)
     return methods
 
 
@@ -88,6 +90,7 @@ class CacheShape:
     ratio: float
     context: int
     reserve: int
+    recent_share: float = 0.25  # of the history, kept raw (the rest after 4 sinks: kept entries)
 
     @property
     def history(self) -> int:
@@ -109,15 +112,17 @@ class CacheShape:
             )
         history = self.history
         quarter = history // 4
-        if quarter < 1 or history <= SINKS + 2 * quarter:
+        recent = int(history * self.recent_share)
+        if quarter < 1 or recent < 1 or history <= SINKS + recent + quarter:
             raise ValueError(
                 f"ratio {self.ratio} of {self.context} tokens leaves {history} cache entries, too few for "
-                f"{SINKS} sinks, a raw window and kept entries; use a longer context or a larger ratio"
+                f"{SINKS} sinks, a raw window of {self.recent_share:.0%} and kept entries; use a longer context, "
+                "a larger ratio or a smaller --recent-share"
             )
         return StreamSettings(
             ratio=self.ratio,
             budget=history + self.reserve,
-            recent=quarter,
+            recent=recent,
             segment=1 << (min(FULL_SEGMENT, quarter).bit_length() - 1),  # a power of two: whole segments
             sinks=SINKS,
             policy=self.method,

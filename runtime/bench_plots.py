@@ -72,11 +72,10 @@ def plot_quality(records: list[dict], path: str | Path, title: str = "") -> Path
         lines: dict[str, list[dict]] = defaultdict(list)
         for record in have:
             lines[f"{record['method']} c={record['context']}"].append(record)
-        ratios = sorted({r["ratio"] for r in have if r["method"] != "full"}) or [1.0]
         for label, points in sorted(lines.items()):
             points = sorted(points, key=lambda r: r["ratio"])
-            if points[0]["method"] == "full":
-                axis.plot([ratios[0], ratios[-1]], [points[0][key]] * 2, "--", label=label)
+            if points[0]["method"] == "full":  # a flat line across the axis (visible with one ratio too)
+                axis.axhline(points[0][key], linestyle="--", color="black", linewidth=1, label=label)
             else:
                 axis.plot([p["ratio"] for p in points], [p[key] for p in points], "o-", label=label, markersize=4)
         axis.set_xlabel("ratio kept")

@@ -14,6 +14,8 @@
 
 All sessions go through :class:`StreamingSession` (reading, :meth:`~StreamingSession.score_ids`
 and :meth:`~StreamingSession.ask`); configurations are interleaved within each metric.
+``kvpress:<Press>`` methods (:mod:`~nugget2d.runtime.bench_peers`) are scored on the same ``ppl``
+and ``recall_ppl`` windows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import bench_peers
 from .bench_common import (
     CacheShape,
     announce_adapter,
@@ -67,9 +70,12 @@ class QualityOptions:
     qa_samples: int = 2
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
+    recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
 
     def __post_init__(self) -> None:
-        check_methods(self.methods)
+        check_methods(self.methods, peers=True)
+        if not 0 < self.recent_share < 1:
+            raise ValueError(f"recent_share must be in (0, 1), got {self.recent_share}")
         check_ratios(self.ratios)
         for metric in self.metrics:
             if metric not in METRICS:
@@ -174,13 +180,20 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     records: dict[tuple, dict] = {}
     jobs = _jobs(tokenizer, texts, options)
     sums: dict[tuple, dict[str, list]] = {}
+    peers = [method for method in options.methods if bench_peers.is_peer(method)]
+    scored = peers and {"ppl", "recall_ppl"} & set(options.metrics)
+    runner = bench_peers.PressRunner.for_model(model) if scored else None
     for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
-        shape = CacheShape(*config, reserve=payload["reserve"])
+        shape = CacheShape(*config, payload["reserve"], options.recent_share)
         record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
         acc = sums.setdefault(config, {})
-        if kind == "window":
+        if kind == "window" and bench_peers.is_peer(config[0]):
+            result = runner.perplexities(*config[:2], payload["ids"], config[2], options)
+            bench_peers.note(record, acc, result)
+        elif kind == "window":
             result = perplexities(model, tokenizer, shape, payload["ids"], options)
             _note_size(record, shape, result["held"])
+        if kind == "window":
             for metric in ("ppl", "recall_ppl"):
                 if metric in result:
                     acc.setdefault(metric, [0.0, 0])
@@ -198,8 +211,11 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
             record.setdefault("qa_examples", []).append(
                 {"depth": payload["depth"], "code": payload["code"], "answer": reply.strip()[:120]}
             )
+    for config in configurations(peers, options.ratios, options.contexts):
+        record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
+        bench_peers.finish(record, sums.get(config, {}), options.metrics)
     for config, record in records.items():
-        acc = sums[config]
+        acc = sums.get(config, {})
         for metric in ("ppl", "recall_ppl"):
             if metric in acc:
                 record[metric] = math.exp(acc[metric][0] / acc[metric][1])
@@ -221,6 +237,8 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
         "inputs": names,
         "options": {k: v for k, v in vars(options).items() if k not in ("methods", "ratios", "contexts", "inputs")},
     }
+    if runner is not None:
+        extra["kvpress"] = bench_peers.describe(runner)
     ordered = sorted(records.values(), key=lambda r: (r["context"], r["method"], r["ratio"]))
     path = write_results(out_dir, "quality", machine_info(model, adapter), ordered, extra)
     state = "untrained adapter" if adapter in (None, "", "none") else f"adapter {Path(adapter).name}"
@@ -247,14 +265,15 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
             configs = configurations(options.methods, options.ratios, [context])
             for ids in windows(texts, context + options.continuation, options.samples):
                 jobs.extend(("window", config, {"ids": ids, "reserve": reserve}) for config in configs)
+    local = [method for method in options.methods if not bench_peers.is_peer(method)]  # presses: ppl metrics only
     if "bleu" in options.metrics:
-        configs = configurations(options.methods, options.ratios, [options.ae_tokens])
+        configs = configurations(local, options.ratios, [options.ae_tokens])
         for ids in windows(texts, options.ae_tokens, options.ae_samples):
             jobs.extend(("autoencode", config, {"ids": ids, "reserve": len(ids) + 1}) for config in configs)
     if "qa" in options.metrics:
         chat = ChatFormat.from_tokenizer(tokenizer)
         for context in options.contexts:
-            configs = configurations(options.methods, options.ratios, [context])
+            configs = configurations(local, options.ratios, [context])
             count = len(options.depths) * options.qa_samples
             for i, window in enumerate(windows(texts, context, count)):
                 depth = options.depths[i % len(options.depths)]
@@ -271,5 +290,6 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
                 }
                 jobs.extend(("qa", config, payload) for config in configs)
     for _, config, payload in jobs:
-        CacheShape(*config, reserve=payload["reserve"]).settings()
+        if not bench_peers.is_peer(config[0]):
+            CacheShape(*config, payload["reserve"], options.recent_share).settings()
     return jobs
