@@ -239,3 +239,13 @@ def test_bench_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
     missing = ["--model", str(tiny_model_dir), "--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]
     assert main(["bench", "quality", *missing]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_budget_split_moves_entries_between_the_raw_window_and_kept_entries():
+    quarter, half = (CacheShape("nugget2d", 0.1, 2048, 100, share).settings() for share in (0.25, 0.5))
+    assert (quarter.recent, half.recent) == (51, 102)
+    assert quarter.budget == half.budget and quarter.sinks == half.sinks == 4
+    with pytest.raises(ValueError, match="recent-share"):
+        CacheShape("nugget2d", 0.1, 2048, 100, 0.9).settings()
+    with pytest.raises(ValueError, match="recent_share"):
+        QualityOptions(methods=["nugget2d"], ratios=[0.1], contexts=[2048], recent_share=1.0)
