@@ -1,0 +1,51 @@
+"""Compression time of each method over a plain prefill of the same 2,047-token context (one thread).
+
+Usage (repository root): python benchmarks/heads/compress_time.py ADAPTER_DIR OUT.json
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+from nugget2d.runtime.bench_common import CacheShape
+from nugget2d.runtime.importance import frozen_forward
+from nugget2d.runtime.loading import load_nugget2d
+from nugget2d.runtime.session import StreamingSession
+
+METHODS = [("nugget2d", "head"), ("nugget2d", "token"), ("snapkv", "token"), ("streaming", "token")]
+
+
+def prefill(model, ids: list[int]) -> float:
+    """Seconds for one plain pass of the frozen model over ``ids``."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        frozen_forward(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
+    return time.perf_counter() - started
+
+
+def main(adapter: str, out: str) -> None:
+    torch.set_num_threads(1)
+    model, tokenizer = load_nugget2d(None, adapter)
+    text = open("../shared/data/corpus/complete-angler.txt").read()
+    ids = tokenizer(text[50000:80000]).input_ids[:2047]
+    rounds = []
+    for _ in range(2):
+        row = {"plain_prefill_s": prefill(model, ids)}
+        for method, allocation in METHODS:
+            settings = CacheShape(method, 0.1, 2048, 400).settings()
+            settings.allocation = allocation
+            session = StreamingSession(model, tokenizer, settings, chat=False)
+            started = time.perf_counter()
+            session.ingest_ids(ids)
+            row[f"{method}-{allocation}_s"] = time.perf_counter() - started
+        row["plain_prefill_s_after"] = prefill(model, ids)
+        rounds.append(row)
+        print(row, flush=True)
+    with open(out, "w") as handle:
+        json.dump(rounds, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
