@@ -41,22 +41,10 @@ class NuggetObjective(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(
-        self,
-        context: torch.Tensor,
-        context_mask: torch.Tensor,
-        input_ids: torch.Tensor,
-        input_mask: torch.Tensor,
-        labels: torch.Tensor,
-        sinks: torch.Tensor | None = None,
-        sinks_mask: torch.Tensor | None = None,
-        recent: torch.Tensor | None = None,
-        recent_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The configured loss of the targets read over the cache of :meth:`cache`."""
-        return self.losses(
-            context, context_mask, input_ids, input_mask, labels, sinks, sinks_mask, recent, recent_mask
-        )["loss"]
+    def forward(self, *args, **batch) -> torch.Tensor:
+        """The configured loss of the targets read over the cache of :meth:`cache` (arguments as
+        :meth:`losses`)."""
+        return self.losses(*args, **batch)["loss"]
 
     def losses(
         self,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+from tiny_models import text_file, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
 from nugget2d.compress.rope import rerotate
@@ -32,14 +32,6 @@ def _session(model: Nugget2DModel, **settings) -> StreamingSession:
 
 def _ids(count: int, seed: int = 0) -> list[int]:
     return torch.randint(3, 90, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _text_file(tmp_path, words: int = 1500):
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
-    path = tmp_path / "text.txt"
-    path.write_text(" ".join(WORDS[i] for i in picks))
-    return path
 
 
 # --- policies ----------------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def test_quality_bench_writes_every_metric_at_equal_budgets(tmp_path):
         ae_samples=2,
         depths=[0.2, 0.8],
         qa_samples=1,
-        inputs=[str(_text_file(tmp_path))],
+        inputs=[str(text_file(tmp_path))],
     )
     path = run_quality(_model(), tiny_tokenizer(), options, tmp_path / "out", adapter="none")
     data = json.loads(path.read_text())
@@ -208,7 +200,7 @@ def test_configurations_measure_full_once_per_context():
 
 
 def test_bench_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
-    text = _text_file(tmp_path)
+    text = text_file(tmp_path)
     common = ["--model", str(tiny_model_dir), "--input", str(text), "--out", str(tmp_path / "cli")]
     assert main(["bench", "speed", *common, "--contexts", "64", "--ratios", "0.25", "--repeats", "1",
                  "--decode-tokens", "2", "--methods", "full,streaming"]) == 0  # fmt: skip

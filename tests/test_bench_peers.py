@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import WORDS
+from tiny_models import text_file
 
 from nugget2d.runtime import bench_peers
 from nugget2d.runtime.bench_common import CacheShape
@@ -18,14 +18,6 @@ from nugget2d.runtime.bench_speed import SpeedOptions
 from nugget2d.runtime.cli import main
 
 SMALL = dict(ratios=[0.25], contexts=[96], samples=2, continuation=16, passage=32, repeat=16)
-
-
-def _text_file(tmp_path, words: int = 1500):
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
-    path = tmp_path / "text.txt"
-    path.write_text(" ".join(WORDS[i] for i in picks))
-    return path
 
 
 def test_unknown_press_names_are_refused_with_the_list():
@@ -49,7 +41,7 @@ def test_without_kvpress_one_line_names_the_extra_before_any_model_loads(monkeyp
 
     monkeypatch.setattr("nugget2d.runtime.loading.load_nugget2d", no_model)
     args = ["bench", "quality", "--model", str(tiny_model_dir), "--methods", "full,kvpress:SnapKV"]
-    assert main([*args, "--input", str(_text_file(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    assert main([*args, "--input", str(text_file(tmp_path)), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "kvpress:SnapKV needs kvpress" in err[0] and "pip install 'nugget2d[peers]'" in err[0]
 
@@ -84,7 +76,7 @@ def test_presses_run_in_bench_quality_beside_the_other_methods(loaded, tmp_path)
     methods = ["full", "streaming", "kvpress:StreamingLLM", "kvpress:KVzip"]
     options = QualityOptions(
         methods=methods, metrics=["ppl", "recall_ppl", "bleu"], ae_tokens=40, ae_samples=1, **SMALL,
-        inputs=[str(_text_file(tmp_path))],
+        inputs=[str(text_file(tmp_path))],
     )  # fmt: skip
     path = run_quality(model, tokenizer, options, tmp_path / "out", adapter="none")
     data = json.loads(path.read_text())

@@ -58,3 +58,12 @@ def save_tiny_model(directory, **overrides):
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def text_file(directory, words: int = 1500):
+    """A text file of ``words`` random words from :data:`WORDS` (seeded) in ``directory``."""
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(WORDS), (words,), generator=generator).tolist()
+    path = directory / "text.txt"
+    path.write_text(" ".join(WORDS[i] for i in picks))
+    return path
