@@ -422,6 +422,8 @@ def _within_slots(ranked: torch.Tensor, keep: torch.Tensor, shapes: list[torch.S
     """How many of the ``ranked`` ``(B, K)`` candidates (flat indices over the layers' ``(H, C_l)``
     pools, best first) fit when every layer stores ``heads × (its busiest head's count)`` pairs and
     all layers together may store ``keep`` ``(B,)`` pairs: the longest prefix that fits, per row."""
+    if ranked.shape[1] == 0:  # no room, or nothing to choose from
+        return torch.zeros(ranked.shape[0], dtype=torch.long, device=ranked.device)
     sizes = [shape.numel() for shape in shapes]
     starts = torch.tensor([0, *sizes], device=ranked.device).cumsum(0)[:-1]
     layer = torch.bucketize(ranked, starts, right=True) - 1

@@ -163,3 +163,5 @@ def test_the_budget_counts_stored_slots_and_takes_the_best_entries_that_fit():
         assert [layer.keys.shape[2] for layer in cache.layers] == [kept] + [0] * (layers - 1)
         assert int(cache.stored_entries()[0]) == kept
         assert cache.layers[0].scores[0, 0].tolist() == [float(i) for i in range(20 - kept, 20)]
+    cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)  # no room: every nugget goes
+    assert [layer.keys.shape[2] for layer in cache.layers] == [0] * layers
