@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama, tiny_qwen2
+from tiny_models import SENTENCES, VOCAB, save_tiny_model, tiny_llama, tiny_qwen2
 
 
 @pytest.fixture(params=["llama", "qwen2"])
@@ -23,6 +23,19 @@ def tokens():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A local model directory (tiny Llama + word-level tokenizer), as a user would pass to --model."""
-    from tiny_models import save_tiny_model
-
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def trainable_model_dir(tmp_path_factory):
+    """A tiny model whose (frozen) output head is large enough for a loss to be driven down."""
+    return save_tiny_model(tmp_path_factory.mktemp("trainable"), initializer_range=0.3)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A directory with one small text file of :data:`SENTENCES`, as ``--data`` takes it."""
+    path = tmp_path / "corpus" / "few.txt"
+    path.parent.mkdir()
+    path.write_text(SENTENCES * 8)
+    return path.parent

@@ -10,31 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
+from tiny_models import SENTENCES, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DModel
 from nugget2d.runtime.train import TrainConfig, _free_port, train_loop
 from nugget2d.runtime.train_data import Shape, build_examples, sentence_segments
-
-SENTENCES = (
-    "the old angler said that the river was good for fish . "
-    "she had a blue book and he had an old door . "
-    "they will fish in the river when the day is good . "
-)
-
-
-@pytest.fixture(scope="module")
-def trainable_model_dir(tmp_path_factory):
-    """A tiny model whose (frozen) output head is large enough for a loss to be driven down."""
-    return save_tiny_model(tmp_path_factory.mktemp("trainable"), initializer_range=0.3)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus" / "few.txt"
-    path.parent.mkdir()
-    path.write_text(SENTENCES * 8)
-    return path.parent
 
 
 def _config(tiny_model_dir, corpus, output, **overrides) -> TrainConfig:

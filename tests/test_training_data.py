@@ -122,6 +122,12 @@ def test_collate_labels_only_the_targets(book):
     assert "sinks" not in plain and "recent" not in plain
 
 
+def _hybrid_cache(objective: NuggetObjective, batch: dict):
+    """The [sinks | nuggets | recent] cache the objective builds for a collated batch."""
+    fields = ("context", "context_mask", "sinks", "sinks_mask", "recent", "recent_mask")
+    return objective.cache(*(batch[name] for name in fields))
+
+
 def test_the_hybrid_training_cache_matches_a_sessions_layout(book):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -129,14 +135,7 @@ def test_the_hybrid_training_cache_matches_a_sessions_layout(book):
     objective = NuggetObjective(model)
     examples = build_examples([book], tokenizer, "recall", Shape(segment=16, target=6, recent=5, sinks=2))[:2]
     batch = collate(examples, pad_id=0)
-    cache = objective.cache(
-        batch["context"],
-        batch["context_mask"],
-        batch["sinks"],
-        batch["sinks_mask"],
-        batch["recent"],
-        batch["recent_mask"],
-    )
+    cache = _hybrid_cache(objective, batch)
     for row, e in enumerate(examples):
         nuggets = math.ceil(len(e.context) * 0.25)
         assert int(cache.nugget_counts()[row]) == nuggets
@@ -154,14 +153,7 @@ def _training_cache(book, positions: str):
     model = Nugget2DModel.from_base(tiny_llama(), config)
     example = build_examples([book], tokenizer, "continue", Shape(segment=16, target=6, recent=5, sinks=2))[0]
     batch = collate([example], pad_id=0)
-    cache = NuggetObjective(model).cache(
-        batch["context"],
-        batch["context_mask"],
-        batch["sinks"],
-        batch["sinks_mask"],
-        batch["recent"],
-        batch["recent_mask"],
-    )
+    cache = _hybrid_cache(NuggetObjective(model), batch)
     return model, example, cache
 
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import SENTENCES, _config
-from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
+from test_training import _config
+from tiny_models import SENTENCES, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.runtime.importance import kv_importance
@@ -24,19 +24,6 @@ from nugget2d.runtime.objectives import (
 )
 from nugget2d.runtime.train import TrainConfig, train_loop
 from nugget2d.runtime.train_data import Shape, build_examples, collate
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus" / "few.txt"
-    path.parent.mkdir()
-    path.write_text(SENTENCES * 8)
-    return path.parent
-
-
-@pytest.fixture(scope="module")
-def trainable_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("trainable"), initializer_range=0.3)
 
 
 def _padded_batch(generator_seed: int = 3):

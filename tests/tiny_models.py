@@ -67,3 +67,11 @@ def text_file(directory, words: int = 1500):
     path = directory / "text.txt"
     path.write_text(" ".join(WORDS[i] for i in picks))
     return path
+
+
+#: A few plain sentences: the training tests' corpus.
+SENTENCES = (
+    "the old angler said that the river was good for fish . "
+    "she had a blue book and he had an old door . "
+    "they will fish in the river when the day is good . "
+)
