@@ -303,7 +303,7 @@ class Nugget2DModel(nn.Module):
         ``cache`` with their positions, padding and scorer scores."""
         cache.check_model(self.fingerprint)
         activate(self.peft_model, adapter)
-        positions = self._positions(cache, mask)
+        positions = self.next_positions(cache, mask)
         cache.begin_step(positions, mask)
         out = module(
             input_ids=input_ids,
@@ -335,9 +335,10 @@ class Nugget2DModel(nn.Module):
             raise ValueError("empty text: a row of the batch has no tokens (its attention_mask is all zeros)")
         return input_ids, mask
 
-    def _positions(self, cache: NuggetCache, mask: torch.Tensor) -> torch.Tensor:
-        """Position ids of the next tokens: after the text seen (``original``) or after the cache
-        entries (``cache``); padding slots repeat their neighbour's position."""
+    def next_positions(self, cache: NuggetCache, mask: torch.Tensor) -> torch.Tensor:
+        """Position ids ``(B, Q)`` of the next tokens appended to ``cache`` (``mask`` marks the real
+        ones): after the text seen (``original``) or after the cache entries (``cache``); padding
+        slots repeat their neighbour's position."""
         if cache.batch_size == 0:
             offset = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         elif cache.batch_size != mask.shape[0]:

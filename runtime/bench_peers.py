@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager, nullcontext
-from types import SimpleNamespace
 
 import torch
+
+from .chat import ChatFormat
+from .session import start_ids, token_log_probs
 
 PREFIX = "kvpress:"
 PRESSES = {
@@ -86,14 +88,6 @@ def _kvpress(method: str = "kvpress:"):
     return kvpress
 
 
-def start_ids(tokenizer) -> list[int]:
-    """What opens a plain (``chat=False``) session's stream: the same call the bench's sessions make."""
-    from .chat import ChatFormat
-    from .session import StreamingSession
-
-    return StreamingSession._start_ids(SimpleNamespace(format=ChatFormat.plain(), tokenizer=tokenizer))
-
-
 class PressRunner:
     """The base model as a plain HF model (loaded once) and the presses run on it."""
 
@@ -122,7 +116,7 @@ class PressRunner:
         the prefill times with and without the press."""
         from .bench_quality import RECALL_LEAD
 
-        start = start_ids(self.tokenizer)
+        start = start_ids(self.tokenizer, ChatFormat.plain())  # what opens the bench's (chat=False) sessions
         prefill = start + window[: context - 1]
         _, before = self._prefill(prefill, None)
         cache, press_s = self._prefill(prefill, self.press(method, ratio), prefix=len(start))
@@ -222,8 +216,7 @@ class PressRunner:
                 past_key_values=cache,
                 position_ids=torch.arange(position, position + len(ids), device=device)[None],
             )
-        logits = out.logits[0, :-1].float()
-        return logits.log_softmax(dim=-1).gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
+        return token_log_probs(out.logits[0, :-1], ids[1:])
 
 
 def note(record: dict, acc: dict, result: dict) -> None:

@@ -58,10 +58,7 @@ def frozen_forward(
     in a row, are skipped); the decoder body's output, or the LM's with ``lm_head``."""
     cache = plain_cache(model) if cache is None else cache
     mask = mask.to(device=input_ids.device, dtype=torch.bool)
-    offset = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
-    if cache.seen_tokens is not None:
-        offset = cache.seen_tokens.to(mask.device)
-    positions = offset[:, None] + (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    positions = model.next_positions(cache, mask)
     activate(model.peft_model, None)
     cache.begin_step(positions, mask)
     module = model.base if lm_head else model.base.get_decoder()

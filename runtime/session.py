@@ -196,12 +196,7 @@ class StreamingSession:
         self._refresh_stats()
 
     def _start_ids(self) -> list[int]:
-        """Tokens that open the stream: the chat template's text before the document, or BOS."""
-        if self.format.document_prefix:
-            return self.tokenizer(self.format.document_prefix, add_special_tokens=False).input_ids
-        bos = self.tokenizer.bos_token_id
-        probe = self.tokenizer("a").input_ids
-        return [bos] if bos is not None and probe and probe[0] == bos else []
+        return start_ids(self.tokenizer, self.format)
 
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))
@@ -309,8 +304,7 @@ class StreamingSession:
                 len(prompt), keep_raw=min(self.raw, self.settings.budget - self.settings.sinks - len(prompt))
             )
             out = self.model(torch.tensor([prompt], device=self.model.device), nuggets=self.cache)
-        logits = out.logits[0, len(self.pending) : -1].float()
-        scored = logits.log_softmax(dim=-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0]
+        scored = token_log_probs(out.logits[0, len(self.pending) : -1], ids[1:])
         self.cache, self.pending = out.past_key_values, []
         self._append_raw(len(prompt))
         self.stats.prompt_tokens += len(prompt)
@@ -480,6 +474,22 @@ class StreamingSession:
         session.allocation = session.cache.allocation
         session.cache.check_model(model.fingerprint)
         return session
+
+
+def start_ids(tokenizer, chat_format: ChatFormat) -> list[int]:
+    """Tokens that open a stream: the chat template's text before the document, or BOS (when the
+    tokenizer itself starts texts with it), or nothing."""
+    if chat_format.document_prefix:
+        return tokenizer(chat_format.document_prefix, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("a").input_ids
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def token_log_probs(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """float32 log-probabilities ``(n,)`` of ``targets`` under the next-token ``logits`` ``(n, vocab)``."""
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    return logits.float().log_softmax(dim=-1).gather(1, index)[:, 0]
 
 
 def _pieces(text: str, size: int = 1 << 16) -> Iterator[str]:
