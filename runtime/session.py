@@ -133,14 +133,18 @@ class StreamingSession:
         self.window = int(model.base.config.max_position_embeddings)
         self.format = ChatFormat.from_tokenizer(tokenizer) if chat else ChatFormat.plain()
         self.progress = progress
-        self.allocation = self._allocation(model)
-        self.cache = model.new_cache(positions=self.settings.positions, allocation=self.allocation)
+        self.cache = model.new_cache(positions=self.settings.positions, allocation=self._allocation(model))
         self.sinks = self.nuggets = self.raw = 0  # entries per part: [sinks][nuggets][raw], one row
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
         self.turns = 0
         self.stats = SessionStats()
+
+    @property
+    def allocation(self) -> str:
+        """``token`` or ``head``: how this session's cache spends its nugget budget."""
+        return self.cache.allocation
 
     def _allocation(self, model: Nugget2DModel) -> str:
         """The cache's allocation: ``auto`` is ``head`` for a per-head scorer under the nugget2d policy
@@ -471,7 +475,6 @@ class StreamingSession:
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err
         session.cache = NuggetCache.load(directory / "cache.safetensors", device=model.device)
-        session.allocation = session.cache.allocation
         session.cache.check_model(model.fingerprint)
         return session
 
