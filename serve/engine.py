@@ -48,7 +48,7 @@ class Job:
             while True:
                 left = self.deadline - time.monotonic()
                 if left <= 0:
-                    raise APIError(503, "the request timed out on the server", code="timeout")
+                    raise _timed_out()
                 try:
                     kind, value = await asyncio.wait_for(self.events.get(), timeout=left)
                 except asyncio.TimeoutError:
@@ -137,8 +137,11 @@ class Engine:
 
     def _step(self, job: Job) -> bool:
         """Advance ``job`` by one item; False once it is finished."""
-        if job.cancelled.is_set() or time.monotonic() > job.deadline:
+        if job.cancelled.is_set():
             self._close(job)
+            return False
+        if time.monotonic() > job.deadline:
+            self._close(job, _timed_out())
             return False
         try:
             if job.iterator is None:
@@ -154,10 +157,16 @@ class Engine:
             job._send(_ITEM, item)
         return True
 
-    def _close(self, job: Job) -> None:
+    def _close(self, job: Job, reason: APIError | None = None) -> None:
+        """Close ``job``'s iterator and tell its request why: ``reason``, or that it was cancelled."""
         if job.iterator is not None and hasattr(job.iterator, "close"):
             try:
                 job.iterator.close()
             except Exception:  # closing a cancelled job must never stop the worker
                 pass
-        job._send(_ERROR, APIError(503, "the request was cancelled", code="cancelled"))
+        job._send(_ERROR, reason or APIError(503, "the request was cancelled", code="cancelled"))
+
+
+def _timed_out() -> APIError:
+    """What a request past its deadline answers."""
+    return APIError(503, "the request timed out on the server", code="timeout")
