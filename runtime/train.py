@@ -66,6 +66,7 @@ class TrainConfig:
     init_adapter: str | None = None  # start from this adapter's weights (e.g. an autoencoding run)
     loss: str = "ce"  # cache objectives: "ce", "kl" (to the full-context frozen model) or "ce+kl"
     allocation: str | None = None  # scorer outputs: "token" or "head"; None = "head" for scorer, else the default
+    bias_mode: str | None = None  # nuggets' attention bias; None = the init adapter's, else "plain" (see build_model)
     resume: bool = False
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
 
@@ -85,7 +86,14 @@ class TrainConfig:
             raise ValueError(f"--loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.allocation not in (None, "token", "head"):
             raise ValueError(f"--allocation must be 'token' or 'head', got {self.allocation!r}")
+        if self.bias_mode not in (None, "plain", "straight_through"):
+            raise ValueError(f"--bias-mode must be 'plain' or 'straight_through', got {self.bias_mode!r}")
         if self.objective == "scorer":
+            if self.bias_mode == "plain":
+                raise ValueError(
+                    "--objective scorer saves bias mode straight_through (its scores select entries and never "
+                    "bias attention); drop --bias-mode plain"
+                )
             if self.loss != "ce":
                 raise ValueError(
                     f"--loss {self.loss} applies to the cache objectives; --objective scorer fits the scorer to "
@@ -170,14 +178,15 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
 
 def build_model(config: TrainConfig, base) -> Nugget2DModel:
     """The model to train on ``base``: fresh, or from ``--init-adapter`` (its scorer too when its
-    allocation is the one asked for, else a fresh scorer). Cache objectives train with the plain
-    score bias; the scorer objective saves ``straight_through`` (its scores select, never bias)."""
+    allocation is the one asked for, else a fresh scorer). The nuggets' bias mode is ``--bias-mode``,
+    else the init adapter's (a selection scorer's scores never became attention biases, so they
+    must not start to), else ``plain``; the scorer objective always saves ``straight_through``."""
     scorer_only = config.objective == "scorer"
-    bias_mode = "straight_through" if scorer_only else "plain"
+    bias_mode = "straight_through" if scorer_only else config.bias_mode
     allocation = config.allocation or ("head" if scorer_only else None)
     if config.init_adapter:
         model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
-        model.config.ratio, model.config.bias_mode = config.ratio, bias_mode
+        model.config.ratio, model.config.bias_mode = config.ratio, bias_mode or model.config.bias_mode
         model.config.positions = config.positions
         if allocation and allocation != model.config.allocation:
             heads = (model.num_layers, model.num_kv_heads) if allocation == "head" else None
@@ -189,7 +198,7 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
             scorer_layer=config.scorer_layer,
             lora_rank=config.lora_rank,
             lora_alpha=config.lora_rank,
-            bias_mode=bias_mode,
+            bias_mode=bias_mode or "plain",
             positions=config.positions,
             decoder_adapter=config.decoder_adapter,
             allocation=allocation or "token",
@@ -463,6 +472,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="what the scorer scores: each token, or each (layer, KV head, token) (default: head for "
         "--objective scorer, token otherwise)",
+    )
+    parser.add_argument(
+        "--bias-mode",
+        choices=("plain", "straight_through"),
+        default=None,
+        help="cache objectives: a nugget's attention bias is its score (plain) or 0 with the score's gradient "
+        "(straight_through); default: the --init-adapter's mode, else plain",
     )
     parser.add_argument(
         "--decoder-adapter", action="store_true", help="train a decoder LoRA too (default: frozen reader)"

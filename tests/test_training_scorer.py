@@ -183,6 +183,19 @@ def test_the_scorer_trains_alone_and_saves_a_per_head_selection_adapter(tmp_path
     card = (adapter / "README.md").read_text()
     assert "ListNet" in card and "rank correlation" in card
 
+    # the encoder then trains from this scorer: its scores keep selecting, per head, and never bias attention
+    for bias_mode, expected in ((None, "straight_through"), ("plain", "plain")):
+        out = tmp_path / f"encoder-{bias_mode}"
+        train_loop(
+            _config(
+                tiny_model_dir, corpus, out, max_steps=1, save_every=1, init_adapter=str(adapter), bias_mode=bias_mode
+            )
+        )
+        saved = json.loads((out / "checkpoint-1" / "adapter" / "nugget2d_config.json").read_text())
+        assert (saved["bias_mode"], saved["allocation"]) == (expected, "head")
+    with pytest.raises(ValueError, match="drop --bias-mode plain"):
+        _config(tiny_model_dir, corpus, tmp_path / "x", objective="scorer", decoder_adapter=False, bias_mode="plain")
+
 
 def test_a_resumed_scorer_run_equals_an_uninterrupted_one(tmp_path, tiny_model_dir, corpus):
     settings = dict(objective="scorer", decoder_adapter=False, max_steps=4, save_every=2, lr=1e-2)
