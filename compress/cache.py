@@ -2,8 +2,9 @@
 
 Per layer it holds keys and values ``(B, Hkv, N, D)`` (keys stored rotated, as transformers does),
 the additive attention bias of each entry ``(B, 1, N)`` (a nugget's score, 0 for a raw token,
-:data:`~nugget2d.compress.attention.MASKED` for a padding slot), the position each key was
-rotated at ``(B, N)``, and which entries are nuggets ``(B, N)``.
+:data:`~nugget2d.compress.attention.MASKED` for a padding slot; ``(B, Hkv, N)`` per head), the
+position each key was rotated at ``(B, N)`` (``(B, Hkv, N)`` in a per-head cache with text
+positions, whose heads keep their own entries where they were), and which entries are nuggets ``(B, N)``.
 
 A forward pass over the cache is bracketed by :meth:`NuggetCache.begin_step`, which tells the
 cache the positions and padding of the tokens about to be appended; transformers' attention
@@ -53,6 +54,8 @@ class NuggetLayer(DynamicLayer):
             bias = bias.expand(-1, self.bias.shape[1], -1)
         if self.is_initialized and self.scores.dim() == 3:
             scores = scores[:, None, :].expand(-1, self.scores.shape[1], -1)
+        if self.is_initialized and self.positions.dim() == 3:
+            positions = positions[:, None, :].expand(-1, self.positions.shape[1], -1)
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
             self.keys, self.values = keys, values
@@ -71,26 +74,33 @@ class NuggetLayer(DynamicLayer):
         self.keys = self.keys.gather(2, kv_index)
         self.values = self.values.gather(2, kv_index)
         self.bias = self.bias.gather(2, index[:, None, :].expand(-1, self.bias.shape[1], -1))
-        self.positions = self.positions.gather(1, index)
+        per_head = index[:, None, :].expand(-1, self.positions.shape[1], -1) if self.positions.dim() == 3 else None
+        self.positions = self.positions.gather(1, index) if per_head is None else self.positions.gather(2, per_head)
         self.is_nugget = self.is_nugget.gather(1, index)
         if self.scores.dim() == 3:
             self.scores = self.scores.gather(2, index[:, None, :].expand(-1, self.scores.shape[1], -1))
         else:
             self.scores = self.scores.gather(1, index)
 
-    def gather_heads(self, index: torch.Tensor, slot_positions: torch.Tensor, rotary_emb: torch.nn.Module) -> None:
+    def gather_heads(self, index: torch.Tensor, rotary_emb: torch.nn.Module | None) -> None:
         """Keep entry ``index[b, h, j]`` in slot ``j`` of head ``h`` (``index`` ``(B, H, M)``): each head
-        keeps its own entries. Keys are re-rotated to the slot's position ``slot_positions`` ``(B, M)``;
-        the caller sets the bias of the slots (which heads use them)."""
+        keeps its own entries. With ``rotary_emb`` (cache positions) a slot's keys are re-rotated to the
+        first head's position; without it (text positions) every key keeps its own, and ``positions``
+        becomes ``(B, H, M)``. The caller sets the bias of the slots (which heads use them)."""
         heads = self.keys.shape[1]
         kv_index = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        source = self.positions[:, None, :].expand(-1, heads, -1).gather(2, index)
-        self.keys = rerotate(self.keys.gather(2, kv_index), slot_positions[:, None, :] - source, rotary_emb)
+        positions = self.positions if self.positions.dim() == 3 else self.positions[:, None, :].expand(-1, heads, -1)
+        source = positions.gather(2, index)
+        keys = self.keys.gather(2, kv_index)
+        if rotary_emb is None:
+            self.keys, self.positions = keys, source
+        else:
+            self.keys = rerotate(keys, source[:, :1] - source, rotary_emb)
+            self.positions = source[:, 0]
         self.values = self.values.gather(2, kv_index)
         self.bias = self.bias.expand(-1, heads, -1).gather(2, index)
         scores = self.scores if self.scores.dim() == 3 else self.scores[:, None, :].expand(-1, heads, -1)
         self.scores = scores.gather(2, index)
-        self.positions = slot_positions
         self.is_nugget = self.is_nugget.gather(1, index[:, 0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -218,8 +228,11 @@ class NuggetCache(Cache):
         heads; the best (layer, head, entry) triples stay as nuggets, each head's in text order, in as
         many slots as that layer's busiest head needs (a head's unused slots are masked). ``keep``
         ``(B,)`` bounds the *stored* K/V pairs, masked slots included, so the cache takes no more
-        memory than a token-level one keeping ``keep / (layers · heads)`` tokens; the best triples are
-        taken in score order while they fit. The last ``tail`` entries stay as they are."""
+        memory than a token-level one keeping ``keep / (layers · heads)`` tokens: a layer's ``k``-th
+        slot is worth its best head's ``k``-th score, the ``keep / heads`` best slots are opened, and
+        the triples scoring at least the last opened slot's worth are kept. With cache positions a
+        slot's keys are re-rotated to one position; with text positions each keeps its own. The last
+        ``tail`` entries stay as they are."""
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = [], []
@@ -231,16 +244,23 @@ class NuggetCache(Cache):
             scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
-        flat = torch.cat([p.flatten(1) for p in pools], dim=1)
-        candidates = flat.isfinite().sum(dim=1)
-        ranked = flat.argsort(dim=1, descending=True)[:, : int(torch.minimum(keep.to(flat.device), candidates).max())]
-        keep = torch.minimum(_within_slots(ranked, keep.to(flat.device), [p.shape[1:] for p in pools]), candidates)
-        chosen = torch.zeros_like(flat, dtype=torch.bool)
-        chosen.scatter_(1, ranked, torch.arange(ranked.shape[1], device=flat.device) < keep[:, None])
-        for layer, (start, stop), pool_scores, part in zip(
-            self.layers, bounds, pools, chosen.split([p[0].numel() for p in pools], 1)
+        orders = [p.argsort(dim=2, descending=True, stable=True) for p in pools]
+        worth = torch.cat([p.gather(2, o).amax(dim=1) for p, o in zip(pools, orders)], dim=1)  # (B, slots of all)
+        opened = torch.minimum(keep.to(worth.device) // pools[0].shape[1], worth.isfinite().sum(dim=1))
+        best = worth.argsort(dim=1, descending=True, stable=True)
+        is_open = torch.zeros_like(worth, dtype=torch.bool).scatter_(
+            1, best, torch.arange(best.shape[1], device=worth.device) < opened[:, None]
+        )
+        floor = worth.gather(1, best.gather(1, (opened - 1).clamp(min=0)[:, None]))  # the last opened slot's worth
+        moved = rotary_emb if self.position_mode == "cache" else None
+        for layer, (start, stop), scores, order, part in zip(
+            self.layers, bounds, pools, orders, is_open.split([p.shape[2] for p in pools], 1)
         ):
-            _regroup_layer(layer, start, stop, part.view(pool_scores.shape), bias_mode, rotary_emb)
+            rank = torch.empty_like(order).scatter_(
+                2, order, torch.arange(order.shape[2], device=order.device).expand_as(order)
+            )
+            chosen = (rank < part.sum(dim=1)[:, None, None]) & (scores >= floor[:, :, None]) & scores.isfinite()
+            _regroup_layer(layer, start, stop, chosen, bias_mode, moved)
 
     def reposition(self, rotary_emb: torch.nn.Module) -> None:
         """Renumber each row's real entries 0, 1, 2, ... and re-rotate their keys to match, so the
@@ -256,7 +276,7 @@ class NuggetCache(Cache):
             slots = nuggets.sum(dim=1, keepdim=True)
             span = slots if self.nugget_span is None else self.nugget_span[:, None].to(slots.device)
             target = raw_before + nuggets_before * span // slots.clamp(min=1)
-            delta = target - layer.positions
+            delta = (target[:, None, :] if layer.positions.dim() == 3 else target) - layer.positions
             if bool((delta != 0).any()):
                 layer.keys = rerotate(layer.keys, delta, rotary_emb)
             layer.positions = target
@@ -393,7 +413,12 @@ class NuggetCache(Cache):
 
 
 def _regroup_layer(
-    layer: NuggetLayer, start: int, stop: int, chosen: torch.Tensor, bias_mode: str, rotary_emb: torch.nn.Module
+    layer: NuggetLayer,
+    start: int,
+    stop: int,
+    chosen: torch.Tensor,
+    bias_mode: str,
+    rotary_emb: torch.nn.Module | None,
 ) -> None:
     """Replace entries ``[start, stop)`` of ``layer`` by the ``chosen`` ``(B, H, stop - start)`` ones:
     each head's in text order, slots a head does not use masked; all of them become nuggets."""
@@ -408,29 +433,12 @@ def _regroup_layer(
     front = torch.arange(start, device=device).expand(batch, heads, -1)
     back = torch.arange(stop, length, device=device).expand(batch, heads, -1)
     index = torch.cat([front, picked, back], dim=2)
-    # any position works for a slot shared by several heads' tokens: each key is rotated to it
-    layer.gather_heads(index, layer.positions.gather(1, index[:, 0]), rotary_emb)
+    # any position works for a slot shared by several heads' tokens: each key is rotated to it (cache
+    # positions), or keeps its own (text positions: rotary_emb is None)
+    layer.gather_heads(index, rotary_emb)
     middle = slice(start, start + slots)
     bias = torch.where(used, nugget_bias(layer.scores[..., middle], bias_mode), MASKED)
     layer.bias = torch.cat([layer.bias[..., :start], bias, layer.bias[..., start + slots :]], dim=2)
     flags = layer.is_nugget.clone()
     flags[:, middle] = True
     layer.is_nugget = flags
-
-
-def _within_slots(ranked: torch.Tensor, keep: torch.Tensor, shapes: list[torch.Size]) -> torch.Tensor:
-    """How many of the ``ranked`` ``(B, K)`` candidates (flat indices over the layers' ``(H, C_l)``
-    pools, best first) fit when every layer stores ``heads × (its busiest head's count)`` pairs and
-    all layers together may store ``keep`` ``(B,)`` pairs: the longest prefix that fits, per row."""
-    if ranked.shape[1] == 0:  # no room, or nothing to choose from
-        return torch.zeros(ranked.shape[0], dtype=torch.long, device=ranked.device)
-    sizes = [shape.numel() for shape in shapes]
-    starts = torch.tensor([0, *sizes], device=ranked.device).cumsum(0)[:-1]
-    layer = torch.bucketize(ranked, starts, right=True) - 1
-    head = (ranked - starts[layer]) // torch.tensor([shape[1] for shape in shapes], device=ranked.device)[layer]
-    heads = shapes[0][0]
-    group = layer * heads + head  # (layer, head) of each candidate
-    counts = torch.nn.functional.one_hot(group, len(shapes) * heads).cumsum(dim=1)  # (B, K, L·H)
-    stored = counts.view(*counts.shape[:2], len(shapes), heads).amax(dim=3).sum(dim=2) * heads  # (B, K)
-    fits = stored <= keep[:, None]
-    return torch.where(fits, torch.arange(1, ranked.shape[1] + 1, device=ranked.device), 0).amax(dim=1)

@@ -189,8 +189,6 @@ class Nugget2DModel(nn.Module):
                 "per-head budgets need a scorer that scores every (layer, KV head); this adapter's scores tokens "
                 "(train one with `nugget2d train --objective scorer`) — use allocation='token'"
             )
-        if allocation == "head" and positions != "cache":
-            raise ValueError("per-head budgets number the cache by entries: use positions='cache'")
         return NuggetCache(self.num_layers, self.fingerprint, positions, allocation)
 
     @property

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument(
         "--recent-share", type=float, default=0.25, help="share of each compressing method's budget kept raw"
     )
+    quality.add_argument(
+        "--positions",
+        choices=("auto", "cache", "original"),
+        default="auto",
+        help="how compressing methods number their cache (as the sessions' --positions; auto: text positions "
+        "for per-head caches inside the model's window, else by entry)",
+    )
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             depths=parse_list(args.depths, float, "depths"),
             qa_samples=args.qa_samples,
             recent_share=args.recent_share,
+            positions=args.positions,
         )
         runner = run_quality
     from .loading import load_nugget2d

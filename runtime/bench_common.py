@@ -91,6 +91,7 @@ class CacheShape:
     context: int
     reserve: int
     recent_share: float = 0.25  # of the history, kept raw (the rest after 4 sinks: kept entries)
+    positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
 
     @property
     def history(self) -> int:
@@ -126,6 +127,7 @@ class CacheShape:
             segment=1 << (min(FULL_SEGMENT, quarter).bit_length() - 1),  # a power of two: whole segments
             sinks=SINKS,
             policy=self.method,
+            positions=self.positions,
         )
 
 

@@ -71,11 +71,14 @@ class QualityOptions:
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
     recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
+    positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)
         if not 0 < self.recent_share < 1:
             raise ValueError(f"recent_share must be in (0, 1), got {self.recent_share}")
+        if self.positions not in ("auto", "cache", "original"):
+            raise ValueError(f"positions must be 'auto', 'cache' or 'original', got {self.positions!r}")
         check_ratios(self.ratios)
         for metric in self.metrics:
             if metric not in METRICS:
@@ -179,12 +182,13 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     texts, names = load_token_texts(tokenizer, options.inputs)
     records: dict[tuple, dict] = {}
     jobs = _jobs(tokenizer, texts, options)
+    _check_window(model, jobs, options)
     sums: dict[tuple, dict[str, list]] = {}
     peers = [method for method in options.methods if bench_peers.is_peer(method)]
     scored = peers and {"ppl", "recall_ppl"} & set(options.metrics)
     runner = bench_peers.PressRunner.for_model(model) if scored else None
     for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
-        shape = CacheShape(*config, payload["reserve"], options.recent_share)
+        shape = CacheShape(*config, payload["reserve"], options.recent_share, options.positions)
         record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
         acc = sums.setdefault(config, {})
         if kind == "window" and bench_peers.is_peer(config[0]):
@@ -246,6 +250,18 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     return path
 
 
+def _check_window(model, jobs: list[tuple[str, tuple, dict]], options: QualityOptions) -> None:
+    """``ValueError`` before any work when text positions would pass the model's native window."""
+    window = int(model.base.config.max_position_embeddings)
+    longest = max((config[2] + payload["reserve"] for _, config, payload in jobs), default=0)
+    if options.positions == "original" and longest > window:
+        raise ValueError(
+            f"--positions original numbers the cache by text position, and a context plus what is scored takes "
+            f"{longest} positions, past the model's native window ({window}); use shorter --contexts or "
+            "--positions cache"
+        )
+
+
 def _note_size(record: dict, shape: CacheShape, held: tuple[int, int]) -> None:
     settings = shape.settings()
     record.setdefault("cache_tokens", held[0])
@@ -291,5 +307,5 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
                 jobs.extend(("qa", config, payload) for config in configs)
     for _, config, payload in jobs:
         if not bench_peers.is_peer(config[0]):
-            CacheShape(*config, payload["reserve"], options.recent_share).settings()
+            CacheShape(*config, payload["reserve"], options.recent_share, options.positions).settings()
     return jobs

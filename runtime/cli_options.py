@@ -57,9 +57,10 @@ def add_cache_arguments(
     if positions:
         cache.add_argument(
             "--positions",
-            choices=["cache", "original"],
-            default="cache",
-            help="positions inside the cache (any length) or text positions (texts inside the window)",
+            choices=["auto", "cache", "original"],
+            default="auto",
+            help="positions inside the cache (any length), text positions (texts inside the window), or auto: "
+            "text positions for per-head caches until the text outgrows the window, then cache positions",
         )
     return cache
 
@@ -75,7 +76,7 @@ def stream_settings(args: argparse.Namespace):
         segment=args.segment,
         sinks=args.sinks,
         overflow=args.overflow,
-        positions=getattr(args, "positions", "cache"),
+        positions=getattr(args, "positions", "auto"),
         policy=args.policy,
         allocation=args.allocation,
     )

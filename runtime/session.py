@@ -6,7 +6,9 @@ time by the encoder adapter, attending to the cache so far; as tokens leave the 
 scorer's top ``ceil(n·ratio)`` of them stay as nuggets. When the nuggets outgrow their room the
 lowest-scoring are evicted, or the oldest are selected again (``overflow="recompress"``). With
 ``positions="cache"`` a token's position is the number of entries before it and moved keys are
-re-rotated, so no position ever reaches the model's native window.
+re-rotated, so no position ever reaches the model's native window; ``original`` keeps text
+positions (texts inside the window); ``auto`` keeps text positions in a per-head cache until the
+text outgrows the window, then renumbers it as ``cache`` (token-level caches: ``cache`` throughout).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class StreamSettings:
     segment: int = 256
     sinks: int = 4
     overflow: Literal["evict", "recompress"] = "evict"
-    positions: Literal["cache", "original"] = "cache"
+    positions: Literal["auto", "cache", "original"] = "auto"
     policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
     allocation: Literal["auto", "token", "head"] = "auto"
 
@@ -67,8 +69,8 @@ class StreamSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overflow not in ("evict", "recompress"):
             raise ValueError(f"overflow must be 'evict' or 'recompress', got {self.overflow!r}")
-        if self.positions not in ("cache", "original"):
-            raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
+        if self.positions not in ("auto", "cache", "original"):
+            raise ValueError(f"positions must be 'auto', 'cache' or 'original', got {self.positions!r}")
         if self.allocation not in ("auto", "token", "head"):
             raise ValueError(f"allocation must be 'auto', 'token' or 'head', got {self.allocation!r}")
         if self.allocation == "head" and (self.policy != "nugget2d" or self.overflow != "evict"):
@@ -128,12 +130,13 @@ class StreamingSession:
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or StreamSettings()
-        if self.settings.positions == "cache":
+        if self.settings.positions != "original":
             check_rerotatable(model.rotary_emb)
         self.window = int(model.base.config.max_position_embeddings)
         self.format = ChatFormat.from_tokenizer(tokenizer) if chat else ChatFormat.plain()
         self.progress = progress
-        self.cache = model.new_cache(positions=self.settings.positions, allocation=self._allocation(model))
+        allocation = self._allocation(model)
+        self.cache = model.new_cache(positions=self._first_positions(allocation), allocation=allocation)
         self.sinks = self.nuggets = self.raw = 0  # entries per part: [sinks][nuggets][raw], one row
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
@@ -146,14 +149,22 @@ class StreamingSession:
         """``token`` or ``head``: how this session's cache spends its nugget budget."""
         return self.cache.allocation
 
+    def _first_positions(self, allocation: str) -> str:
+        """How a new cache is numbered: ``auto`` starts a per-head cache with text positions (each head's
+        entries keep their distances: measured better inside the window) and a token-level one with
+        cache positions."""
+        if self.settings.positions != "auto":
+            return self.settings.positions
+        return "original" if allocation == "head" else "cache"
+
     def _allocation(self, model: Nugget2DModel) -> str:
         """The cache's allocation: ``auto`` is ``head`` for a per-head scorer under the nugget2d policy
-        with cache positions and eviction, ``token`` otherwise."""
+        with eviction, ``token`` otherwise."""
         chosen = self.settings.allocation
         if chosen != "auto":
             return chosen
         settings = self.settings
-        fits = settings.policy == "nugget2d" and settings.positions == "cache" and settings.overflow == "evict"
+        fits = settings.policy == "nugget2d" and settings.overflow == "evict"
         return "head" if model.scorer.heads is not None and fits else "token"
 
     # --- reading ---------------------------------------------------------------------------------
@@ -348,7 +359,7 @@ class StreamingSession:
                 torch.isin(index, torch.tensor(converted, dtype=torch.long, device=index.device)),
                 self.model.config.bias_mode,
             )
-        if self.settings.positions == "cache":
+        if self.cache.position_mode == "cache":
             self.cache.reposition(self.model.rotary_emb)
         self.nuggets, self.raw = len(all_nuggets), len(raw)
 
@@ -369,7 +380,8 @@ class StreamingSession:
             keep, self.model.rotary_emb, tail=raw, lead=self.sinks, bias_mode=self.model.config.bias_mode
         )
         self.cache.nugget_span = torch.tensor([nuggets], device=self.model.device)
-        self.cache.reposition(self.model.rotary_emb)
+        if self.cache.position_mode == "cache":
+            self.cache.reposition(self.model.rotary_emb)
         self.nuggets, self.raw = nuggets, raw
 
     def _choose(self, indices: list[int], scores: torch.Tensor) -> list[int]:
@@ -405,10 +417,16 @@ class StreamingSession:
         return sorted(nuggets[int(i)] for i in order)
 
     def _check_original_positions(self, incoming: int) -> None:
-        if self.settings.positions != "original":
+        """Before ``incoming`` tokens: with text positions past the model's window, ``auto`` renumbers the
+        cache by entries (keys re-rotated) from here on; ``original`` refuses."""
+        if self.cache.position_mode != "original":
             return
         seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
-        if seen + incoming > self.window:
+        if seen + incoming > self.window and self.settings.positions == "auto":
+            self.cache.position_mode = "cache"
+            if self.cache.batch_size:
+                self.cache.reposition(self.model.rotary_emb)
+        elif seen + incoming > self.window:
             raise ValueError(
                 f"positions='original' keeps text positions, and {seen + incoming} tokens exceed the model's native "
                 f"window ({self.window}); use positions='cache' for longer texts"

@@ -241,3 +241,24 @@ def test_the_budget_split_moves_entries_between_the_raw_window_and_kept_entries(
         CacheShape("nugget2d", 0.1, 2048, 100, 0.9).settings()
     with pytest.raises(ValueError, match="recent_share"):
         QualityOptions(methods=["nugget2d"], ratios=[0.1], contexts=[2048], recent_share=1.0)
+
+
+def test_text_positions_reach_the_sessions_and_stop_at_the_model_window(tmp_path):
+    """``--positions original`` numbers every compressing method's cache by text position (the
+    sessions get it, and results differ from cache positions); a context plus what is scored past the
+    model's window is refused before any window is measured."""
+    assert CacheShape("snapkv", 0.25, 96, 17, 0.25, "original").settings().positions == "original"
+    common = dict(methods=["snapkv"], ratios=[0.25], metrics=["ppl"], samples=1, continuation=16)
+    inputs = [str(text_file(tmp_path))]
+    ppl = {}
+    for positions in ("cache", "original"):
+        options = QualityOptions(contexts=[96], positions=positions, inputs=inputs, **common)
+        path = run_quality(_model(), tiny_tokenizer(), options, tmp_path / positions, adapter="none")
+        ppl[positions] = json.loads(path.read_text())["records"][0]["ppl"]
+    assert ppl["cache"] != pytest.approx(ppl["original"], rel=1e-6)
+    options = QualityOptions(contexts=[250], positions="original", inputs=inputs, **common)
+    with pytest.raises(ValueError, match="past the model's native window \\(256\\)"):
+        run_quality(_model(), tiny_tokenizer(), options, tmp_path / "long", adapter="none")
+    assert not (tmp_path / "long").exists()
+    with pytest.raises(ValueError, match="positions must be"):
+        QualityOptions(contexts=[96], positions="text", **common)

@@ -92,9 +92,10 @@ class _SharedScores(nn.Module):
         return order if self.heads is None else order[..., None, None].expand(-1, -1, *self.heads)
 
 
-def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets():
+@pytest.mark.parametrize("positions", ["cache", "original"])
+def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets(positions):
     """When every head scores tokens alike, spreading the budget per head keeps the same tokens in every
-    layer and head: the same log-probabilities as the token-level cache."""
+    layer and head: the same log-probabilities as the token-level cache, with either numbering."""
     torch.manual_seed(0)
     text, question = _text(200), _text(30)[:12]
     results = {}
@@ -102,7 +103,7 @@ def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets():
         model = _model()
         model.scorer = _SharedScores((model.num_layers, model.num_kv_heads) if allocation == "head" else None)
         # blocks leaving the raw window are whole segments, so both rules see the same candidates
-        settings = StreamSettings(budget=64, recent=16, segment=16, sinks=0, allocation=allocation)
+        settings = StreamSettings(budget=64, recent=16, segment=16, sinks=0, allocation=allocation, positions=positions)
         session = StreamingSession(model, tiny_tokenizer(), settings, chat=False)
         session.ingest_ids(text)
         results[allocation] = session.score_ids(question)
@@ -165,3 +166,61 @@ def test_the_budget_counts_stored_slots_and_takes_the_best_entries_that_fit():
         assert cache.layers[0].scores[0, 0].tolist() == [float(i) for i in range(20 - kept, 20)]
     cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)  # no room: every nugget goes
     assert [layer.keys.shape[2] for layer in cache.layers] == [0] * layers
+
+
+def test_with_text_positions_each_head_keeps_its_own_keys_unmoved():
+    """positions='original': a kept entry's key is the one the model computed at its own text position
+    (never re-rotated), each head keeps its best-scoring entries in text order, and the cache answers."""
+    model = _model()
+    heads, layers = model.num_kv_heads, model.num_layers
+    cache = model.encode(torch.tensor([_text(40)]), cache=model.new_cache(positions="original"))
+    scores = torch.randn(layers, 1, heads, 40, generator=torch.Generator().manual_seed(3))
+    keys = []
+    for layer, own in zip(cache.layers, scores):
+        layer.scores = own.clone()
+        keys.append(layer.keys.clone())
+    cache.keep_top_entries(torch.tensor([8 * heads * layers]), model.rotary_emb, pool=40)
+    kept = 0
+    for layer, before, own in zip(cache.layers, keys, scores):
+        for head in range(heads):
+            used = layer.bias[0, head] > MASKED / 2
+            picked = [int(torch.nonzero((before[0, head] == k).all(dim=-1))[0]) for k in layer.keys[0, head, used]]
+            assert picked == sorted(picked)  # text order, each key bit for bit where the model computed it
+            assert layer.scores[0, head, used].tolist() == own[0, head, picked].tolist()
+            if picked:  # a head keeps its best entries
+                assert float(own[0, head, picked].min()) >= float(own[0, head].topk(len(picked)).values.min())
+            kept += len(picked)
+    assert 0 < kept <= 8 * heads * layers
+    out = model(torch.tensor([[5, 6]]), nuggets=cache)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_auto_positions_keep_text_positions_until_the_window_then_renumber_exactly():
+    """``auto``: a per-head session keeps each head's keys at their text positions while the text fits
+    the model's window (256 here); past it the cache is renumbered by entries, every key re-rotated
+    from its own head's position (undoing the rotation gives the key back), and reading goes on."""
+    from nugget2d.compress.rope import rerotate
+
+    model = _model()
+    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    assert SHAPE.positions == "auto" and session.cache.position_mode == "original"
+    text = _text(400)
+    session.ingest_ids(text[:200])
+    per_head = [layer for layer in session.cache.layers if layer.positions.dim() == 3]
+    assert per_head and any(bool((layer.positions[:, 0] != layer.positions[:, 1]).any()) for layer in per_head)
+    assert int(max(layer.positions.max() for layer in session.cache.layers)) > SHAPE.budget
+    before = [(layer.keys.clone(), layer.positions.clone()) for layer in session.cache.layers]
+    session.ingest_ids(text[200:280])  # 280 > 256: renumbered before these are read
+    assert session.cache.position_mode == "cache"
+    session.ingest_ids(text[280:])
+    assert int(max(layer.positions.max() for layer in session.cache.layers)) < SHAPE.budget
+    assert torch.isfinite(session.score_ids(text[:12])).all()
+    twin = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    twin.ingest_ids(text[:200])
+    twin.cache.position_mode = "cache"
+    twin.cache.reposition(model.rotary_emb)
+    for layer, (keys, positions) in zip(twin.cache.layers, before):
+        target = layer.positions[:, None, :] if positions.dim() == 3 else layer.positions
+        torch.testing.assert_close(
+            rerotate(layer.keys, positions - target, model.rotary_emb), keys, atol=1e-5, rtol=1e-5
+        )
