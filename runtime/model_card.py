@@ -11,11 +11,16 @@ CARD = "README.md"
 
 
 def model_card(
-    config: dict[str, Any], metrics: list[dict[str, Any]], tokens_seen: int, defaults: dict[str, Any]
+    config: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    tokens_seen: int,
+    defaults: dict[str, Any],
+    adapter: dict[str, Any],
 ) -> str:
     """The card's text from a run's config (``asdict(TrainConfig)``), its per-step metrics (every
-    record so far, across resumes) and the tokens it has seen; ``defaults`` are the config's
-    defaults, so the command shows only the flags that differ."""
+    record so far, across resumes), the tokens it has seen and the saved adapter's own
+    ``nugget2d_config.json`` (its shape: an ``--init-adapter`` run keeps the init adapter's, whatever
+    the flags say); ``defaults`` are the config's defaults, so the command shows only the flags that differ."""
     steps = metrics[-1]["step"] if metrics else 0
     head = [m["loss"] for m in metrics[:10]]
     tail = [m["loss"] for m in metrics[-10:]]
@@ -25,9 +30,10 @@ def model_card(
         "# Nugget2D adapter",
         "",
         f"Base model: `{config.get('model') or 'SmolLM2-135M-Instruct (embedded default)'}`. "
-        f"Compression ratio r = {config['ratio']}; LoRA rank {config['lora_rank']} on the encoder"
-        + (" and decoder" if config["decoder_adapter"] else " (the unmodified model reads the cache)")
-        + f"; scorer on layer {config['scorer_layer']}.",
+        f"Compression ratio r = {adapter['ratio']}; LoRA rank {adapter['lora_rank']} on the encoder"
+        + (" and decoder" if adapter["decoder_adapter"] else " (the unmodified model reads the cache)")
+        + f"; scorer on layer {adapter['scorer_layer']}; allocation `{adapter['allocation']}`, bias mode "
+        f"`{adapter['bias_mode']}`, positions `{adapter['positions']}`.",
         "",
         "## Training",
         "",

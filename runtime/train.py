@@ -338,7 +338,8 @@ def save_checkpoint(
         torch.save(torch.get_rng_state(), directory / "rng.pt")
         state = {"step": step, "tokens_seen": tokens_seen, "config": asdict(config)}
         (directory / STATE).write_text(json.dumps(state, indent=2))
-        card = model_card(asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults())
+        adapter = json.loads((directory / "adapter" / "nugget2d_config.json").read_text())
+        card = model_card(asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults(), adapter)
         (directory / "adapter" / CARD).write_text(card)
         (output / "latest").write_text(directory.name + "\n")
     return directory

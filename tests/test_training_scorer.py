@@ -188,11 +188,21 @@ def test_the_scorer_trains_alone_and_saves_a_per_head_selection_adapter(tmp_path
         out = tmp_path / f"encoder-{bias_mode}"
         train_loop(
             _config(
-                tiny_model_dir, corpus, out, max_steps=1, save_every=1, init_adapter=str(adapter), bias_mode=bias_mode
+                tiny_model_dir,
+                corpus,
+                out,
+                max_steps=1,
+                save_every=1,
+                init_adapter=str(adapter),
+                bias_mode=bias_mode,
+                lora_rank=16,  # the init adapter's shape wins; the card must say so
             )
         )
         saved = json.loads((out / "checkpoint-1" / "adapter" / "nugget2d_config.json").read_text())
         assert (saved["bias_mode"], saved["allocation"]) == (expected, "head")
+        card = (out / "checkpoint-1" / "adapter" / "README.md").read_text()
+        assert f"LoRA rank {saved['lora_rank']} " in card and saved["lora_rank"] != 16
+        assert f"bias mode `{expected}`" in card
     with pytest.raises(ValueError, match="drop --bias-mode plain"):
         _config(tiny_model_dir, corpus, tmp_path / "x", objective="scorer", decoder_adapter=False, bias_mode="plain")
 
