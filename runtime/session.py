@@ -429,7 +429,7 @@ class StreamingSession:
         elif seen + incoming > self.window:
             raise ValueError(
                 f"positions='original' keeps text positions, and {seen + incoming} tokens exceed the model's native "
-                f"window ({self.window}); use positions='cache' for longer texts"
+                f"window ({self.window}); use positions='auto' or 'cache' for longer texts"
             )
 
     def _refresh_stats(self) -> None:
