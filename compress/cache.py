@@ -244,8 +244,9 @@ class NuggetCache(Cache):
             scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
-        orders = [p.argsort(dim=2, descending=True, stable=True) for p in pools]
-        worth = torch.cat([p.gather(2, o).amax(dim=1) for p, o in zip(pools, orders)], dim=1)  # (B, slots of all)
+        ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
+        orders = [order for _, order in ranked]
+        worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)  # (B, slots of every layer)
         opened = torch.minimum(keep.to(worth.device) // pools[0].shape[1], worth.isfinite().sum(dim=1))
         best = worth.argsort(dim=1, descending=True, stable=True)
         is_open = torch.zeros_like(worth, dtype=torch.bool).scatter_(
@@ -259,7 +260,8 @@ class NuggetCache(Cache):
             rank = torch.empty_like(order).scatter_(
                 2, order, torch.arange(order.shape[2], device=order.device).expand_as(order)
             )
-            chosen = (rank < part.sum(dim=1)[:, None, None]) & (scores >= floor[:, :, None]) & scores.isfinite()
+            # an opened slot's worth is finite, so a head out of candidates (-inf) never passes the floor
+            chosen = (rank < part.sum(dim=1)[:, None, None]) & (scores >= floor[:, :, None])
             _regroup_layer(layer, start, stop, chosen, bias_mode, moved)
 
     def reposition(self, rotary_emb: torch.nn.Module) -> None:

@@ -16,6 +16,9 @@ PositionMode = Literal["original", "cache"]
 Allocation = Literal["token", "head"]
 
 
+BIAS_MODES = ("straight_through", "plain")  # how a nugget's score enters attention (see Nugget2DConfig)
+
+
 @dataclass
 class Nugget2DConfig:
     """Hyper-parameters of the method (DESIGN §1) plus the base model the adapter belongs to.
@@ -65,7 +68,7 @@ class Nugget2DConfig:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        _check_choice("bias_mode", self.bias_mode, ("straight_through", "plain"))
+        _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
         _check_choice("selection", self.selection, ("topk", "threshold"))
         _check_choice("positions", self.positions, ("original", "cache"))
         _check_choice("allocation", self.allocation, ("token", "head"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_options import add_model_arguments
+from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     quality.add_argument(
         "--positions",
-        choices=("auto", "cache", "original"),
+        choices=POSITIONS,
         default="auto",
         help="how compressing methods number their cache (as the sessions' --positions; auto: text positions "
         "for per-head caches inside the model's window, else by entry)",

@@ -44,7 +44,7 @@ from .bench_common import (
 from .bench_plots import plot_quality
 from .chat import ChatFormat
 from .generation import GenerationSettings
-from .session import StreamingSession
+from .session import POSITIONS, StreamingSession
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa")
 RECALL_LEAD = 16
@@ -77,8 +77,8 @@ class QualityOptions:
         check_methods(self.methods, peers=True)
         if not 0 < self.recent_share < 1:
             raise ValueError(f"recent_share must be in (0, 1), got {self.recent_share}")
-        if self.positions not in ("auto", "cache", "original"):
-            raise ValueError(f"positions must be 'auto', 'cache' or 'original', got {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
         check_ratios(self.ratios)
         for metric in self.metrics:
             if metric not in METRICS:
@@ -92,6 +92,11 @@ class QualityOptions:
         for depth in self.depths:
             if not 0 <= depth <= 1:
                 raise ValueError(f"every depth must be in [0, 1], got {depth}")
+
+    def shape(self, config: tuple, reserve: int) -> CacheShape:
+        """The cache of configuration ``(method, ratio, context)`` with ``reserve`` entries for what is
+        scored or generated, under these options' budget split and positions."""
+        return CacheShape(*config, reserve, self.recent_share, self.positions)
 
 
 def windows(texts: list[list[int]], length: int, count: int) -> list[list[int]]:
@@ -188,7 +193,7 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     scored = peers and {"ppl", "recall_ppl"} & set(options.metrics)
     runner = bench_peers.PressRunner.for_model(model) if scored else None
     for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
-        shape = CacheShape(*config, payload["reserve"], options.recent_share, options.positions)
+        shape = options.shape(config, payload["reserve"])
         record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
         acc = sums.setdefault(config, {})
         if kind == "window" and bench_peers.is_peer(config[0]):
@@ -307,5 +312,5 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
                 jobs.extend(("qa", config, payload) for config in configs)
     for _, config, payload in jobs:
         if not bench_peers.is_peer(config[0]):
-            CacheShape(*config, payload["reserve"], options.recent_share, options.positions).settings()
+            options.shape(config, payload["reserve"]).settings()
     return jobs

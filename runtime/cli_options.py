@@ -10,6 +10,7 @@ import argparse
 from nugget2d.compress import BACKENDS
 
 from .cache_policies import POLICIES
+from .session import POSITIONS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def add_cache_arguments(
     if positions:
         cache.add_argument(
             "--positions",
-            choices=["auto", "cache", "original"],
+            choices=POSITIONS,
             default="auto",
             help="positions inside the cache (any length), text positions (texts inside the window), or auto: "
             "text positions for per-head caches until the text outgrows the window, then cache positions",

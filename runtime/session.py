@@ -37,6 +37,9 @@ from .generation import GenerationSettings, TextDeltas, TokenStream
 from .resources import peak_rss_bytes
 from .texts import file_chunks, token_chunks
 
+#: How a session numbers its cache (:attr:`StreamSettings.positions`).
+POSITIONS = ("auto", "cache", "original")
+
 
 @dataclass
 class StreamSettings:
@@ -69,8 +72,8 @@ class StreamSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overflow not in ("evict", "recompress"):
             raise ValueError(f"overflow must be 'evict' or 'recompress', got {self.overflow!r}")
-        if self.positions not in ("auto", "cache", "original"):
-            raise ValueError(f"positions must be 'auto', 'cache' or 'original', got {self.positions!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
         if self.allocation not in ("auto", "token", "head"):
             raise ValueError(f"allocation must be 'auto', 'token' or 'head', got {self.allocation!r}")
         if self.allocation == "head" and (self.policy != "nugget2d" or self.overflow != "evict"):

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.config import BIAS_MODES
 from nugget2d.compress.scorer import Scorer
 
 from .model_card import CARD, model_card, read_metrics
@@ -86,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"--loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.allocation not in (None, "token", "head"):
             raise ValueError(f"--allocation must be 'token' or 'head', got {self.allocation!r}")
-        if self.bias_mode not in (None, "plain", "straight_through"):
-            raise ValueError(f"--bias-mode must be 'plain' or 'straight_through', got {self.bias_mode!r}")
+        if self.bias_mode not in (None, *BIAS_MODES):
+            raise ValueError(f"--bias-mode must be one of {list(BIAS_MODES)}, got {self.bias_mode!r}")
         if self.objective == "scorer":
             if self.bias_mode == "plain":
                 raise ValueError(
@@ -338,8 +339,9 @@ def save_checkpoint(
         torch.save(torch.get_rng_state(), directory / "rng.pt")
         state = {"step": step, "tokens_seen": tokens_seen, "config": asdict(config)}
         (directory / STATE).write_text(json.dumps(state, indent=2))
-        adapter = json.loads((directory / "adapter" / "nugget2d_config.json").read_text())
-        card = model_card(asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults(), adapter)
+        card = model_card(
+            asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults(), model.config.to_dict()
+        )
         (directory / "adapter" / CARD).write_text(card)
         (output / "latest").write_text(directory.name + "\n")
     return directory
@@ -476,7 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bias-mode",
-        choices=("plain", "straight_through"),
+        choices=BIAS_MODES,
         default=None,
         help="cache objectives: a nugget's attention bias is its score (plain) or 0 with the score's gradient "
         "(straight_through); default: the --init-adapter's mode, else plain",
