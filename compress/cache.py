@@ -122,7 +122,7 @@ class NuggetLayer(DynamicLayer):
         for name, value in self.tensors().items():
             setattr(twin, name, value)
         if self.is_initialized:
-            twin.dtype, twin.device, twin.is_initialized = self.dtype, self.device, True
+            twin.dtype, twin.device, twin.is_initialized = self.keys.dtype, self.device, True
         return twin
 
 
@@ -222,6 +222,7 @@ class NuggetCache(Cache):
         lead: int | None = None,
         pool: int | None = None,
         bias_mode: str = "plain",
+        observed: list[torch.Tensor] | None = None,
     ) -> None:
         """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
         entries, or the last ``pool`` before the ``tail`` — compete by score across all layers and KV
@@ -232,7 +233,9 @@ class NuggetCache(Cache):
         slot is worth its best head's ``k``-th score, the ``keep / heads`` best slots are opened, and
         the triples scoring at least the last opened slot's worth are kept. With cache positions a
         slot's keys are re-rotated to one position; with text positions each keeps its own. The last
-        ``tail`` entries stay as they are."""
+        ``tail`` entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the attention
+        recent queries gave each entry) an entry's worth is the better of its score's and its attention's
+        percentile among the candidates."""
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = [], []
@@ -244,6 +247,16 @@ class NuggetCache(Cache):
             scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
+        if observed is not None:
+            if [tuple(seen.shape) for seen in observed] != [
+                tuple(layer.bias.expand_as(layer.keys[..., 0]).shape) for layer in self.layers
+            ]:
+                raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
+            seen = [
+                seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
+                for seen, (start, stop), pool in zip(observed, bounds, pools)
+            ]
+            pools = _blend_worth(pools, seen)
         ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
         orders = [order for _, order in ranked]
         worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)  # (B, slots of every layer)
@@ -412,6 +425,27 @@ class NuggetCache(Cache):
                 f"and cannot be read by {model_name} (fingerprint {fingerprint[:12]}); "
                 "compress the text again with this model"
             )
+
+
+def _percentiles(pools: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each finite value's rank among all finite values of ``pools`` (each ``(B, H, N)``), as a share
+    in (0, 1]; -inf stays -inf."""
+    flat = torch.cat([p.flatten(1) for p in pools], dim=1)
+    finite = flat.isfinite()
+    rank = torch.empty_like(flat).scatter_(
+        1,
+        flat.argsort(dim=1, stable=True),
+        torch.arange(flat.shape[1], device=flat.device, dtype=flat.dtype).expand_as(flat),
+    )
+    missing = (~finite).sum(dim=1, keepdim=True)
+    share = ((rank - missing + 1) / finite.sum(dim=1, keepdim=True).clamp(min=1)).masked_fill(~finite, float("-inf"))
+    return [part.view_as(p) for part, p in zip(share.split([p[0].numel() for p in pools], dim=1), pools)]
+
+
+def _blend_worth(scores: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An entry's worth when both the scorer and the recent queries' attention vote: the better of its
+    two percentiles."""
+    return [torch.maximum(a, b) for a, b in zip(_percentiles(scores), _percentiles(seen))]
 
 
 def _regroup_layer(

@@ -23,6 +23,7 @@ from .adapters import ADAPTERS, DECODER, ENCODER, activate, attach_adapters
 from .attention import implementation_name
 from .cache import NuggetCache
 from .config import Nugget2DConfig
+from .hf_compat import CACHE_ARGUMENT
 from .scorer import Scorer
 from .selection import nugget_count, select_threshold, select_topk
 
@@ -289,7 +290,7 @@ class Nugget2DModel(nn.Module):
     ) -> CausalLMOutputWithPast:
         """Decode ``input_ids`` over ``nuggets`` (left untouched); HF-style logits and loss.
 
-        The returned ``past_key_values`` is a fork of ``nuggets`` with these tokens appended.
+        The returned cache (``returned_cache(output)``) is a fork of ``nuggets`` with these tokens appended.
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
         cache = self.new_cache() if nuggets is None else nuggets.fork()
@@ -306,7 +307,7 @@ class Nugget2DModel(nn.Module):
         out = module(
             input_ids=input_ids,
             position_ids=positions,
-            past_key_values=cache,
+            **{CACHE_ARGUMENT: cache},
             use_cache=True,
             output_hidden_states=True,
             nugget_cache=cache,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .bench_common import READINGS
 from .cli_options import add_model_arguments
 from .session import POSITIONS
 
@@ -41,6 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="how compressing methods number their cache (as the sessions' --positions; auto: text positions "
         "for per-head caches inside the model's window, else by entry)",
+    )
+    quality.add_argument(
+        "--reading",
+        choices=READINGS,
+        default="stream",
+        help="compressing methods compress while streaming the context (memory bounded by the budget) or once "
+        "it is read whole with full attention (as kvpress presses do; memory grows with the context)",
+    )
+    quality.add_argument(
+        "--observation-window",
+        type=int,
+        default=32,
+        help="per-head caches: the attention of each read segment's last N queries votes beside the scorer on "
+        "what stays (0: the scorer alone)",
     )
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
@@ -98,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             qa_samples=args.qa_samples,
             recent_share=args.recent_share,
             positions=args.positions,
+            reading=args.reading,
+            observation_window=args.observation_window,
         )
         runner = run_quality
     from .loading import load_nugget2d

@@ -5,7 +5,9 @@ A method is a cache policy of :class:`~nugget2d.runtime.session.StreamingSession
 session whose budget never binds). Every compressing method at ratio ``r`` over a context of
 ``c`` tokens gets the same budget: ``ceil(r·c)`` entries for the history (4 sinks, a raw window of a
 quarter of it — ``recent_share`` — the rest kept entries) plus room for the prompt and the tokens generated or scored.
-Text is read in segments of the largest power of two up to a quarter of the history (at most 256).
+Text is read in segments of the largest power of two up to a quarter of the history (at most 256),
+compressed as it streams (``reading="stream"``: memory bounded by the budget) or only once the whole
+context is read with full attention (``"whole"``: how KV presses and the Nugget2D paper read).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .texts import bundled_text, read_text_file
 METHODS = ("full", *POLICIES)
 SINKS = 4
 FULL_SEGMENT = 256
+#: How compressing methods read a context (:attr:`CacheShape.reading`).
+READINGS = ("stream", "whole")
 UNTRAINED = "untrained (zero-initialised LoRA, random scorer): nugget2d selects like an untrained eviction policy"
 
 
@@ -92,6 +96,8 @@ class CacheShape:
     reserve: int
     recent_share: float = 0.25  # of the history, kept raw (the rest after 4 sinks: kept entries)
     positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
+    reading: str = "stream"  # "whole": the context is read with full attention, then compressed (as presses do)
+    observation_window: int = 32  # per-head caches: recent queries whose attention votes (StreamSettings)
 
     @property
     def history(self) -> int:
@@ -128,6 +134,8 @@ class CacheShape:
             sinks=SINKS,
             policy=self.method,
             positions=self.positions,
+            read_budget=self.context + self.reserve + 64 if self.reading == "whole" else None,
+            observation_window=self.observation_window,
         )
 
 

@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+import transformers
+from packaging.version import Version
 
 from .chat import ChatFormat
 from .session import start_ids, token_log_probs
@@ -67,11 +69,22 @@ def check_peers(methods: list[str]) -> None:
         _kvpress(peers[0])
 
 
+def check_transformers(method: str, installed: str) -> None:
+    """``ValueError`` if transformers ``installed`` is one kvpress 0.5.5 cannot run on: from 5.24 a model
+    passes its cache as ``cache``, and kvpress's hooks look for ``past_key_values``."""
+    if Version(installed).release >= (5, 24):
+        raise ValueError(
+            f"{method}: kvpress 0.5.5 reads the KV cache as `past_key_values`, which transformers {installed} "
+            "renamed; run the kvpress methods beside transformers 5.23: pip install 'transformers<5.24'"
+        )
+
+
 def _kvpress(method: str = "kvpress:"):
     try:
         import kvpress
     except ImportError as err:  # absent, or installed without a dependency it imports
         raise ValueError(f"{method} needs kvpress ({err}); install the peers extra: {INSTALL}") from None
+    check_transformers(method, transformers.__version__)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from nugget2d.compress import BACKENDS

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import bench_peers
 from .bench_common import (
+    READINGS,
     CacheShape,
     announce_adapter,
     check_contexts,
@@ -72,9 +73,15 @@ class QualityOptions:
     inputs: list[str] = field(default_factory=list)
     recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
     positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
+    reading: str = "stream"  # compress while streaming, or after reading the whole context (CacheShape.reading)
+    observation_window: int = 32  # per-head caches: recent queries whose attention votes beside the scorer
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)
+        if self.observation_window < 0:
+            raise ValueError(f"observation_window must be >= 0, got {self.observation_window}")
+        if self.reading not in READINGS:
+            raise ValueError(f"reading must be one of {list(READINGS)}, got {self.reading!r}")
         if not 0 < self.recent_share < 1:
             raise ValueError(f"recent_share must be in (0, 1), got {self.recent_share}")
         if self.positions not in POSITIONS:
@@ -96,7 +103,7 @@ class QualityOptions:
     def shape(self, config: tuple, reserve: int) -> CacheShape:
         """The cache of configuration ``(method, ratio, context)`` with ``reserve`` entries for what is
         scored or generated, under these options' budget split and positions."""
-        return CacheShape(*config, reserve, self.recent_share, self.positions)
+        return CacheShape(*config, reserve, self.recent_share, self.positions, self.reading, self.observation_window)
 
 
 def windows(texts: list[list[int]], length: int, count: int) -> list[list[int]]:
@@ -133,15 +140,15 @@ def perplexities(model, tokenizer, shape: CacheShape, window: list[int], options
     session = StreamingSession(model, tokenizer, shape.settings(), chat=False)
     session.ingest_ids(window[: context - 1], final=True)
     result = {}
+    room = shape.reserve  # both metrics read the text from the same number of entries: the history
+    result["held"] = held_for(session, room)
     if "ppl" in options.metrics:
         scored = window[context - 1 : context + options.continuation]
-        result["held"] = held_for(session, len(scored))
-        nll = -session.fork().score_ids(scored)
+        nll = -session.fork().score_ids(scored, room=room)
         result["ppl"] = (float(nll.sum()), int(nll.numel()))
     if "recall_ppl" in options.metrics:
         repeat = window[RECALL_LEAD : RECALL_LEAD + options.repeat]
-        result.setdefault("held", held_for(session, len(repeat) + 1))
-        nll = -session.score_ids([window[context - 1], *repeat])
+        nll = -session.score_ids([window[context - 1], *repeat], room=room)
         result["recall_ppl"] = (float(nll.sum()), int(nll.numel()))
     return result
 

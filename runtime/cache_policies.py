@@ -81,6 +81,27 @@ def _group_mean(rows: torch.Tensor, group_of: torch.Tensor, sizes: torch.Tensor)
     return sums.index_add_(2, group_of, rows.float()) / sizes
 
 
+def attention_from_last_queries(
+    query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float, window: int
+) -> torch.Tensor:
+    """The softmax attention ``(B, Hkv, K)`` each key receives from the last ``window`` queries, summed
+    over them and over the query heads sharing each KV head (``query`` ``(B, Hq, Q, D)``, ``key``
+    ``(B, Hkv, K, D)``, ``bias`` ``(B, 1 | Hkv, K)``; causal, the queries are the last keys)."""
+    with torch.no_grad():
+        batch, query_heads, _, dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        q = query[:, :, -window:]
+        q_len, groups = q.shape[2], query_heads // kv_heads
+        # query head h reads KV head h // groups: group the queries instead of repeating the keys
+        q = q.reshape(batch, kv_heads, groups * q_len, dim).float()
+        logits = torch.matmul(q, key.float().transpose(-1, -2)) * scaling
+        if bias is not None:
+            logits = logits + bias[:, :, None, :].float()
+        rows = torch.arange(q_len, device=q.device).repeat(groups)[:, None] + (k_len - q_len)
+        hidden = torch.arange(k_len, device=q.device)[None, :] > rows
+        return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=2)
+
+
 class AttentionReceived:
     """A cache observer that sums the softmax attention each key receives from the last ``window``
     queries of a forward pass, over all layers and query heads: :attr:`total` ``(B, K)``."""
@@ -94,21 +115,34 @@ class AttentionReceived:
     def __call__(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float
     ) -> None:
-        """Add this layer's attention from the last queries (``query`` ``(B, Hq, Q, D)``, ``key``
-        ``(B, Hkv, K, D)``, ``bias`` ``(B, 1 | Hkv, K)``; causal, queries are the last keys)."""
-        with torch.no_grad():
-            q = query[:, :, -self.window :].float()
-            groups = query.shape[1] // key.shape[1]
-            k = key.float().repeat_interleave(groups, dim=1)
-            logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
-            if bias is not None:
-                per_head = bias if bias.shape[1] == 1 else bias.repeat_interleave(groups, dim=1)
-                logits = logits + per_head[:, :, None, :].float()
-            q_len, k_len = q.shape[2], k.shape[2]
-            rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
-            hidden = torch.arange(k_len, device=q.device)[None, :] > rows
-            received = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=(1, 2))
-            self.total = received if self.total is None else self.total + received
+        """Add this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
+        received = attention_from_last_queries(query, key, bias, scaling, self.window).sum(dim=1)
+        self.total = received if self.total is None else self.total + received
+
+
+class HeadAttentionReceived:
+    """A cache observer keeping, per layer, the attention each key receives from the last ``window``
+    queries of the latest forward pass, per KV head (its query heads summed): :attr:`by_layer`
+    ``{layer: (B, Hkv, K)}``."""
+
+    def __init__(self, window: int = OBSERVATION_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"the observation window must be >= 1 query, got {window}")
+        self.window = window
+        self.by_layer: dict[int, torch.Tensor] = {}
+
+    def __call__(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float
+    ) -> None:
+        """Record this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
+        self.by_layer[layer_idx] = attention_from_last_queries(query, key, bias, scaling, self.window)
+
+    def layers(self, count: int) -> list[torch.Tensor]:
+        """The record of layers ``0 … count - 1``, in order; ``RuntimeError`` if one was never seen."""
+        missing = [i for i in range(count) if i not in self.by_layer]
+        if missing:
+            raise RuntimeError(f"no attention was observed in layers {missing}: the backend did not call the observer")
+        return [self.by_layer[i] for i in range(count)]
 
 
 def accumulate_attention(cache: NuggetCache, received: torch.Tensor, new: int) -> None:

@@ -27,11 +27,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_cache_arguments(
     parser: argparse.ArgumentParser, title: str = "cache", positions: bool = True
 ) -> argparse._ArgumentGroup:
-    """The cache shape (``--ratio --budget --recent --segment --sinks --overflow --policy --allocation`` and,
-    with ``positions``, ``--positions``) in a group the caller may extend."""
+    """The cache shape (``--ratio --budget --read-budget --recent --segment --sinks --overflow --policy
+    --allocation --observation-window`` and, with ``positions``, ``--positions``) in a group the caller may
+    extend."""
     cache = parser.add_argument_group(title)
     cache.add_argument("--ratio", type=float, default=0.1, help="fraction of each segment kept as nuggets")
     cache.add_argument("--budget", type=int, default=2048, help="cache entries in all (sinks + nuggets + recent)")
+    cache.add_argument(
+        "--read-budget",
+        type=int,
+        default=None,
+        help="entries the cache may hold while reading (default: --budget): a text that fits is read with full "
+        "attention and compressed into --budget when asked; memory peaks here",
+    )
     cache.add_argument("--recent", type=int, default=512, help="last tokens kept raw")
     cache.add_argument("--segment", type=int, default=256, help="tokens encoded per step")
     cache.add_argument("--sinks", type=int, default=4, help="first tokens kept raw (attention sinks)")
@@ -54,6 +62,13 @@ def add_cache_arguments(
         default="auto",
         help="nugget budget per token, or spread over (layer, KV head) by a per-head scorer (auto: head when "
         "the adapter's scorer scores heads)",
+    )
+    cache.add_argument(
+        "--observation-window",
+        type=int,
+        default=32,
+        help="per-head caches: the attention of each read segment's last N queries votes beside the scorer on "
+        "what stays (0: the scorer alone)",
     )
     if positions:
         cache.add_argument(
@@ -80,6 +95,8 @@ def stream_settings(args: argparse.Namespace):
         positions=getattr(args, "positions", "auto"),
         policy=args.policy,
         allocation=args.allocation,
+        observation_window=args.observation_window,
+        read_budget=args.read_budget,
     )
 
 

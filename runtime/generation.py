@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
+from nugget2d.compress.hf_compat import returned_cache
 
 
 @dataclass
@@ -96,7 +97,7 @@ class TokenStream:
         self.finish_reason = "length"
         for _ in range(settings.max_new_tokens):
             out = self.model(step, nuggets=self.cache)
-            self.cache, self.unfed = out.past_key_values, []
+            self.cache, self.unfed = returned_cache(out), []
             scores = processors(history, out.logits[:, -1].float())
             if settings.temperature > 0:
                 token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))

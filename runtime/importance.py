@@ -21,6 +21,7 @@ import torch
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
 from nugget2d.compress.adapters import activate
+from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 
 #: The instruction between the context and its copy (KVzip's repeat prompt).
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
@@ -63,7 +64,12 @@ def frozen_forward(
     cache.begin_step(positions, mask)
     module = model.base if lm_head else model.base.get_decoder()
     return module(
-        input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, nugget_cache=cache, **kwargs
+        input_ids=input_ids,
+        position_ids=positions,
+        use_cache=True,
+        nugget_cache=cache,
+        **{CACHE_ARGUMENT: cache},
+        **kwargs,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
@@ -12,6 +13,7 @@ from nugget2d.compress.model import model_fingerprint
 
 from .models import load_model
 
+UNTRAINED_SEED = 0  # ``--adapter none``: the untrained scorer's weights, fixed so runs compare
 DEFAULT_ADAPTER = "adapter"  # runtime/data/adapter: the trained adapter for the embedded default model
 
 
@@ -39,8 +41,8 @@ def load_nugget2d(
 
     ``adapter`` is an adapter directory; None (or ``"default"``) takes the adapter shipped in the
     package when it was trained for this base model; ``"none"`` builds a fresh (untrained) scorer and
-    zero-initialised LoRA from ``config``. The result is in eval mode; ``model.adapter_source`` says
-    which adapter it carries.
+    zero-initialised LoRA from ``config`` (seeded: the same weights in every run). The result is in
+    eval mode; ``model.adapter_source`` says which adapter it carries.
     """
     base, tokenizer = load_model(model)
     if adapter in (None, "", "default"):
@@ -49,7 +51,9 @@ def load_nugget2d(
             raise ValueError("no default adapter is shipped for this base model; pass --adapter none or a directory")
         adapter = str(default) if default is not None else "none"
     if adapter == "none":
-        nugget_model = Nugget2DModel.from_base(base, config or Nugget2DConfig(), attention=attention)
+        with torch.random.fork_rng(devices=[]):  # the same untrained scorer in every run, the caller's RNG untouched
+            torch.manual_seed(UNTRAINED_SEED)
+            nugget_model = Nugget2DModel.from_base(base, config or Nugget2DConfig(), attention=attention)
     else:
         path = Path(adapter)
         if not path.is_dir():

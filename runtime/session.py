@@ -25,13 +25,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DModel, NuggetCache, nugget_count
 from nugget2d.compress.config import check_ratio
+from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import check_rerotatable
 
-from .cache_policies import AttentionReceived, accumulate_attention, check_policy, pool_groups, topk_in_order
+from .cache_policies import (
+    AttentionReceived,
+    HeadAttentionReceived,
+    accumulate_attention,
+    check_policy,
+    pool_groups,
+    topk_in_order,
+)
 from .chat import ChatFormat
 from .generation import GenerationSettings, TextDeltas, TokenStream
 from .resources import peak_rss_bytes
@@ -49,7 +58,13 @@ class StreamSettings:
     nuggets (``nugget2d``), nothing (``streaming``), top tokens by attention received (``snapkv``)
     or mean-pooled groups (``compressive``). ``allocation`` spreads the nuggets' budget per token
     (every layer and head keeps the same tokens) or per (layer, KV head) by a per-head scorer;
-    ``auto`` takes ``head`` when the adapter's scorer scores heads, ``token`` otherwise."""
+    ``auto`` takes ``head`` when the adapter's scorer scores heads, ``token`` otherwise.
+    In a per-head cache the attention that the last ``observation_window`` queries of each segment read
+    give every entry votes beside the scorer on what stays: an entry's worth is the better of its two
+    percentiles (SnapKV's signal serves continuation, the scorer's far recall); 0: the scorer alone.
+    ``read_budget`` (``None``: ``budget``) is how many entries the cache may hold while reading: a text
+    that fits is read with full attention and compressed into ``budget`` only when asked (how the
+    Nugget2D paper encodes and how KV presses prefill); memory then peaks at ``read_budget``."""
 
     ratio: float = 0.1
     budget: int = 2048
@@ -60,6 +75,13 @@ class StreamSettings:
     positions: Literal["auto", "cache", "original"] = "auto"
     policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
     allocation: Literal["auto", "token", "head"] = "auto"
+    observation_window: int = 32
+    read_budget: int | None = None
+
+    @property
+    def read_capacity(self) -> int:
+        """Entries the cache may hold while reading: ``read_budget``, never below ``budget``."""
+        return max(self.budget, self.read_budget or 0)
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -67,7 +89,7 @@ class StreamSettings:
         for name in ("budget", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("recent", "sinks"):
+        for name in ("recent", "sinks", "observation_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overflow not in ("evict", "recompress"):
@@ -81,11 +103,22 @@ class StreamSettings:
                 "allocation='head' spreads the nugget2d scorer's per-head scores, evicting the lowest: it needs "
                 "policy='nugget2d' and overflow='evict'"
             )
-        floor = self.sinks + self.recent + self.segment
-        if self.budget <= floor:
+        if self.read_budget is not None and self.read_budget < self.budget:
             raise ValueError(
-                f"budget ({self.budget}) must exceed sinks + recent + segment ({self.sinks} + {self.recent} + "
+                f"read_budget ({self.read_budget}) cannot be below budget ({self.budget}): it is what the cache may "
+                "hold while reading; raise --read-budget or leave it out"
+            )
+        floor = self.sinks + self.recent + self.segment
+        if self.read_capacity <= floor:
+            name = "read_budget" if self.read_capacity > self.budget else "budget"
+            raise ValueError(
+                f"{name} ({self.read_capacity}) must exceed sinks + recent + segment ({self.sinks} + {self.recent} + "
                 f"{self.segment} = {floor}) to leave room for nuggets; raise --budget or lower --recent/--segment"
+            )
+        if self.budget <= self.sinks + self.recent:
+            raise ValueError(
+                f"budget ({self.budget}) must exceed sinks + recent ({self.sinks} + {self.recent}) to leave room for "
+                "nuggets; raise --budget or lower --recent"
             )
 
 
@@ -140,6 +173,9 @@ class StreamingSession:
         self.progress = progress
         allocation = self._allocation(model)
         self.cache = model.new_cache(positions=self._first_positions(allocation), allocation=allocation)
+        #: per layer ``(B, Hkv, entries)``: the attention the last segment's last queries gave each entry
+        #: (per-head caches with an observation window), until the cache next changes
+        self.observed: list[torch.Tensor] | None = None
         self.sinks = self.nuggets = self.raw = 0  # entries per part: [sinks][nuggets][raw], one row
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
@@ -218,18 +254,34 @@ class StreamingSession:
 
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))
-        self._make_room(len(ids), keep_raw=self.settings.recent)
-        observer = AttentionReceived() if self.settings.policy == "snapkv" else None
+        settings = self.settings
+        held = self.sinks + self.nuggets + self.raw
+        # Streaming compresses what leaves the raw window before every segment; with a read budget the
+        # text stays whole until the next segment would overflow it, then shrinks into the budget.
+        if settings.read_budget is None or held + len(ids) > settings.read_capacity:
+            self._make_room(max(0, len(ids) - (settings.read_capacity - settings.budget)), keep_raw=settings.recent)
+        observer = self._observer()
         self.cache.observer = observer
         try:
             self.model.encode(torch.tensor([ids], device=self.model.device), cache=self.cache)
         finally:
             self.cache.observer = None
-        if observer is not None:
+        if isinstance(observer, HeadAttentionReceived):
+            self.observed = observer.layers(len(self.cache.layers))
+        elif observer is not None:
             accumulate_attention(self.cache, observer.total, len(ids))
         self.stats.encoder_calls += 1
         self.stats.tokens_ingested += len(ids)
         self._append_raw(len(ids))
+
+    def _observer(self) -> AttentionReceived | HeadAttentionReceived | None:
+        """What watches the attention while a segment is read: the snapkv policy's running totals, a
+        per-head cache's last ``observation_window`` queries, or nothing."""
+        if self.settings.policy == "snapkv":
+            return AttentionReceived()
+        if self.allocation == "head" and self.settings.observation_window:
+            return HeadAttentionReceived(self.settings.observation_window)
+        return None
 
     def _append_raw(self, count: int) -> None:
         """Count ``count`` entries just appended: the stream's first tokens fill the sinks."""
@@ -279,14 +331,14 @@ class StreamingSession:
         needed = len(prompt) + settings.max_new_tokens
         self._check_original_positions(needed)
         with torch.no_grad():
-            self._make_room(needed, keep_raw=min(self.raw, self.settings.budget - self.settings.sinks - needed))
+            self._make_room(needed, keep_raw=self._raw_when_asked(needed))
         stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids())
         started = time.perf_counter()
         try:
             yield from stream
         finally:
             fed = stream.cache.get_seq_length() - self.cache.get_seq_length()
-            self.cache, self.pending = stream.cache, stream.unfed
+            self.cache, self.pending, self.observed = stream.cache, stream.unfed, None
             self._append_raw(fed)
             self.turns += 1
             self.stats.prompt_tokens += len(prompt)
@@ -301,29 +353,30 @@ class StreamingSession:
         extra = extra if isinstance(extra, list) else [extra]
         return [t for t in [eos, *extra] if t is not None]
 
-    def score_ids(self, ids: Iterable[int]) -> torch.Tensor:
+    def score_ids(self, ids: Iterable[int], room: int = 0) -> torch.Tensor:
         """Log-probabilities ``(len(ids) - 1,)`` of ``ids[1:]``, each given the stream so far and the ids
         before it (teacher forcing: one forward pass over the cache, made room for like a prompt); the
-        ids then stay in the cache. ``ValueError`` for fewer than two ids or more than the budget holds."""
+        ids then stay in the cache. ``room`` (at least the ids' count) is how many entries are freed
+        first, so scorings of different lengths can see one stream in the same number of entries.
+        ``ValueError`` for fewer than two ids or more than the budget holds."""
         ids = [int(t) for t in ids]
         if len(ids) < 2:
             raise ValueError(f"score_ids needs at least two ids (an opener and a token to score), got {len(ids)}")
         self.ingest_ids([], final=True)
         prompt = self.pending + ids
-        if self.settings.sinks + len(prompt) > self.settings.budget:
+        needed = max(len(prompt), room)
+        if self.settings.sinks + needed > self.settings.budget:
             raise ValueError(
-                f"{len(prompt)} ids to score do not fit the cache budget ({self.settings.budget} entries, "
+                f"{needed} entries to score do not fit the cache budget ({self.settings.budget} entries, "
                 f"{self.settings.sinks} of them sinks); score fewer or raise the budget"
             )
         self._check_original_positions(len(prompt))
         started = time.perf_counter()
         with torch.no_grad():
-            self._make_room(
-                len(prompt), keep_raw=min(self.raw, self.settings.budget - self.settings.sinks - len(prompt))
-            )
+            self._make_room(needed, keep_raw=self._raw_when_asked(needed))
             out = self.model(torch.tensor([prompt], device=self.model.device), nuggets=self.cache)
         scored = token_log_probs(out.logits[0, len(self.pending) : -1], ids[1:])
-        self.cache, self.pending = out.past_key_values, []
+        self.cache, self.pending, self.observed = returned_cache(out), [], None
         self._append_raw(len(prompt))
         self.stats.prompt_tokens += len(prompt)
         self.stats.decode_seconds += time.perf_counter() - started
@@ -331,6 +384,12 @@ class StreamingSession:
         return scored
 
     # --- keeping the cache inside its budget -------------------------------------------------------
+
+    def _raw_when_asked(self, needed: int) -> int:
+        """Raw entries that stay raw before ``needed`` tokens are fed: all that fit the budget, at most
+        ``recent + segment`` (what streaming holds at most; a text read whole keeps no more)."""
+        settings = self.settings
+        return min(self.raw, settings.recent + settings.segment, settings.budget - settings.sinks - needed)
 
     def _make_room(self, incoming: int, keep_raw: int) -> None:
         """Compress raw tokens beyond ``keep_raw`` into nuggets, then shrink the nuggets until
@@ -379,8 +438,14 @@ class StreamingSession:
             return  # nothing moves
         entries = nuggets * self.model.num_layers * self.model.num_kv_heads
         keep = torch.tensor([entries], device=self.model.device)
+        observed, self.observed = self.observed, None  # it describes the entries before this change
         self.cache.keep_top_entries(
-            keep, self.model.rotary_emb, tail=raw, lead=self.sinks, bias_mode=self.model.config.bias_mode
+            keep,
+            self.model.rotary_emb,
+            tail=raw,
+            lead=self.sinks,
+            bias_mode=self.model.config.bias_mode,
+            observed=observed,
         )
         self.cache.nugget_span = torch.tensor([nuggets], device=self.model.device)
         if self.cache.position_mode == "cache":
@@ -467,6 +532,11 @@ class StreamingSession:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.cache.save(directory / "cache.safetensors")
+        observed = directory / "observed.safetensors"
+        if self.observed is not None:
+            save_file({str(i): seen.contiguous() for i, seen in enumerate(self.observed)}, observed)
+        else:
+            observed.unlink(missing_ok=True)
         state = {
             "settings": asdict(self.settings),
             "format": asdict(self.format),
@@ -497,6 +567,10 @@ class StreamingSession:
             raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err
         session.cache = NuggetCache.load(directory / "cache.safetensors", device=model.device)
         session.cache.check_model(model.fingerprint)
+        observed = directory / "observed.safetensors"
+        if observed.is_file():
+            seen = load_file(observed, device=str(model.device))
+            session.observed = [seen[str(i)] for i in range(len(seen))]
         return session
 
 

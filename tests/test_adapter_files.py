@@ -9,6 +9,7 @@ import torch
 from tiny_models import tiny_llama, tiny_qwen2
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel, NuggetCache
+from nugget2d.compress.hf_compat import returned_cache
 
 
 def _trained_looking(base) -> Nugget2DModel:
@@ -105,7 +106,7 @@ def test_cache_sizes_and_fork(tokens):
     with torch.no_grad():
         out = model(tokens[:, 20:], nuggets=cache)
     assert cache.get_seq_length() == before  # forward decodes over a fork
-    assert out.past_key_values.get_seq_length() == before + 20
+    assert returned_cache(out).get_seq_length() == before + 20
 
 
 def test_the_shipped_adapter_is_the_default_only_for_its_base_model(tmp_path, tiny_model_dir, monkeypatch):
@@ -118,7 +119,10 @@ def test_the_shipped_adapter_is_the_default_only_for_its_base_model(tmp_path, ti
     monkeypatch.setattr(loading, "default_adapter_dir", lambda: shipped)
     model, _ = loading.load_nugget2d(str(tiny_model_dir))
     assert model.adapter_source == str(shipped) and model.config.ratio == 0.25
-    assert loading.load_nugget2d(str(tiny_model_dir), "none")[0].adapter_source == "untrained"
+    untrained = [loading.load_nugget2d(str(tiny_model_dir), "none")[0] for _ in range(2)]
+    assert untrained[0].adapter_source == "untrained"
+    first, second = (model.scorer.state_dict() for model in untrained)  # runs compare: the same random scorer
+    assert all(torch.equal(first[name], second[name]) for name in first)
     other = save_tiny_model(tmp_path / "other", initializer_range=0.3)  # another base model
     assert loading.load_nugget2d(str(other))[0].adapter_source == "untrained"
     with pytest.raises(ValueError, match="no default adapter"):

@@ -262,3 +262,24 @@ def test_text_positions_reach_the_sessions_and_stop_at_the_model_window(tmp_path
     assert not (tmp_path / "long").exists()
     with pytest.raises(ValueError, match="positions must be"):
         QualityOptions(contexts=[96], positions="text", **common)
+
+
+def test_whole_reading_and_the_observation_window_reach_the_sessions(tmp_path):
+    """``--reading whole`` lets every compressing method read its context with full attention before it
+    compresses (results differ from streaming); ``--observation-window`` reaches the sessions too."""
+    whole = CacheShape("snapkv", 0.25, 96, 17, reading="whole", observation_window=0).settings()
+    assert whole.read_budget == 96 + 17 + 64 and whole.observation_window == 0
+    assert CacheShape("snapkv", 0.25, 96, 17).settings().read_budget is None
+    common = dict(methods=["snapkv"], ratios=[0.25], metrics=["ppl"], samples=1, continuation=16, contexts=[96])
+    inputs = [str(text_file(tmp_path))]
+    records = {}
+    for reading in ("stream", "whole"):
+        options = QualityOptions(reading=reading, inputs=inputs, **common)
+        path = run_quality(_model(), tiny_tokenizer(), options, tmp_path / reading, adapter="none")
+        records[reading] = json.loads(path.read_text())["records"][0]
+    assert records["stream"]["cache_tokens"] == records["whole"]["cache_tokens"]  # the same budget when scored
+    assert records["stream"]["ppl"] != pytest.approx(records["whole"]["ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match="reading must be"):
+        QualityOptions(reading="all", **common)
+    with pytest.raises(ValueError, match="observation_window"):
+        QualityOptions(observation_window=-1, **common)

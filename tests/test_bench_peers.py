@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from tiny_models import text_file
 
 from nugget2d.runtime import bench_peers
@@ -46,12 +47,22 @@ def test_without_kvpress_one_line_names_the_extra_before_any_model_loads(monkeyp
     assert len(err) == 1 and "kvpress:SnapKV needs kvpress" in err[0] and "pip install 'nugget2d[peers]'" in err[0]
 
 
+def test_a_transformers_kvpress_cannot_run_on_is_named_with_the_fix():
+    bench_peers.check_transformers("kvpress:SnapKV", "5.23.0")
+    with pytest.raises(ValueError, match=r"transformers 5.24.0 renamed.*pip install 'transformers<5.24'"):
+        bench_peers.check_transformers("kvpress:SnapKV", "5.24.0")
+
+
 # --- with kvpress installed -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     pytest.importorskip("kvpress", reason="kvpress is the optional `peers` extra: pip install 'nugget2d[peers]'")
+    try:
+        bench_peers.check_transformers("kvpress", transformers.__version__)
+    except ValueError as err:
+        pytest.skip(str(err))
     from nugget2d.runtime.loading import load_nugget2d
 
     model, tokenizer = load_nugget2d(str(tiny_model_dir), "none")

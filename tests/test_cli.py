@@ -111,6 +111,11 @@ def test_generate_refuses_bad_settings_before_loading(tmp_path, capsys):
     empty.write_text("")
     assert main(["generate", "--model", str(absent), "--input", str(empty), "--prompt", "q"]) == 2
     assert "is empty" in capsys.readouterr().err
+    args = ["generate", "--model", str(absent), "--input", str(text), "--prompt", "q", "--read-budget", "1000"]
+    assert main(args) == 2
+    assert "read_budget (1000) cannot be below budget (2048)" in capsys.readouterr().err
+    assert main([*args[:-2], "--observation-window", "-1"]) == 2
+    assert "observation_window must be >= 0" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_prompt_longer_than_the_budget(tmp_path, tiny_model_dir, capsys):

@@ -94,8 +94,9 @@ class _SharedScores(nn.Module):
 
 @pytest.mark.parametrize("positions", ["cache", "original"])
 def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets(positions):
-    """When every head scores tokens alike, spreading the budget per head keeps the same tokens in every
-    layer and head: the same log-probabilities as the token-level cache, with either numbering."""
+    """When every head scores tokens alike (and the scorer alone chooses), spreading the budget per head
+    keeps the same tokens in every layer and head: the same log-probabilities as the token-level cache,
+    with either numbering."""
     torch.manual_seed(0)
     text, question = _text(200), _text(30)[:12]
     results = {}
@@ -103,7 +104,9 @@ def test_per_head_budgets_with_equal_head_scores_equal_token_nuggets(positions):
         model = _model()
         model.scorer = _SharedScores((model.num_layers, model.num_kv_heads) if allocation == "head" else None)
         # blocks leaving the raw window are whole segments, so both rules see the same candidates
-        settings = StreamSettings(budget=64, recent=16, segment=16, sinks=0, allocation=allocation, positions=positions)
+        settings = StreamSettings(
+            budget=64, recent=16, segment=16, sinks=0, allocation=allocation, positions=positions, observation_window=0
+        )
         session = StreamingSession(model, tiny_tokenizer(), settings, chat=False)
         session.ingest_ids(text)
         results[allocation] = session.score_ids(question)
@@ -224,3 +227,78 @@ def test_auto_positions_keep_text_positions_until_the_window_then_renumber_exact
         torch.testing.assert_close(
             rerotate(layer.keys, positions - target, model.rotary_emb), keys, atol=1e-5, rtol=1e-5
         )
+
+
+def test_the_last_queries_attention_is_recorded_per_kv_head():
+    """``HeadAttentionReceived`` holds, per KV head, the softmax attention of the last ``window`` causal
+    queries summed over them and the head's query heads: what :class:`AttentionReceived` sums over all."""
+    from nugget2d.runtime.cache_policies import AttentionReceived, HeadAttentionReceived
+
+    generator = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 6, 8, generator=generator), torch.randn(1, 2, 10, 8, generator=generator)
+    per_head, total = HeadAttentionReceived(window=3), AttentionReceived(window=3)
+    per_head(0, q, k, None, 0.5)
+    total(0, q, k, None, 0.5)
+    seen = per_head.layers(1)[0]
+    expected = torch.zeros(1, 2, 10)
+    for head in range(4):
+        for row in range(3, 6):  # query row r is key 4 + r: it sees keys 0 … 4 + r
+            visible = 4 + row + 1
+            weights = (q[0, head, row] @ k[0, head // 2, :visible].T * 0.5).softmax(dim=-1)
+            expected[0, head // 2, :visible] += weights
+    torch.testing.assert_close(seen, expected)
+    torch.testing.assert_close(seen.sum(dim=1), total.total)
+    with pytest.raises(RuntimeError, match="layers \\[1\\]"):
+        per_head.layers(2)
+
+
+def test_entries_the_last_queries_read_stay_beside_the_scorer_best():
+    """Layer 0's head 0 holds 20 candidates scored 0 … 19; the recent queries read entry 0 most. With
+    their attention voting, entry 0 (the scorer's worst) stays with the scorer's best; without, it goes."""
+    model = _model()
+    heads = model.num_kv_heads
+    kept = {}
+    for voting in (False, True):
+        cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="original"))
+        observed = []
+        for index, layer in enumerate(cache.layers):
+            layer.scores = torch.zeros(1, heads, 20)
+            layer.bias = torch.full((1, heads, 20), MASKED)
+            seen = torch.zeros(1, heads, 20)
+            if index == 0:
+                layer.scores[:, 0] = torch.arange(20.0)
+                layer.bias[:, 0] = 0.0
+                seen[:, 0] = torch.linspace(1.0, 0.0, 20)
+            observed.append(seen)
+        cache.keep_top_entries(
+            torch.tensor([6 * heads]), model.rotary_emb, pool=20, observed=observed if voting else None
+        )
+        layer = cache.layers[0]
+        kept[voting] = layer.positions[0, 0, layer.bias[0, 0] > MASKED / 2].tolist()
+    assert kept[False] == list(range(14, 20))
+    assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 6
+    with pytest.raises(ValueError, match="one value per"):
+        cache.keep_top_entries(torch.tensor([heads]), model.rotary_emb, pool=2, observed=[torch.zeros(1, 1, 3)])
+
+
+def test_a_session_keeps_the_last_queries_attention_until_its_cache_changes(tmp_path):
+    """After each segment the session holds one record per layer, matching the cache's entries; asking
+    uses it up; a saved session carries it, so the loaded one compacts exactly alike."""
+    model = _model()
+    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    session.ingest_ids(_text())
+    assert [tuple(seen.shape) for seen in session.observed] == [
+        tuple(layer.keys.shape[:3]) for layer in session.cache.layers
+    ]
+    session.save(tmp_path / "doc")
+    question = _text(30)[:10]
+    answers = [StreamingSession.load(tmp_path / "doc", model, tiny_tokenizer()).score_ids(question)]
+    (tmp_path / "doc" / "observed.safetensors").unlink()
+    answers.append(StreamingSession.load(tmp_path / "doc", model, tiny_tokenizer()).score_ids(question))
+    scored = session.score_ids(question)
+    assert session.observed is None
+    torch.testing.assert_close(answers[0], scored)
+    assert not torch.allclose(answers[1], scored)  # the scorer alone keeps other entries here
+    quiet = StreamingSession(model, tiny_tokenizer(), StreamSettings(**{**vars(SHAPE), "observation_window": 0}))
+    quiet.ingest_ids(_text())
+    assert quiet.observed is None

@@ -158,6 +158,8 @@ def test_stopping_early_keeps_the_session_usable():
         (dict(ratio=0.0), "ratio"),
         (dict(ratio=1.5), "ratio"),
         (dict(overflow="drop"), "overflow"),
+        (dict(budget=600, read_budget=300), "read_budget"),
+        (dict(observation_window=-1), "observation_window"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
@@ -204,3 +206,55 @@ def test_text_chunks_stream_like_one_string(tmp_path):
     from_file.ingest(path)
     assert whole.stats.tokens_ingested == pieces.stats.tokens_ingested == from_file.stats.tokens_ingested
     assert torch.equal(whole.cache.layers[0].keys, pieces.cache.layers[0].keys)
+
+
+def test_a_text_inside_the_read_budget_is_read_with_full_attention():
+    """With a read budget a text that fits is read whole: every token attends to every earlier one (the
+    kept keys are those of one plain forward over the text), and only asking shrinks the cache into its
+    budget. Streamed without one, the deep layers' keys differ (they saw a compressed past)."""
+    document, question = _random_ids(200), _random_ids(6, seed=1)
+    kept_equal = {}
+    for read_budget in (256, None):
+        settings = StreamSettings(
+            ratio=0.25, budget=64, recent=16, segment=16, positions="original", read_budget=read_budget
+        )
+        session = _session(settings)
+        reference = session.model.encode(torch.tensor([document]), cache=session.model.new_cache())
+        session.ingest_ids(document)
+        if read_budget:
+            assert session.cache.get_seq_length() == len(document)  # nothing compressed while reading
+        session.score_ids(question)
+        assert session.cache.get_seq_length() <= settings.budget
+        last, full = session.cache.layers[-1], reference.layers[-1]
+        text = last.positions[0] < len(document)
+        kept = last.positions[0, text]
+        assert len(kept) > settings.recent  # nuggets and raw tokens
+        kept_equal[read_budget] = torch.allclose(last.keys[0, :, text], full.keys[0, :, kept], atol=1e-5)
+    assert kept_equal == {256: True, None: False}
+
+
+def test_a_longer_text_never_holds_more_than_the_read_budget():
+    settings = StreamSettings(ratio=0.25, budget=64, recent=16, segment=16, read_budget=128)
+    session = _session(settings)
+    peak = 0
+    ids = _random_ids(600)
+    for step in range(0, len(ids), 16):
+        session.ingest_ids(ids[step : step + 16])
+        peak = max(peak, session.cache.get_seq_length())
+    assert peak == settings.read_budget
+    answer = list(session.ask_ids(_random_ids(4, seed=3), GenerationSettings(max_new_tokens=4)))
+    assert answer and session.cache.get_seq_length() <= settings.budget
+    assert session.nuggets > 0
+
+
+def test_scorings_with_the_same_room_read_the_same_cache():
+    """``score_ids(room=…)`` frees the same entries whatever the scored length, so a short scoring is the
+    start of a long one (teacher forcing is causal); freeing only what each needs keeps more for the short."""
+    session = _session(StreamSettings(ratio=0.25, budget=96, recent=16, segment=16, policy="streaming"))
+    session.ingest_ids(_random_ids(300))
+    ids = _random_ids(30, seed=4)
+    long = session.fork().score_ids(ids, room=40)
+    torch.testing.assert_close(session.fork().score_ids(ids[:6], room=40), long[:5])
+    assert not torch.allclose(session.fork().score_ids(ids[:6]), long[:5])
+    with pytest.raises(ValueError, match="do not fit"):
+        session.fork().score_ids(ids[:6], room=95)

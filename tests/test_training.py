@@ -39,16 +39,16 @@ def _config(tiny_model_dir, corpus, output, **overrides) -> TrainConfig:
 
 
 def test_overfitting_halves_the_autoencoding_loss(tmp_path, trainable_model_dir, corpus):
-    metrics = train_loop(_config(trainable_model_dir, corpus, tmp_path / "run", max_steps=40))
+    metrics = train_loop(_config(trainable_model_dir, corpus, tmp_path / "run", max_steps=80))
     first = sum(m["loss"] for m in metrics[:3]) / 3
     last = sum(m["loss"] for m in metrics[-3:]) / 3
     assert last <= first / 2, (first, last)
-    adapter = tmp_path / "run" / "checkpoint-40" / "adapter"
+    adapter = tmp_path / "run" / "checkpoint-80" / "adapter"
     restored = Nugget2DModel.from_pretrained(adapter, base_model=tiny_llama(initializer_range=0.3))
     assert restored.config.ratio == 0.5
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     last_record = json.loads(lines[-1])
-    assert len(lines) == 40 and "heldout_loss" in last_record
+    assert len(lines) == 80 and "heldout_loss" in last_record
     assert 0 <= last_record["autoencode_bleu"] <= 1
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,15 @@ from nugget2d.runtime.importance import frozen_forward
 from nugget2d.runtime.loading import load_nugget2d
 from nugget2d.runtime.session import StreamingSession
 
-METHODS = [("nugget2d", "head"), ("nugget2d", "token"), ("snapkv", "token"), ("streaming", "token")]
+# (policy, allocation, observation window): the per-head cache with the recent queries voting (the default)
+# and with the scorer alone
+METHODS = [
+    ("nugget2d", "head", 32),
+    ("nugget2d", "head", 0),
+    ("nugget2d", "token", 0),
+    ("snapkv", "token", 0),
+    ("streaming", "token", 0),
+]
 
 
 def prefill(model, ids: list[int]) -> float:
@@ -33,13 +41,13 @@ def main(adapter: str, out: str) -> None:
     rounds = []
     for _ in range(2):
         row = {"plain_prefill_s": prefill(model, ids)}
-        for method, allocation in METHODS:
-            settings = CacheShape(method, 0.1, 2048, 400).settings()
+        for method, allocation, window in METHODS:
+            settings = CacheShape(method, 0.1, 2048, 400, observation_window=window).settings()
             settings.allocation = allocation
             session = StreamingSession(model, tokenizer, settings, chat=False)
             started = time.perf_counter()
             session.ingest_ids(ids)
-            row[f"{method}-{allocation}_s"] = time.perf_counter() - started
+            row[f"{method}-{allocation}{f'-observe{window}' if window else ''}_s"] = time.perf_counter() - started
         row["plain_prefill_s_after"] = prefill(model, ids)
         rounds.append(row)
         print(row, flush=True)
