@@ -1,6 +1,7 @@
-"""Compression time of each method over a plain prefill of the same 2,047-token context (one thread).
+"""Compression time of each method over a plain prefill of the same context (one thread), read in
+the bench's cache shape for that context (r = 0.1).
 
-Usage (repository root): python benchmarks/heads/compress_time.py ADAPTER_DIR OUT.json
+Usage (repository root): python benchmarks/heads/compress_time.py ADAPTER_DIR OUT.json [CONTEXT=2048]
 """
 
 import json
@@ -33,16 +34,17 @@ def prefill(model, ids: list[int]) -> float:
     return time.perf_counter() - started
 
 
-def main(adapter: str, out: str) -> None:
+def main(adapter: str, out: str, context: str = "2048") -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_nugget2d(None, adapter)
     text = open("../shared/data/corpus/complete-angler.txt").read()
-    ids = tokenizer(text[50000:80000]).input_ids[:2047]
+    context = int(context)
+    ids = tokenizer(text[50000 : 50000 + 20 * context]).input_ids[: context - 1]
     rounds = []
     for _ in range(2):
         row = {"plain_prefill_s": prefill(model, ids)}
         for method, allocation, window in METHODS:
-            settings = CacheShape(method, 0.1, 2048, 400, observation_window=window).settings()
+            settings = CacheShape(method, 0.1, context, 400, observation_window=window).settings()
             settings.allocation = allocation
             session = StreamingSession(model, tokenizer, settings, chat=False)
             started = time.perf_counter()
@@ -56,4 +58,4 @@ def main(adapter: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
