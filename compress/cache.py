@@ -248,9 +248,7 @@ class NuggetCache(Cache):
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
         if observed is not None:
-            if [tuple(seen.shape) for seen in observed] != [
-                tuple(layer.bias.expand_as(layer.keys[..., 0]).shape) for layer in self.layers
-            ]:
+            if [seen.shape for seen in observed] != [layer.keys.shape[:3] for layer in self.layers]:
                 raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
             seen = [
                 seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))

@@ -18,8 +18,10 @@ def major_minor(version: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+#: The transformers release whose models take (and return) the KV cache as ``cache``.
+CACHE_RENAMED_IN = (5, 24)
 #: The keyword under which a model's ``forward`` takes (and its output returns) the KV cache.
-CACHE_ARGUMENT = "cache" if major_minor(transformers.__version__) >= (5, 24) else "past_key_values"
+CACHE_ARGUMENT = "cache" if major_minor(transformers.__version__) >= CACHE_RENAMED_IN else "past_key_values"
 
 
 def returned_cache(output) -> Cache:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache_policies import POLICIES
+from .cache_policies import OBSERVATION_WINDOW, POLICIES
 from .session import StreamSettings
 from .texts import bundled_text, read_text_file
 
@@ -97,7 +97,9 @@ class CacheShape:
     recent_share: float = 0.25  # of the history, kept raw (the rest after 4 sinks: kept entries)
     positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
     reading: str = "stream"  # "whole": the context is read with full attention, then compressed (as presses do)
-    observation_window: int = 32  # per-head caches: recent queries whose attention votes (StreamSettings)
+    observation_window: int = (
+        OBSERVATION_WINDOW  # per-head caches: recent queries whose attention votes (StreamSettings)
+    )
 
     @property
     def history(self) -> int:
@@ -106,10 +108,15 @@ class CacheShape:
             return self.context
         return math.ceil(self.ratio * self.context - 1e-9)
 
+    @property
+    def everything(self) -> int:
+        """Entries that hold all a session reads: the context, ``reserve`` and 64 of slack for start tokens."""
+        return self.context + self.reserve + 64
+
     def settings(self) -> StreamSettings:
         """The :class:`StreamSettings` of this configuration; ``ValueError`` if ``ratio·context`` is too small."""
         if self.method == "full":
-            recent = self.context + self.reserve + 64  # 64: slack for start tokens; nothing ever leaves
+            recent = self.everything  # nothing ever leaves
             return StreamSettings(
                 ratio=1.0,
                 budget=SINKS + recent + FULL_SEGMENT + 1,
@@ -134,7 +141,7 @@ class CacheShape:
             sinks=SINKS,
             policy=self.method,
             positions=self.positions,
-            read_budget=self.context + self.reserve + 64 if self.reading == "whole" else None,
+            read_budget=self.everything if self.reading == "whole" else None,
             observation_window=self.observation_window,
         )
 

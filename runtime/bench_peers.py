@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import transformers
 
-from nugget2d.compress.hf_compat import major_minor
+from nugget2d.compress.hf_compat import CACHE_RENAMED_IN, major_minor
 
 from .chat import ChatFormat
 from .session import start_ids, token_log_probs
@@ -73,7 +73,7 @@ def check_peers(methods: list[str]) -> None:
 def check_transformers(method: str, installed: str) -> None:
     """``ValueError`` if transformers ``installed`` is one kvpress 0.5.5 cannot run on: from 5.24 a model
     passes its cache as ``cache``, and kvpress's hooks look for ``past_key_values``."""
-    if major_minor(installed) >= (5, 24):
+    if major_minor(installed) >= CACHE_RENAMED_IN:
         raise ValueError(
             f"{method}: kvpress 0.5.5 reads the KV cache as `past_key_values`, which transformers {installed} "
             "renamed; run the kvpress methods beside transformers 5.23: pip install 'transformers<5.24'"

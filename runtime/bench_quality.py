@@ -43,6 +43,7 @@ from .bench_common import (
     write_results,
 )
 from .bench_plots import plot_quality
+from .cache_policies import OBSERVATION_WINDOW
 from .chat import ChatFormat
 from .generation import GenerationSettings
 from .session import POSITIONS, StreamingSession
@@ -74,7 +75,9 @@ class QualityOptions:
     recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
     positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
     reading: str = "stream"  # compress while streaming, or after reading the whole context (CacheShape.reading)
-    observation_window: int = 32  # per-head caches: recent queries whose attention votes beside the scorer
+    observation_window: int = (
+        OBSERVATION_WINDOW  # per-head caches: recent queries whose attention votes beside the scorer
+    )
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)

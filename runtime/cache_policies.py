@@ -102,14 +102,21 @@ def attention_from_last_queries(
         return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=2)
 
 
-class AttentionReceived:
-    """A cache observer that sums the softmax attention each key receives from the last ``window``
-    queries of a forward pass, over all layers and query heads: :attr:`total` ``(B, K)``."""
+class _LastQueriesObserver:
+    """A cache observer of the attention from the last ``window`` queries of each forward pass."""
 
     def __init__(self, window: int = OBSERVATION_WINDOW) -> None:
         if window < 1:
             raise ValueError(f"the observation window must be >= 1 query, got {window}")
         self.window = window
+
+
+class AttentionReceived(_LastQueriesObserver):
+    """A cache observer that sums the softmax attention each key receives from the last ``window``
+    queries of a forward pass, over all layers and query heads: :attr:`total` ``(B, K)``."""
+
+    def __init__(self, window: int = OBSERVATION_WINDOW) -> None:
+        super().__init__(window)
         self.total: torch.Tensor | None = None
 
     def __call__(
@@ -120,15 +127,13 @@ class AttentionReceived:
         self.total = received if self.total is None else self.total + received
 
 
-class HeadAttentionReceived:
+class HeadAttentionReceived(_LastQueriesObserver):
     """A cache observer keeping, per layer, the attention each key receives from the last ``window``
     queries of the latest forward pass, per KV head (its query heads summed): :attr:`by_layer`
     ``{layer: (B, Hkv, K)}``."""
 
     def __init__(self, window: int = OBSERVATION_WINDOW) -> None:
-        if window < 1:
-            raise ValueError(f"the observation window must be >= 1 query, got {window}")
-        self.window = window
+        super().__init__(window)
         self.by_layer: dict[int, torch.Tensor] = {}
 
     def __call__(

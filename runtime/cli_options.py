@@ -9,7 +9,7 @@ import argparse
 
 from nugget2d.compress import BACKENDS
 
-from .cache_policies import POLICIES
+from .cache_policies import OBSERVATION_WINDOW, POLICIES
 from .session import POSITIONS
 
 
@@ -63,13 +63,7 @@ def add_cache_arguments(
         help="nugget budget per token, or spread over (layer, KV head) by a per-head scorer (auto: head when "
         "the adapter's scorer scores heads)",
     )
-    cache.add_argument(
-        "--observation-window",
-        type=int,
-        default=32,
-        help="per-head caches: the attention of each read segment's last N queries votes beside the scorer on "
-        "what stays (0: the scorer alone)",
-    )
+    add_observation_window_argument(cache)
     if positions:
         cache.add_argument(
             "--positions",
@@ -79,6 +73,17 @@ def add_cache_arguments(
             "text positions for per-head caches until the text outgrows the window, then cache positions",
         )
     return cache
+
+
+def add_observation_window_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--observation-window`` (:attr:`StreamSettings.observation_window`)."""
+    parser.add_argument(
+        "--observation-window",
+        type=int,
+        default=OBSERVATION_WINDOW,
+        help="per-head caches: the attention of each read segment's last N queries votes beside the scorer on "
+        "what stays (0: the scorer alone)",
+    )
 
 
 def stream_settings(args: argparse.Namespace):

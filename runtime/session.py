@@ -34,6 +34,7 @@ from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import check_rerotatable
 
 from .cache_policies import (
+    OBSERVATION_WINDOW,
     AttentionReceived,
     HeadAttentionReceived,
     accumulate_attention,
@@ -75,7 +76,7 @@ class StreamSettings:
     positions: Literal["auto", "cache", "original"] = "auto"
     policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
     allocation: Literal["auto", "token", "head"] = "auto"
-    observation_window: int = 32
+    observation_window: int = OBSERVATION_WINDOW
     read_budget: int | None = None
 
     @property
