@@ -46,12 +46,22 @@ def attach_adapters(base_model: PreTrainedModel, config: Nugget2DConfig) -> Peft
     return peft_model
 
 
-def activate(model: nn.Module, adapter: str | None) -> None:
+def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """Every layer peft injected LoRA into, in module order (found once: walking the model costs ~10 ms)."""
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def activate(layers: list[BaseTunerLayer], adapter: str | None) -> None:
     """Make ``adapter`` (or none) the active LoRA in every injected layer, leaving requires_grad alone.
 
     Hand-rolled because peft's ``set_adapter`` also freezes the inactive adapter, and we train both.
     """
     active = [adapter] if adapter else []
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module._active_adapter = active
+    for layer in layers:
+        layer._active_adapter = active
+
+
+def is_identity(layers: list[BaseTunerLayer], adapter: str) -> bool:
+    """True when every LoRA ``B`` of ``adapter`` is zero, so running it changes no output (an adapter
+    that was never trained, as a scorer-only one)."""
+    return not any(bool(layer.lora_B[adapter].weight.any()) for layer in layers if adapter in layer.lora_B)

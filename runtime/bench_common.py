@@ -5,7 +5,8 @@ A method is a cache policy of :class:`~nugget2d.runtime.session.StreamingSession
 session whose budget never binds). Every compressing method at ratio ``r`` over a context of
 ``c`` tokens gets the same budget: ``ceil(r·c)`` entries for the history (4 sinks, a raw window of a
 quarter of it — ``recent_share`` — the rest kept entries) plus room for the prompt and the tokens generated or scored.
-Text is read in segments of the largest power of two up to a quarter of the history (at most 256),
+Text is read in segments of the largest power of two (at most 256) that fits the room kept for the
+prompt — reading and asking never need it at once — or a quarter of the history when that is more,
 compressed as it streams (``reading="stream"``: memory bounded by the budget) or only once the whole
 context is read with full attention (``"whole"``: how KV presses and the Nugget2D paper read).
 """
@@ -123,6 +124,7 @@ class CacheShape:
                 recent=recent,
                 segment=FULL_SEGMENT,
                 sinks=SINKS,
+                policy="streaming",  # the unmodified model's K/V, none ever dropped
             )
         history = self.history
         quarter = history // 4
@@ -137,7 +139,7 @@ class CacheShape:
             ratio=self.ratio,
             budget=history + self.reserve,
             recent=recent,
-            segment=1 << (min(FULL_SEGMENT, quarter).bit_length() - 1),  # a power of two: whole segments
+            segment=1 << (min(FULL_SEGMENT, max(quarter, self.reserve)).bit_length() - 1),  # whole segments
             sinks=SINKS,
             policy=self.method,
             positions=self.positions,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
-from nugget2d.compress.adapters import activate
 from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 
 #: The instruction between the context and its copy (KVzip's repeat prompt).
@@ -60,7 +59,7 @@ def frozen_forward(
     cache = plain_cache(model) if cache is None else cache
     mask = mask.to(device=input_ids.device, dtype=torch.bool)
     positions = model.next_positions(cache, mask)
-    activate(model.peft_model, None)
+    model.use_adapter(None)
     cache.begin_step(positions, mask)
     module = model.base if lm_head else model.base.get_decoder()
     return module(

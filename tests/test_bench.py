@@ -10,6 +10,7 @@ import torch
 from tiny_models import text_file, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
+from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import rerotate
 from nugget2d.runtime.bench_common import CacheShape, configurations
 from nugget2d.runtime.bench_quality import QualityOptions, run_quality
@@ -43,6 +44,25 @@ def test_streaming_keeps_exactly_the_sinks_and_the_last_tokens():
     positions = session.cache.layers[0].positions[0].tolist()
     assert positions == list(range(4)) + list(range(200 - 44, 200))
     assert session.nuggets == 0 and session.cache.nugget_counts().item() == 0
+
+
+@pytest.mark.parametrize("method", ["full", "streaming", "snapkv", "compressive", "nugget2d"])
+def test_only_nuggets_are_written_by_a_trained_encoder(method):
+    """Full KV and the eviction baselines keep the unmodified model's K/V even when the adapter's encoder
+    is trained; nugget2d's cache is the encoder's."""
+    model = _model()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and ".encoder." in name:
+                parameter.normal_(std=0.05)
+    ids = _ids(40)
+    settings = CacheShape(method, 0.5, 40, 30).settings()
+    session = _session(model, **{**vars(settings), "budget": 200, "recent": 100, "segment": 64})
+    session.ingest_ids(ids)
+    with torch.no_grad():
+        plain = returned_cache(tiny_llama()(torch.tensor([ids]), use_cache=True))
+    same = torch.allclose(session.cache.layers[1].values, plain.layers[1].values, atol=1e-5)
+    assert same == (method != "nugget2d")
 
 
 def test_snapkv_scores_are_the_attention_received_from_the_last_queries():
@@ -270,13 +290,17 @@ def test_whole_reading_and_the_observation_window_reach_the_sessions(tmp_path):
     whole = CacheShape("snapkv", 0.25, 96, 17, reading="whole", observation_window=0).settings()
     assert whole.read_budget == 96 + 17 + 64 and whole.observation_window == 0
     assert CacheShape("snapkv", 0.25, 96, 17).settings().read_budget is None
-    common = dict(methods=["snapkv"], ratios=[0.25], metrics=["ppl"], samples=1, continuation=16, contexts=[96])
+    # 17 entries kept for the prompt: 16-token segments, so streaming compresses while it reads
+    common = dict(
+        methods=["snapkv"], ratios=[0.25], metrics=["ppl"], samples=1, continuation=16, repeat=16, contexts=[96]
+    )
     inputs = [str(text_file(tmp_path))]
     records = {}
     for reading in ("stream", "whole"):
         options = QualityOptions(reading=reading, inputs=inputs, **common)
         path = run_quality(_model(), tiny_tokenizer(), options, tmp_path / reading, adapter="none")
         records[reading] = json.loads(path.read_text())["records"][0]
+    assert records["stream"]["segment"] == 16
     assert records["stream"]["cache_tokens"] == records["whole"]["cache_tokens"]  # the same budget when scored
     assert records["stream"]["ppl"] != pytest.approx(records["whole"]["ppl"], rel=1e-6)
     with pytest.raises(ValueError, match="reading must be"):

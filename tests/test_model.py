@@ -99,6 +99,24 @@ def test_encoder_and_decoder_adapters_both_receive_gradient(tokens):
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), adapter
 
 
+def test_an_all_zero_encoder_is_skipped_without_gradients_and_changes_nothing(tokens):
+    model = _wrap(tiny_llama(), ratio=0.5)
+    encoder_layer = next(m for m in model.modules() if hasattr(m, "lora_B") and "encoder" in m.lora_B)
+    with torch.no_grad():
+        skipped = model.encode(tokens).layers[1]
+        assert encoder_layer.active_adapters == []  # the zero LoRA did not run
+    ran = model.encode(tokens).layers[1]  # with gradients it runs (training needs its gradient)
+    assert encoder_layer.active_adapters == ["encoder"]
+    assert torch.equal(skipped.keys, ran.keys) and torch.equal(skipped.values, ran.values)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "encoder.weight" in name and "lora_B" in name:
+                p.normal_(std=0.02)
+        trained = model.encode(tokens).layers[1]
+        assert encoder_layer.active_adapters == ["encoder"]
+    assert (trained.values - ran.values).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_rows_one_by_one(side):
     model = _wrap(tiny_llama(), ratio=0.3)

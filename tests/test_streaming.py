@@ -119,6 +119,26 @@ def test_cache_positions_are_contiguous_after_compaction():
     assert counts == session.cache.get_seq_length()
 
 
+@pytest.mark.parametrize("allocation", ["token", "head"])
+def test_a_question_reads_the_recent_window_raw_wherever_the_last_segment_ended(allocation):
+    """Before a question the tail of the last segment is compressed too: ``recent`` raw entries whatever
+    the segment size, all inside the budget."""
+    parts = {}
+    for segment in (16, 48):
+        model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(scorer_layer=1, allocation=allocation)).eval()
+        settings = StreamSettings(ratio=0.25, budget=160, recent=32, segment=segment, allocation=allocation)
+        session = StreamingSession(model, tiny_tokenizer(), settings, chat=False)
+        session.ingest_ids(_random_ids(500))
+        assert session.raw > 32  # the last segment is still raw after reading
+        session.score_ids(_random_ids(10, seed=4), room=20)
+        parts[segment] = (session.sinks, session.raw - 10)
+        assert (
+            session.nuggets > 0 and int(session.cache.entry_counts()[0]) == sum(parts[segment]) + 10 + session.nuggets
+        )
+        assert int(session.cache.entry_counts()[0]) <= 160
+    assert parts[16] == parts[48] == (4, 32)
+
+
 def test_second_question_does_not_reread_the_document():
     session = _session(StreamSettings(ratio=0.25, budget=160, recent=32, segment=32))
     session.ingest_ids(_random_ids(400))
@@ -135,10 +155,9 @@ def test_sampling_is_reproducible_with_a_seed():
     settings = GenerationSettings(
         max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=11
     )
-    fork = session.cache.fork()
+    twin = session.fork()
     first = list(session.ask_ids([5, 6], settings))
-    session.cache, session.pending = fork, []
-    assert list(session.ask_ids([5, 6], settings)) == first
+    assert list(twin.ask_ids([5, 6], settings)) == first
 
 
 def test_stopping_early_keeps_the_session_usable():
