@@ -103,6 +103,12 @@ class QualityOptions:
             if not 0 <= depth <= 1:
                 raise ValueError(f"every depth must be in [0, 1], got {depth}")
 
+    @property
+    def window_reserve(self) -> int:
+        """Entries kept beside the history for a text window's scorings: the longer one (continuation or
+        repeat) and its opener; both metrics free this room, so they read the text from the same entries."""
+        return max(self.continuation, self.repeat) + 1
+
     def shape(self, config: tuple, reserve: int) -> CacheShape:
         """The cache of configuration ``(method, ratio, context)`` with ``reserve`` entries for what is
         scored or generated, under these options' budget split and positions."""
@@ -291,7 +297,7 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
     jobs: list[tuple[str, tuple, dict]] = []
     rng = random.Random(options.seed)
     if {"ppl", "recall_ppl"} & set(options.metrics):
-        reserve = max(options.continuation, options.repeat) + 1
+        reserve = options.window_reserve
         for context in options.contexts:
             configs = configurations(options.methods, options.ratios, [context])
             for ids in windows(texts, context + options.continuation, options.samples):

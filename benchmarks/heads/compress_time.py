@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from nugget2d.runtime.bench_common import CacheShape
+from nugget2d.runtime.bench_quality import QualityOptions
+from nugget2d.runtime.cache_policies import OBSERVATION_WINDOW
 from nugget2d.runtime.importance import frozen_forward
 from nugget2d.runtime.loading import load_nugget2d
 from nugget2d.runtime.session import StreamingSession
@@ -18,16 +19,12 @@ from nugget2d.runtime.session import StreamingSession
 # (policy, allocation, observation window): the per-head cache with the recent queries voting (the default)
 # and with the scorer alone
 METHODS = [
-    ("nugget2d", "head", 32),
+    ("nugget2d", "head", OBSERVATION_WINDOW),
     ("nugget2d", "head", 0),
     ("nugget2d", "token", 0),
     ("snapkv", "token", 0),
     ("streaming", "token", 0),
 ]
-
-#: Entries kept for the prompt, as ``bench quality`` keeps them for its 256 continuation tokens (and so the
-#: same reading segments)
-RESERVE = 257
 
 
 def prefill(model, ids: list[int]) -> float:
@@ -48,7 +45,8 @@ def main(adapter: str, out: str, context: str = "2048") -> None:
     for _ in range(2):
         row = {"plain_prefill_s": prefill(model, ids)}
         for method, allocation, window in METHODS:
-            settings = CacheShape(method, 0.1, context, RESERVE, observation_window=window).settings()
+            options = QualityOptions([method], [0.1], [context], observation_window=window)
+            settings = options.shape((method, 0.1, context), options.window_reserve).settings()
             settings.allocation = allocation
             session = StreamingSession(model, tokenizer, settings, chat=False)
             started = time.perf_counter()
