@@ -40,10 +40,15 @@ def attach_adapters(base_model: PreTrainedModel, config: Nugget2DConfig) -> Peft
     num_layers = base_model.config.num_hidden_layers
     peft_model = get_peft_model(base_model, lora_config(config, num_layers, ENCODER), adapter_name=ENCODER)
     peft_model.add_adapter(DECODER, lora_config(config, num_layers, DECODER))
-    trained = ADAPTERS if config.decoder_adapter else (ENCODER,)
+    set_trainable(peft_model, config.decoder_adapter)
+    return peft_model
+
+
+def set_trainable(peft_model: PeftModel, decoder_adapter: bool) -> None:
+    """Let the encoder LoRA train, and the decoder LoRA too when ``decoder_adapter``; freeze the rest."""
+    trained = ADAPTERS if decoder_adapter else (ENCODER,)
     for name, parameter in peft_model.named_parameters():
         parameter.requires_grad_(any(f".{adapter}." in name for adapter in trained) and "lora_" in name)
-    return peft_model
 
 
 def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:

@@ -332,23 +332,15 @@ class StreamingSession:
         self.ingest_ids([], final=True)
         prompt = self.pending + [int(t) for t in prompt_ids]
         self._check_fits(len(prompt), settings)
-        needed = len(prompt) + settings.max_new_tokens
-        self._check_original_positions(needed)
-        with torch.no_grad():
-            self._make_room(needed, keep_raw=self._raw_when_asked(needed))
+        self._open_turn(len(prompt) + settings.max_new_tokens)
         stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids())
         started = time.perf_counter()
         try:
             yield from stream
         finally:
-            fed = stream.cache.get_seq_length() - self.cache.get_seq_length()
-            self.cache, self.pending, self.observed = stream.cache, stream.unfed, None
-            self._append_raw(fed)
             self.turns += 1
-            self.stats.prompt_tokens += len(prompt)
             self.stats.generated_tokens += len(stream.generated)
-            self.stats.decode_seconds += time.perf_counter() - started
-            self._refresh_stats()
+            self._close_turn(stream.cache, stream.unfed, len(prompt), started)
 
     def _eos_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -374,18 +366,31 @@ class StreamingSession:
                 f"{needed} entries to score do not fit the cache budget ({self.settings.budget} entries, "
                 f"{self.settings.sinks} of them sinks); score fewer or raise the budget"
             )
-        self._check_original_positions(len(prompt))
         started = time.perf_counter()
+        self._open_turn(needed, fed=len(prompt))
         with torch.no_grad():
-            self._make_room(needed, keep_raw=self._raw_when_asked(needed))
             out = self.model(torch.tensor([prompt], device=self.model.device), nuggets=self.cache)
         scored = token_log_probs(out.logits[0, len(self.pending) : -1], ids[1:])
-        self.cache, self.pending, self.observed = returned_cache(out), [], None
-        self._append_raw(len(prompt))
-        self.stats.prompt_tokens += len(prompt)
+        self._close_turn(returned_cache(out), [], len(prompt), started)
+        return scored
+
+    def _open_turn(self, needed: int, fed: int | None = None) -> None:
+        """Before a question or a scoring: free the cache for ``needed`` entries, of which ``fed`` (all,
+        by default) will be fed, keeping only the ``recent`` window raw."""
+        self._check_original_positions(needed if fed is None else fed)
+        with torch.no_grad():
+            self._make_room(needed, keep_raw=self._raw_when_asked(needed))
+
+    def _close_turn(self, cache: NuggetCache, pending: list[int], prompt_tokens: int, started: float) -> None:
+        """After a question or a scoring: adopt the ``cache`` it grew (its new entries count as raw), keep
+        the ids it left ``pending``, and count its time. The attention record is dropped: it described
+        the entries before the turn."""
+        fed = cache.get_seq_length() - self.cache.get_seq_length()
+        self.cache, self.pending, self.observed = cache, pending, None
+        self._append_raw(fed)
+        self.stats.prompt_tokens += prompt_tokens
         self.stats.decode_seconds += time.perf_counter() - started
         self._refresh_stats()
-        return scored
 
     # --- keeping the cache inside its budget -------------------------------------------------------
 

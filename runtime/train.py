@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.adapters import set_trainable
 from nugget2d.compress.config import BIAS_MODES
 from nugget2d.compress.scorer import Scorer
 
@@ -189,6 +190,9 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
         model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
         model.config.ratio, model.config.bias_mode = config.ratio, bias_mode or model.config.bias_mode
         model.config.positions = config.positions
+        if config.decoder_adapter and not model.config.decoder_adapter:  # the reader learns from here on
+            model.config.decoder_adapter = True
+            set_trainable(model.peft_model, True)
         if allocation and allocation != model.config.allocation:
             heads = (model.num_layers, model.num_kv_heads) if allocation == "head" else None
             model.scorer = Scorer(model.base.config.hidden_size, heads).to(model.device)

@@ -208,3 +208,16 @@ def test_init_adapter_starts_from_a_trained_adapter(tmp_path, tiny_model_dir, co
     assert abs(warm[0]["loss"] - fresh[0]["loss"]) > 1e-4  # same batch, other weights
     with pytest.raises(ValueError, match="is not a Nugget2D adapter directory"):
         train_loop(_config(tiny_model_dir, corpus, tmp_path / "x", max_steps=1, init_adapter=str(tmp_path / "no")))
+
+
+def test_decoder_adapter_added_to_an_adapter_that_had_none(tmp_path, tiny_model_dir, corpus):
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "enc", max_steps=2, save_every=2, decoder_adapter=False))
+    encoder_only = tmp_path / "enc" / "checkpoint-2" / "adapter"
+    assert not Nugget2DModel.from_pretrained(encoder_only, base_model=tiny_llama()).config.decoder_adapter
+    train_loop(
+        _config(tiny_model_dir, corpus, tmp_path / "dec", max_steps=2, save_every=2, init_adapter=str(encoder_only))
+    )
+    reader = Nugget2DModel.from_pretrained(tmp_path / "dec" / "checkpoint-2" / "adapter", base_model=tiny_llama())
+    assert reader.config.decoder_adapter
+    decoder_b = [p for n, p in reader.peft_model.named_parameters() if ".decoder." in n and "lora_B" in n]
+    assert decoder_b and any(p.abs().sum() > 0 for p in decoder_b)  # it trained: B starts at zero
