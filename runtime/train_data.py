@@ -138,8 +138,20 @@ def text_examples(
     """Examples of a text objective from consecutive segments of one text (``repeat``: the
     instruction of ``scorer`` examples)."""
     out: list[Example] = []
-    if objective == "autoencode":
-        return [Example(tuple(s), (opener,), tuple(s), objective=objective) for s in segments]
+    if objective == "autoencode":  # the whole segment again, read over the cache a session would hold of it
+        edge = shape.sinks + shape.recent
+        return [
+            Example(
+                tuple(s[shape.sinks : len(s) - shape.recent]),
+                (opener,),
+                tuple(s),
+                tuple(s[: shape.sinks]),
+                tuple(s[len(s) - shape.recent :]),
+                objective,
+            )
+            for s in segments
+            if len(s) > edge
+        ]
     if objective == "scorer":
         return [Example(tuple(s), repeat, tuple(s), objective=objective) for s in segments]
     span = 2 if objective == "continue" else 3

@@ -122,6 +122,14 @@ def test_collate_labels_only_the_targets(book):
     assert "sinks" not in plain and "recent" not in plain
 
 
+def test_autoencoding_reads_the_segment_as_a_session_holds_it(book):
+    tokenizer = tiny_tokenizer()
+    examples = build_examples([book], tokenizer, "autoencode", Shape(segment=16, sinks=2, recent=3))
+    assert examples
+    for e in examples:  # raw sinks, nuggets of the middle, raw recent tokens: then all of it again
+        assert len(e.sinks) == 2 and len(e.recent) == 3 and e.sinks + e.context + e.recent == e.target
+
+
 def _hybrid_cache(objective: NuggetObjective, batch: dict):
     """The [sinks | nuggets | recent] cache the objective builds for a collated batch."""
     fields = ("context", "context_mask", "sinks", "sinks_mask", "recent", "recent_mask")
