@@ -37,14 +37,77 @@ def nugget_bias(scores: torch.Tensor, bias_mode: str) -> torch.Tensor:
 
 
 class NuggetLayer(DynamicLayer):
-    """One layer's entries: K/V plus per-entry bias, position, nugget flag and scorer score."""
+    """One layer's entries: K/V plus per-entry bias, position, nugget flag and scorer score.
+
+    ``keys`` and ``values`` read ``(B, Hkv, N, D)``. After :meth:`pack` only the K/V pairs in use are
+    stored: the masked slots a per-head layer opens for its busiest head hold nothing, and reading
+    ``keys`` rebuilds them as zeros (never attended to), with the entries appended since after them.
+    Assigning ``keys`` or ``values`` unpacks the layer. Hand-rolled because transformers' layers
+    store dense K/V only."""
 
     def __init__(self) -> None:
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        #: After :meth:`pack`: (keys in use ``(M, D)``, values in use ``(M, D)``, in use ``(B, Hkv, S)``)
+        #: of the first ``S`` slots; ``_keys``/``_values`` then hold the entries appended since.
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         super().__init__()
         self.bias: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.is_nugget: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._whole(0)
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._unpack()
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._whole(1)
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._unpack()
+        self._values = value
+
+    @property
+    def packed(self) -> bool:
+        """Whether only the K/V pairs in use are stored (see :meth:`pack`)."""
+        return self._packed is not None
+
+    def _whole(self, which: int) -> torch.Tensor | None:
+        tail = self._keys if which == 0 else self._values
+        if self._packed is None:
+            return tail
+        used, in_use = self._packed[which], self._packed[2]
+        slots = used.new_zeros(*in_use.shape, used.shape[-1]).masked_scatter(in_use[..., None], used)
+        return torch.cat([slots, tail], dim=2)
+
+    def _unpack(self) -> None:
+        if self._packed is not None:
+            self._keys, self._values, self._packed = self._whole(0), self._whole(1), None
+
+    def pack(self) -> None:
+        """Store only the K/V pairs in use (bias not masked); a layer without masked slots stays as it is."""
+        if not self.is_initialized or self.bias is None:
+            return
+        keys, values = self.keys, self.values
+        in_use = (self.bias > MASKED / 2).expand(-1, keys.shape[1], -1)
+        if bool(in_use.all()):
+            return
+        self._packed = (keys[in_use], values[in_use], in_use)
+        self._keys, self._values = keys[:, :, :0], values[:, :, :0]
+
+    def get_seq_length(self) -> int:
+        """Entries per head (slots, masked ones included), without rebuilding packed K/V."""
+        if not self.is_initialized or self._keys is None:
+            return 0
+        return self._keys.shape[-2] + (self._packed[2].shape[-1] if self._packed is not None else 0)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> None:
         """Append raw entries (not nuggets) at the end."""
@@ -61,8 +124,8 @@ class NuggetLayer(DynamicLayer):
             self.keys, self.values = keys, values
             self.bias, self.positions, self.is_nugget, self.scores = bias, positions, flags, scores
             return
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
+        self._keys = torch.cat([self._keys, keys], dim=-2)  # packed entries stay packed
+        self._values = torch.cat([self._values, values], dim=-2)
         self.bias = torch.cat([self.bias, bias], dim=-1)
         self.positions = torch.cat([self.positions, positions], dim=-1)
         self.is_nugget = torch.cat([self.is_nugget, flags], dim=-1)
@@ -104,7 +167,7 @@ class NuggetLayer(DynamicLayer):
         self.is_nugget = self.is_nugget.gather(1, index[:, 0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every stored tensor by name (empty before the first append)."""
+        """Every tensor by name as it reads, K/V whole (empty before the first append)."""
         if not self.is_initialized:
             return {}
         return {
@@ -116,13 +179,39 @@ class NuggetLayer(DynamicLayer):
             "scores": self.scores,
         }
 
-    def copy(self) -> NuggetLayer:
-        """A new layer sharing these tensors (appending to it leaves this one as it is)."""
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of this layer (0 before the first append)."""
+        return self._keys.shape[1] if self.is_initialized else 0
+
+    def stored_kv(self) -> list[torch.Tensor]:
+        """The K/V tensors held in memory (the packed pairs in use, and those appended since)."""
+        if not self.is_initialized:
+            return []
+        return [self._keys, self._values, *(self._packed[:2] if self._packed is not None else ())]
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """What the layer holds in memory: its K/V (packed ones with their in-use mask) and the
+        per-entry bias, positions, flags and scores."""
+        if not self.is_initialized:
+            return []
+        mask = [self._packed[2]] if self._packed is not None else []
+        return [*self.stored_kv(), *mask, self.bias, self.positions, self.is_nugget, self.scores]
+
+    def copy(self, detach: bool = False) -> NuggetLayer:
+        """A new layer sharing these tensors, packed as they are (appending to it leaves this one as
+        it is); ``detach`` drops their autograd history."""
+
+        def share(value):
+            return value.detach() if detach and value is not None else value
+
         twin = NuggetLayer()
-        for name, value in self.tensors().items():
-            setattr(twin, name, value)
+        twin._keys, twin._values = share(self._keys), share(self._values)
+        twin._packed = tuple(share(t) for t in self._packed) if self._packed is not None else None
+        for name in ("bias", "positions", "is_nugget", "scores"):
+            setattr(twin, name, share(getattr(self, name)))
         if self.is_initialized:
-            twin.dtype, twin.device, twin.is_initialized = self.keys.dtype, self.device, True
+            twin.dtype, twin.device, twin.is_initialized = self.dtype, self.device, True
         return twin
 
 
@@ -225,55 +314,50 @@ class NuggetCache(Cache):
         observed: list[torch.Tensor] | None = None,
     ) -> None:
         """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
-        entries, or the last ``pool`` before the ``tail`` — compete by score across all layers and KV
-        heads; the best (layer, head, entry) triples stay as nuggets, each head's in text order, in as
-        many slots as that layer's busiest head needs (a head's unused slots are masked). ``keep``
-        ``(B,)`` bounds the *stored* K/V pairs, masked slots included, so the cache takes no more
-        memory than a token-level one keeping ``keep / (layers · heads)`` tokens: a layer's ``k``-th
-        slot is worth its best head's ``k``-th score, the ``keep / heads`` best slots are opened, and
-        the triples scoring at least the last opened slot's worth are kept. With cache positions a
-        slot's keys are re-rotated to one position; with text positions each keeps its own. The last
-        ``tail`` entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the attention
-        recent queries gave each entry) an entry's worth is the better of its score's and its attention's
-        percentile among the candidates."""
+        entries, or the last ``pool`` before the ``tail`` — compete by score for ``keep`` ``(B,)`` K/V
+        entries. Layers get their shares first: a layer's ``k``-th slot is worth its best head's
+        ``k``-th candidate, the ``keep / heads`` best slots over all layers are opened, and a layer
+        receives its opened slots' entries (slots · heads). Within a layer its best (head, entry) pairs
+        take that share however unevenly they fall over the heads, each head's in text order, in as
+        many slots as the busiest head needs; only the pairs in use are stored
+        (:meth:`NuggetLayer.pack`), so ``keep`` entries take the memory of a token-level cache keeping
+        ``keep / (layers · heads)`` tokens. (Letting entries compete across layers too recalled better
+        at 2k and continued 1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions
+        a slot's keys are re-rotated to one position; with text positions each keeps its own. The
+        last ``tail`` entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the
+        attention recent queries gave each entry) an entry's worth is the better of its score's and
+        its attention's percentile among the candidates."""
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = [], []
         for layer in self.layers:
-            length = layer.keys.shape[2]
+            length, heads = layer.get_seq_length(), layer.kv_heads
             start = lead if lead is not None else length - tail - pool
             bounds.append((start, length - tail))
-            heads = layer.keys.shape[1]
             scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
         if observed is not None:
-            if [seen.shape for seen in observed] != [layer.keys.shape[:3] for layer in self.layers]:
+            shapes = [(self.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in self.layers]
+            if [tuple(seen.shape) for seen in observed] != shapes:
                 raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
             seen = [
                 seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
                 for seen, (start, stop), pool in zip(observed, bounds, pools)
             ]
             pools = _blend_worth(pools, seen)
-        ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
-        orders = [order for _, order in ranked]
-        worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)  # (B, slots of every layer)
-        opened = torch.minimum(keep.to(worth.device) // pools[0].shape[1], worth.isfinite().sum(dim=1))
-        best = worth.argsort(dim=1, descending=True, stable=True)
-        is_open = torch.zeros_like(worth, dtype=torch.bool).scatter_(
-            1, best, torch.arange(best.shape[1], device=worth.device) < opened[:, None]
-        )
-        floor = worth.gather(1, best.gather(1, (opened - 1).clamp(min=0)[:, None]))  # the last opened slot's worth
+        heads = pools[0].shape[1]
+        # a slot's worth: its layer's best head's candidate of that rank
+        worth = torch.cat([p.sort(dim=2, descending=True, stable=True).values.amax(dim=1) for p in pools], dim=1)
+        opened = _best(worth, torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1)))
         moved = rotary_emb if self.position_mode == "cache" else None
-        for layer, (start, stop), scores, order, part in zip(
-            self.layers, bounds, pools, orders, is_open.split([p.shape[2] for p in pools], 1)
+        for layer, (start, stop), pool, slots in zip(
+            self.layers, bounds, pools, opened.split([p.shape[2] for p in pools], 1)
         ):
-            rank = torch.empty_like(order).scatter_(
-                2, order, torch.arange(order.shape[2], device=order.device).expand_as(order)
-            )
-            # an opened slot's worth is finite, so a head out of candidates (-inf) never passes the floor
-            chosen = (rank < part.sum(dim=1)[:, None, None]) & (scores >= floor[:, :, None])
-            _regroup_layer(layer, start, stop, chosen, bias_mode, moved)
+            pairs = pool.flatten(1)
+            share = torch.minimum(slots.sum(dim=1) * heads, pairs.isfinite().sum(dim=1))
+            _regroup_layer(layer, start, stop, _best(pairs, share).view_as(pool), bias_mode, moved)
+            layer.pack()
 
     def reposition(self, rotary_emb: torch.nn.Module) -> None:
         """Renumber each row's real entries 0, 1, 2, ... and re-rotate their keys to match, so the
@@ -291,7 +375,10 @@ class NuggetCache(Cache):
             target = raw_before + nuggets_before * span // slots.clamp(min=1)
             delta = (target[:, None, :] if layer.positions.dim() == 3 else target) - layer.positions
             if bool((delta != 0).any()):
+                packed = layer.packed
                 layer.keys = rerotate(layer.keys, delta, rotary_emb)
+                if packed:
+                    layer.pack()
             layer.positions = target
 
     # --- sizes ---------------------------------------------------------------------------------
@@ -300,7 +387,7 @@ class NuggetCache(Cache):
     def batch_size(self) -> int:
         """Rows in the cache (0 when empty)."""
         first = self.layers[0]
-        return first.keys.shape[0] if first.is_initialized else 0
+        return first.bias.shape[0] if first.is_initialized else 0
 
     def entry_counts(self) -> torch.Tensor:
         """Real (non-padding) entries per row, ``(B,)``, counting the nuggets of a per-head cache as
@@ -326,40 +413,31 @@ class NuggetCache(Cache):
         total = torch.zeros(self.batch_size, dtype=torch.long)
         for layer in self.layers:
             if layer.is_initialized:
-                heads = layer.keys.shape[1]
-                total = total + (layer.bias > MASKED / 2).expand(-1, heads, -1).sum(dim=(1, 2)).cpu()
+                total = total + (layer.bias > MASKED / 2).expand(-1, layer.kv_heads, -1).sum(dim=(1, 2)).cpu()
         return total
 
     @property
     def nbytes(self) -> int:
-        """Bytes of everything stored: K/V, bias, positions and flags of every layer."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+        """Bytes of everything stored: K/V (only those in use once packed), bias, positions and flags
+        of every layer."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
 
     def kv_nbytes(self) -> int:
-        """Bytes of the keys and values alone."""
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-            for t in (layer.keys, layer.values)
-        )
+        """Bytes of the stored keys and values alone."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_kv())
 
     # --- copies, devices, files ----------------------------------------------------------------
 
-    def fork(self) -> NuggetCache:
+    def fork(self, detach: bool = False) -> NuggetCache:
         """A cache sharing these tensors; what is appended to the fork does not change this one."""
         twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode, self.allocation)
-        twin.layers = [layer.copy() for layer in self.layers]
+        twin.layers = [layer.copy(detach) for layer in self.layers]
         twin.seen_tokens, twin.nugget_span = self.seen_tokens, self.nugget_span
         return twin
 
     def detach(self) -> NuggetCache:
         """A fork whose tensors carry no autograd history (for storing or serving)."""
-        twin = self.fork()
-        for layer in twin.layers:
-            for name, value in layer.tensors().items():
-                setattr(layer, name, value.detach())
-        return twin
+        return self.fork(detach=True)
 
     def save(self, path: str | Path) -> Path:
         """Write the cache to a safetensors file (tensors plus the model fingerprint)."""
@@ -413,6 +491,8 @@ class NuggetCache(Cache):
         for layer in cache.layers:
             if layer.keys is not None:
                 layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
+                if cache.allocation == "head":  # the file holds masked slots as zeros: store the entries in use
+                    layer.pack()
         return cache
 
     def check_model(self, fingerprint: str, model_name: str = "this model") -> None:
@@ -423,6 +503,13 @@ class NuggetCache(Cache):
                 f"and cannot be read by {model_name} (fingerprint {fingerprint[:12]}); "
                 "compress the text again with this model"
             )
+
+
+def _best(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mask of each row's ``count`` ``(B,)`` largest ``values`` ``(B, N)`` (earlier ones win ties)."""
+    order = values.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.arange(values.shape[1], device=values.device) < count[:, None]
+    return torch.zeros_like(values, dtype=torch.bool).scatter_(1, order, ranks)
 
 
 def _percentiles(pools: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -463,7 +550,7 @@ def _regroup_layer(
     order = torch.arange(size, device=device)
     picked = torch.where(chosen, order, size + order).argsort(dim=2)[..., :slots] + start
     used = torch.arange(slots, device=device) < counts[..., None]
-    length = layer.keys.shape[2]
+    length = layer.get_seq_length()
     front = torch.arange(start, device=device).expand(batch, heads, -1)
     back = torch.arange(stop, length, device=device).expand(batch, heads, -1)
     index = torch.cat([front, picked, back], dim=2)
