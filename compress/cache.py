@@ -25,6 +25,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .attention import MASKED
 from .rope import rerotate
 
+#: In a per-head cache a head may keep up to this many times its layer's opened slots (see
+#: :meth:`NuggetCache.keep_top_entries`). A layer is read at its busiest head's length, so above 1
+#: heads' uneven shares recall better but read longer: 2 recalled 3.16 instead of 4.78 at 2k and
+#: decoded 32k tokens at 336 instead of 171 ms a token (``benchmarks/reading/README.md``).
+HEAD_SLOTS = 1.0
 _FORMAT = "nugget2d-cache"
 _VERSION = "1"
 
@@ -302,33 +307,17 @@ class NuggetCache(Cache):
             layer.bias = torch.where(mask[:, None, :], bias, layer.bias)
             layer.is_nugget = layer.is_nugget | mask
 
-    def keep_top_entries(
+    def candidate_worth(
         self,
-        keep: torch.Tensor,
-        rotary_emb: torch.nn.Module,
         *,
         tail: int = 0,
         lead: int | None = None,
         pool: int | None = None,
-        bias_mode: str = "plain",
         observed: list[torch.Tensor] | None = None,
-    ) -> None:
-        """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
-        entries, or the last ``pool`` before the ``tail`` — compete by score for ``keep`` ``(B,)`` K/V
-        entries. Layers get their shares first: a layer's ``k``-th slot is worth its best head's
-        ``k``-th candidate, the ``keep / heads`` best slots over all layers are opened, and a layer
-        receives its opened slots' entries (slots · heads). Within a layer its best (head, entry) pairs
-        take that share however unevenly they fall over the heads, each head's in text order, in as
-        many slots as the busiest head needs; only the pairs in use are stored
-        (:meth:`NuggetLayer.pack`), so ``keep`` entries take the memory of a token-level cache keeping
-        ``keep / (layers · heads)`` tokens. (Letting entries compete across layers too recalled better
-        at 2k and continued 1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions
-        a slot's keys are re-rotated to one position; with text positions each keeps its own. The
-        last ``tail`` entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the
-        attention recent queries gave each entry) an entry's worth is the better of its score's and
-        its attention's percentile among the candidates."""
-        if self.allocation != "head":
-            raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
+    ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """The candidates of :meth:`keep_top_entries` (arguments as there): per layer, their span
+        ``(start, stop)`` and worth ``(B, H, stop - start)`` — the score, or with ``observed`` the better
+        of the score's and the attention's percentile — with -inf where an entry is padding."""
         bounds, pools = [], []
         for layer in self.layers:
             length, heads = layer.get_seq_length(), layer.kv_heads
@@ -346,6 +335,38 @@ class NuggetCache(Cache):
                 for seen, (start, stop), pool in zip(observed, bounds, pools)
             ]
             pools = _blend_worth(pools, seen)
+        return bounds, pools
+
+    def keep_top_entries(
+        self,
+        keep: torch.Tensor,
+        rotary_emb: torch.nn.Module,
+        *,
+        tail: int = 0,
+        lead: int | None = None,
+        pool: int | None = None,
+        bias_mode: str = "plain",
+        observed: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
+        entries, or the last ``pool`` before the ``tail`` — compete by score for ``keep`` ``(B,)`` K/V
+        entries. Layers get their shares first: a layer's ``k``-th slot is worth its best head's
+        ``k``-th candidate, the ``keep / heads`` best slots over all layers are opened, and a layer
+        receives its opened slots' entries (slots · heads). Its best (head, entry) pairs fill that
+        share, each head taking at most :data:`HEAD_SLOTS` times the opened slots (1: every head fills
+        them, so no slot a layer pays for stays empty while a head has candidates), each head's in
+        text order. Only the pairs in use are stored (:meth:`NuggetLayer.pack`), so ``keep`` entries
+        take the memory of a token-level cache keeping ``keep / (layers · heads)`` tokens. (Before
+        2026-11-30 a head kept only candidates above the last opened slot's worth, leaving paid-for
+        slots empty; letting entries compete across layers too recalled better at 2k and continued
+        1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions a slot's keys are
+        re-rotated to one position; with text positions each keeps its own. The last ``tail``
+        entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the attention
+        recent queries gave each entry) an entry's worth is the better of its score's and its
+        attention's percentile among the candidates."""
+        if self.allocation != "head":
+            raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
+        bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
         heads = pools[0].shape[1]
         # a slot's worth: its layer's best head's candidate of that rank
         worth = torch.cat([p.sort(dim=2, descending=True, stable=True).values.amax(dim=1) for p in pools], dim=1)
@@ -354,8 +375,11 @@ class NuggetCache(Cache):
         for layer, (start, stop), pool, slots in zip(
             self.layers, bounds, pools, opened.split([p.shape[2] for p in pools], 1)
         ):
-            pairs = pool.flatten(1)
-            share = torch.minimum(slots.sum(dim=1) * heads, pairs.isfinite().sum(dim=1))
+            opened_here = slots.sum(dim=1)
+            cap = (opened_here.float() * HEAD_SLOTS).ceil().long()  # slots one head may fill
+            rank = pool.argsort(dim=2, descending=True, stable=True).argsort(dim=2)
+            pairs = pool.masked_fill(rank >= cap[:, None, None], float("-inf")).flatten(1)
+            share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
             _regroup_layer(layer, start, stop, _best(pairs, share).view_as(pool), bias_mode, moved)
             layer.pack()
 

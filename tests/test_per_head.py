@@ -45,8 +45,8 @@ def test_a_head_that_keeps_no_nugget_attends_only_to_its_raw_tokens(backend):
 
 def test_per_head_budgets_store_only_the_entries_in_use():
     """Streamed far past the budget: the K/V pairs stored are exactly the entries in use, as many as a
-    token-level cache of the same entries holds, though a layer opens as many slots as its busiest head
-    needs; ``nbytes`` counts every stored tensor; layers differ in length."""
+    token-level cache of the same entries holds; ``nbytes`` counts every stored tensor; layers differ
+    in length."""
     model = _model()
     session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
     assert session.allocation == "head"
@@ -61,33 +61,41 @@ def test_per_head_budgets_store_only_the_entries_in_use():
         assert entries <= SHAPE.budget and in_use <= entries * heads
         assert cache.kv_nbytes() == in_use * pair  # masked slots hold no K/V
     assert in_use == entries * heads  # the budget is used to the last entry here
-    slots = sum(layer.get_seq_length() * layer.kv_heads for layer in cache.layers)
-    assert slots > in_use and any(layer.packed for layer in cache.layers)  # uneven heads, nothing stored for them
     assert len({layer.get_seq_length() for layer in cache.layers}) > 1  # spread unevenly over layers
     assert cache.nbytes == sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.stored_tensors())
-    dense = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
-    assert cache.nbytes < dense
     positions = cache.layers[0].positions[0]
     assert int(positions.max()) == entries - 1  # numbered within the budget whatever the text length
     assert torch.isfinite(session.score_ids(text[:12])).all()
 
 
-def test_packed_entries_read_as_the_dense_cache_and_survive_a_file(tmp_path):
-    """Packing stores less and changes nothing the model reads; a saved cache loads packed again."""
+def test_a_head_without_candidates_stores_nothing_and_reads_the_same(tmp_path):
+    """Layer 0's head 0 alone has candidates: it fills the layer's opened slots, head 1's stay empty and
+    hold no K/V (packed); reading the packed cache equals reading it unpacked, and a saved cache loads
+    packed again."""
     model = _model()
-    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
-    session.ingest_ids(_text(), final=True)
-    packed = session.cache
-    dense = packed.fork()
+    heads = model.num_kv_heads
+    cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
+    for index, layer in enumerate(cache.layers):
+        layer.scores = torch.zeros(1, heads, 20)
+        layer.bias = torch.full((1, heads, 20), MASKED)
+        if index == 0:
+            layer.scores[:, 0] = torch.arange(20.0)
+            layer.bias[:, 0] = 0.0
+    cache.keep_top_entries(torch.tensor([20]), model.rotary_emb, pool=20)  # 10 slots opened (2 KV heads)
+    first = cache.layers[0]
+    assert first.packed and first.get_seq_length() == 10 and int(cache.stored_entries()[0]) == 10
+    pair = 2 * model.base.config.head_dim * 4
+    assert cache.kv_nbytes() == 10 * pair
+    assert first.scores[0, 0].tolist() == [float(i) for i in range(10, 20)]
+    dense = cache.fork()
     for layer in dense.layers:
-        layer.keys = layer.keys  # assigning unpacks: masked slots become stored zeros
-    assert not any(layer.packed for layer in dense.layers) and dense.nbytes > packed.nbytes
+        layer.keys = layer.keys  # assigning unpacks: the empty slots become stored zeros
+    assert not any(layer.packed for layer in dense.layers) and dense.kv_nbytes() == 20 * pair
     question = torch.tensor([_text(30)[:6]])
-    torch.testing.assert_close(model(question, nuggets=packed).logits, model(question, nuggets=dense).logits)
-    loaded = NuggetCache.load(packed.save(tmp_path / "c.safetensors"))
-    assert [layer.packed for layer in loaded.layers] == [layer.packed for layer in packed.layers]
-    assert loaded.kv_nbytes() == packed.kv_nbytes()
-    torch.testing.assert_close(model(question, nuggets=loaded).logits, model(question, nuggets=packed).logits)
+    torch.testing.assert_close(model(question, nuggets=cache).logits, model(question, nuggets=dense).logits)
+    loaded = NuggetCache.load(cache.save(tmp_path / "c.safetensors"))
+    assert loaded.layers[0].packed and loaded.kv_nbytes() == cache.kv_nbytes()
+    torch.testing.assert_close(model(question, nuggets=loaded).logits, model(question, nuggets=cache).logits)
 
 
 class _SharedScores(nn.Module):
@@ -162,47 +170,28 @@ def test_compress_spreads_a_batch_over_heads_and_renumbers_it():
     assert torch.isfinite(out.logits).all()
 
 
-def test_the_budget_counts_entries_in_use_and_takes_the_best():
-    """Only layer 0's head 0 holds candidates: a budget of 20 entries keeps all 20 (the other heads'
-    slots are masked and store nothing), 12 keeps its 12 best, a larger budget no more than exist."""
+def test_every_head_fills_the_slots_its_layer_opens():
+    """Layer 0's head 0 scores 100 … 119, its head 1 0 … 19; no other layer has candidates. A budget of
+    8 entries opens 4 slots (2 KV heads), all in layer 0 for head 0's scores, and both heads fill them
+    with their own best: head 1 keeps 16 … 19 though head 0's fifth best outscores them (before
+    2026-11-30 it kept nothing and its 4 slots were stored empty). No room: every nugget goes."""
     model = _model()
     heads, layers = model.num_kv_heads, model.num_layers
-    for budget, kept in ((20, 20), (12, 12), (20 * heads, 20)):
-        cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
-        for index, layer in enumerate(cache.layers):
-            layer.scores = torch.zeros(1, heads, 20)
-            layer.bias = torch.full((1, heads, 20), MASKED)
-            if index == 0:
-                layer.scores[:, 0] = torch.arange(20.0)
-                layer.bias[:, 0] = 0.0
-        cache.keep_top_entries(torch.tensor([budget]), model.rotary_emb, pool=20)
-        assert [layer.get_seq_length() for layer in cache.layers] == [kept] + [0] * (layers - 1)
-        assert int(cache.stored_entries()[0]) == kept
-        assert cache.layers[0].stored_kv()[2].shape[0] == kept  # packed: head 0's keys only
-        assert cache.layers[0].scores[0, 0].tolist() == [float(i) for i in range(20 - kept, 20)]
-    cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)  # no room: every nugget goes
-    assert [layer.get_seq_length() for layer in cache.layers] == [0] * layers
-
-
-def test_a_layer_earns_its_share_by_its_slots_and_one_head_may_fill_it():
-    """Layer 0's head 0 scores 100, 99, 1, 0 (head 1 has no candidates); layer 1's heads score 50 … 47.
-    A budget of 4 entries opens 2 slots, both worth more in layer 0, so layer 0 gets 4 entries and its
-    head 0 takes them all, its weak 1 and 0 included; layer 1 keeps none."""
-    model = _model()
-    heads = model.num_kv_heads
-    cache = model.encode(torch.tensor([_text(4)]), cache=model.new_cache(positions="cache"))
+    cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
     for index, layer in enumerate(cache.layers):
-        layer.bias = torch.full((1, heads, 4), MASKED)
-        layer.scores = torch.zeros(1, heads, 4)
+        layer.bias = torch.full((1, heads, 20), MASKED)
+        layer.scores = torch.zeros(1, heads, 20)
         if index == 0:
-            layer.bias[:, 0], layer.scores[:, 0] = 0.0, torch.tensor([100.0, 99.0, 1.0, 0.0])
-        elif index == 1:
             layer.bias[:] = 0.0
-            layer.scores[:] = torch.tensor([50.0, 49.0, 48.0, 47.0])
-    cache.keep_top_entries(torch.tensor([4]), model.rotary_emb, pool=4)
-    first, second = cache.layers[0], cache.layers[1]
-    assert sorted(first.scores[0, 0, first.bias[0, 0] > MASKED / 2].tolist()) == [0.0, 1.0, 99.0, 100.0]
-    assert second.get_seq_length() == 0 and int(cache.stored_entries()[0]) == 4
+            layer.scores[:, 0], layer.scores[:, 1] = torch.arange(100.0, 120.0), torch.arange(20.0)
+    cache.keep_top_entries(torch.tensor([8]), model.rotary_emb, pool=20)
+    first = cache.layers[0]
+    assert first.scores[0, 0].tolist() == [116.0, 117.0, 118.0, 119.0]
+    assert first.scores[0, 1].tolist() == [16.0, 17.0, 18.0, 19.0]
+    assert not first.packed and int(cache.stored_entries()[0]) == 8
+    assert [layer.get_seq_length() for layer in cache.layers] == [4] + [0] * (layers - 1)
+    cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)
+    assert [layer.get_seq_length() for layer in cache.layers] == [0] * layers
 
 
 def test_with_text_positions_each_head_keeps_its_own_keys_unmoved():
@@ -304,7 +293,7 @@ def test_entries_the_last_queries_read_stay_beside_the_scorer_best():
                 layer.bias[:, 0] = 0.0
                 seen[:, 0] = torch.linspace(1.0, 0.0, 20)
             observed.append(seen)
-        cache.keep_top_entries(torch.tensor([6]), model.rotary_emb, pool=20, observed=observed if voting else None)
+        cache.keep_top_entries(torch.tensor([12]), model.rotary_emb, pool=20, observed=observed if voting else None)
         layer = cache.layers[0]
         kept[voting] = layer.positions[0, 0, layer.bias[0, 0] > MASKED / 2].tolist()
     assert kept[False] == list(range(14, 20))
