@@ -45,8 +45,9 @@ class NuggetLayer(DynamicLayer):
     """One layer's entries: K/V plus per-entry bias, position, nugget flag and scorer score.
 
     ``keys`` and ``values`` read ``(B, Hkv, N, D)``. After :meth:`pack` only the K/V pairs in use are
-    stored: the masked slots a per-head layer opens for its busiest head hold nothing, and reading
-    ``keys`` rebuilds them as zeros (never attended to), with the entries appended since after them.
+    stored: the masked slots of a per-head layer (a head with fewer entries than its busiest one) hold
+    nothing, and reading ``keys`` rebuilds them as zeros (never attended to), with the entries
+    appended since after them.
     Assigning ``keys`` or ``values`` unpacks the layer. Hand-rolled because transformers' layers
     store dense K/V only."""
 
@@ -101,10 +102,10 @@ class NuggetLayer(DynamicLayer):
         """Store only the K/V pairs in use (bias not masked); a layer without masked slots stays as it is."""
         if not self.is_initialized or self.bias is None:
             return
-        keys, values = self.keys, self.values
-        in_use = (self.bias > MASKED / 2).expand(-1, keys.shape[1], -1)
+        in_use = (self.bias > MASKED / 2).expand(-1, self.kv_heads, -1)
         if bool(in_use.all()):
             return
+        keys, values = self.keys, self.values
         self._packed = (keys[in_use], values[in_use], in_use)
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
 
@@ -216,7 +217,7 @@ class NuggetLayer(DynamicLayer):
         for name in ("bias", "positions", "is_nugget", "scores"):
             setattr(twin, name, share(getattr(self, name)))
         if self.is_initialized:
-            twin.dtype, twin.device, twin.is_initialized = self.dtype, self.device, True
+            twin.dtype, twin.device, twin.is_initialized = self._keys.dtype, self.device, True
         return twin
 
 
