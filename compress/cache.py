@@ -369,16 +369,18 @@ class NuggetCache(Cache):
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
         heads = pools[0].shape[1]
+        ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
         # a slot's worth: its layer's best head's candidate of that rank
-        worth = torch.cat([p.sort(dim=2, descending=True, stable=True).values.amax(dim=1) for p in pools], dim=1)
+        worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)
         opened = _best(worth, torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1)))
         moved = rotary_emb if self.position_mode == "cache" else None
-        for layer, (start, stop), pool, slots in zip(
-            self.layers, bounds, pools, opened.split([p.shape[2] for p in pools], 1)
+        for layer, (start, stop), pool, (_, order), slots in zip(
+            self.layers, bounds, pools, ranked, opened.split([p.shape[2] for p in pools], 1)
         ):
             opened_here = slots.sum(dim=1)
             cap = (opened_here.float() * HEAD_SLOTS).ceil().long()  # slots one head may fill
-            rank = pool.argsort(dim=2, descending=True, stable=True).argsort(dim=2)
+            positions = torch.arange(order.shape[2], device=order.device).expand_as(order)
+            rank = torch.empty_like(order).scatter_(2, order, positions)  # each candidate's rank in its head
             pairs = pool.masked_fill(rank >= cap[:, None, None], float("-inf")).flatten(1)
             share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
             _regroup_layer(layer, start, stop, _best(pairs, share).view_as(pool), bias_mode, moved)

@@ -28,11 +28,7 @@ def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bi
     ranked = [p.sort(dim=2, descending=True, stable=True).values for p in pools]
     worth = torch.cat([values.amax(dim=1) for values in ranked], dim=1)  # (B, slots of every layer)
     heads = pools[0].shape[1]
-    opened = torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1))
-    best = worth.argsort(dim=1, descending=True, stable=True)
-    is_open = torch.zeros_like(worth, dtype=torch.bool).scatter_(
-        1, best, torch.arange(best.shape[1], device=worth.device) < opened[:, None]
-    )
+    is_open = cache_module._best(worth, torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1)))
     picks = []
     for p, part in zip(pools, is_open.split([p.shape[2] for p in pools], 1)):
         flat = p.flatten(1)
