@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ def _logit_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, causal: bo
     groups = q.shape[1] // k.shape[1]
     per_head = bias if bias.shape[1] == 1 else bias.repeat_interleave(groups, dim=1)
     dense = per_head[:, :, None, :].float()
-    if causal:
+    if causal and q.shape[2] > 1:  # a single query is the last key: it sees every key
         dense = dense + _causal_bias(q.shape[2], k.shape[2], q.device)
     return dense
 
@@ -185,13 +185,56 @@ def implementation_name(backend: str) -> str:
     return f"nugget2d_{backend}"
 
 
+def per_head_attention(
+    query: torch.Tensor,
+    heads: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+    *,
+    scaling: float | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """:func:`biased_attention` where each row and KV head reads its own keys, as many as it has:
+    ``heads[b][h]`` is ``(keys (n, D), values (n, D), bias (n,))`` and ``query`` ``(B, Hq, Q, D)`` (its
+    queries are the last ``Q`` keys of every head). Equals padding every head to the longest with
+    masked keys, without reading the padding. Hand-rolled: no CPU kernel takes ragged heads."""
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
+    kernel, groups = _IMPLEMENTATIONS[backend], query.shape[1] // len(heads[0])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    rows = []
+    for row, per_head in enumerate(heads):
+        outs = [
+            kernel(
+                query[row : row + 1, head * groups : (head + 1) * groups],
+                keys[None, None],
+                values[None, None],
+                bias[None, None],
+                scaling,
+                True,
+            )
+            for head, (keys, values, bias) in enumerate(per_head)
+        ]
+        rows.append(torch.cat(outs, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+#: Backends that read a packed layer's heads one by one; compiled flex would recompile for every
+#: new head length, so it reads the layer rebuilt whole.
+PER_HEAD_BACKENDS = ("eager", "sdpa", "flash_attn")
+
+
 def _interface(backend: str) -> Callable:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # The nugget cache (passed by Nugget2DModel) holds the bias of every key, new tokens included.
         cache = kwargs.get("nugget_cache")
         bias = cache.attention_bias(module.layer_idx) if cache is not None else None
-        out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
+        layer = cache.layers[module.layer_idx] if cache is not None else None
         observer = getattr(cache, "observer", None)
+        if layer is not None and layer.packed and (observer is not None or backend not in PER_HEAD_BACKENDS):
+            key, value = layer.keys, layer.values  # the cache handed over only the entries appended since packing
+        if layer is not None and layer.packed and backend in PER_HEAD_BACKENDS:
+            out = per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend)
+        else:
+            out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
         if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
             observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out.transpose(1, 2).contiguous(), None

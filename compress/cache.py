@@ -26,10 +26,11 @@ from .attention import MASKED
 from .rope import rerotate
 
 #: In a per-head cache a head may keep up to this many times its layer's opened slots (see
-#: :meth:`NuggetCache.keep_top_entries`). A layer is read at its busiest head's length, so above 1
-#: heads' uneven shares recall better but read longer: 2 recalled 3.16 instead of 4.78 at 2k and
-#: decoded 32k tokens at 336 instead of 171 ms a token (``benchmarks/reading/README.md``).
-HEAD_SLOTS = 1.0
+#: :meth:`NuggetCache.keep_top_entries`); None: no cap, a head may take its layer's whole share. The
+#: attention backends read each head of a packed layer at its own length, so uneven heads cost little
+#: decode time: uncapped, 2k far recall 3.11 instead of 4.78 with a cap of 1, 32k decode 142 instead
+#: of 138 ms a token (``benchmarks/reading/README.md``, ``benchmarks/heads/ragged/``).
+HEAD_SLOTS: float | None = None
 _FORMAT = "nugget2d-cache"
 _VERSION = "1"
 
@@ -57,6 +58,9 @@ class NuggetLayer(DynamicLayer):
         #: After :meth:`pack`: (keys in use ``(M, D)``, values in use ``(M, D)``, in use ``(B, Hkv, S)``)
         #: of the first ``S`` slots; ``_keys``/``_values`` then hold the entries appended since.
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: Per row and head, ``(keys, values, bias)`` of its packed slots in use, made on the first
+        #: per-head read, with the bias of the packed slots it was made from (remade if that changes).
+        self._head_slots: tuple[list, torch.Tensor] | None = None
         super().__init__()
         self.bias: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
@@ -97,6 +101,7 @@ class NuggetLayer(DynamicLayer):
     def _unpack(self) -> None:
         if self._packed is not None:
             self._keys, self._values, self._packed = self._whole(0), self._whole(1), None
+            self._head_slots = None
 
     def pack(self) -> None:
         """Store only the K/V pairs in use (bias not masked); a layer without masked slots stays as it is."""
@@ -107,7 +112,36 @@ class NuggetLayer(DynamicLayer):
             return
         keys, values = self.keys, self.values
         self._packed = (keys[in_use], values[in_use], in_use)
+        self._head_slots = None
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
+
+    def head_entries(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per row and KV head, ``(keys (n, D), values (n, D), bias (n,))`` of the entries that head
+        reads, in order: its packed slots in use (none of the masked ones), then the entries appended
+        since. Heads of a packed layer differ in ``n``; reading them so skips what :attr:`keys` rebuilds."""
+        batch, heads = self.bias.shape[0], self.kv_heads
+        bias = self.bias.expand(batch, heads, -1)
+        slots = self._packed[2].shape[-1] if self._packed is not None else 0
+        packed = self._packed_heads(bias[..., :slots]) if self._packed is not None else None
+        entries = []
+        for row in range(batch):
+            entries.append([])
+            for head in range(heads):
+                tail = (self._keys[row, head], self._values[row, head], bias[row, head, slots:])
+                if packed is not None:
+                    tail = tuple(torch.cat(pair) for pair in zip(packed[row * heads + head], tail))
+                entries[-1].append(tail)
+        return entries
+
+    def _packed_heads(self, slot_bias: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per row and head, the packed slots in use: views of the packed K/V and their bias, split
+        once per packing (and again if the slots' bias changed since)."""
+        if self._head_slots is None or not torch.equal(self._head_slots[1], slot_bias):
+            used_keys, used_values, in_use = self._packed
+            counts = in_use.sum(dim=2).flatten().tolist()
+            split = zip(used_keys.split(counts), used_values.split(counts), slot_bias[in_use].split(counts))
+            self._head_slots = (list(split), slot_bias)
+        return self._head_slots[0]
 
     def get_seq_length(self) -> int:
         """Entries per head (slots, masked ones included), without rebuilding packed K/V."""
@@ -214,6 +248,8 @@ class NuggetLayer(DynamicLayer):
         twin = NuggetLayer()
         twin._keys, twin._values = share(self._keys), share(self._values)
         twin._packed = tuple(share(t) for t in self._packed) if self._packed is not None else None
+        if self._head_slots is not None:
+            twin._head_slots = ([tuple(share(t) for t in e) for e in self._head_slots[0]], share(self._head_slots[1]))
         for name in ("bias", "positions", "is_nugget", "scores"):
             setattr(twin, name, share(getattr(self, name)))
         if self.is_initialized:
@@ -257,7 +293,9 @@ class NuggetCache(Cache):
         self.seen_tokens = counted if self.seen_tokens is None else self.seen_tokens + counted
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Append this step's keys/values at ``layer_idx``; return all keys and values of that layer."""
+        """Append this step's keys/values at ``layer_idx``; return all keys and values of that layer —
+        of a packed layer only those appended since it was packed: the nugget2d attention backends read
+        its heads at their own lengths (:meth:`NuggetLayer.head_entries`), or rebuild it whole."""
         if self._step is None:
             raise RuntimeError(
                 "NuggetCache.update called outside a step: run forward passes through Nugget2DModel, "
@@ -265,6 +303,8 @@ class NuggetCache(Cache):
             )
         layer = self.layers[layer_idx]
         layer.append(key_states, value_states, *self._step)
+        if layer.packed:
+            return layer._keys, layer._values
         return layer.keys, layer.values
 
     def attention_bias(self, layer_idx: int) -> torch.Tensor:
@@ -354,13 +394,13 @@ class NuggetCache(Cache):
         entries. Layers get their shares first: a layer's ``k``-th slot is worth its best head's
         ``k``-th candidate, the ``keep / heads`` best slots over all layers are opened, and a layer
         receives its opened slots' entries (slots · heads). Its best (head, entry) pairs fill that
-        share, each head taking at most :data:`HEAD_SLOTS` times the opened slots (1: every head fills
-        them, so no slot a layer pays for stays empty while a head has candidates), each head's in
-        text order. Only the pairs in use are stored (:meth:`NuggetLayer.pack`), so ``keep`` entries
-        take the memory of a token-level cache keeping ``keep / (layers · heads)`` tokens. (Before
-        2026-11-30 a head kept only candidates above the last opened slot's worth, leaving paid-for
-        slots empty; letting entries compete across layers too recalled better at 2k and continued
-        1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions a slot's keys are
+        share, a head taking as many as its candidates win (at most :data:`HEAD_SLOTS` times the
+        opened slots when set; 1: every head fills them), each head's in text order. Only the pairs
+        in use are stored (:meth:`NuggetLayer.pack`), so ``keep`` entries take the memory of a
+        token-level cache keeping ``keep / (layers · heads)`` tokens, and each head is read at its own
+        length. (Before 2026-11-30 a head kept only candidates above the last opened slot's worth,
+        leaving paid-for slots empty; letting entries compete across layers too recalled better at 2k
+        and continued 1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions a slot's keys are
         re-rotated to one position; with text positions each keeps its own. The last ``tail``
         entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the attention
         recent queries gave each entry) an entry's worth is the better of its score's and its
@@ -368,22 +408,9 @@ class NuggetCache(Cache):
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
         bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
-        heads = pools[0].shape[1]
-        ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
-        # a slot's worth: its layer's best head's candidate of that rank
-        worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)
-        opened = _best(worth, torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1)))
         moved = rotary_emb if self.position_mode == "cache" else None
-        for layer, (start, stop), pool, (_, order), slots in zip(
-            self.layers, bounds, pools, ranked, opened.split([p.shape[2] for p in pools], 1)
-        ):
-            opened_here = slots.sum(dim=1)
-            cap = (opened_here.float() * HEAD_SLOTS).ceil().long()  # slots one head may fill
-            positions = torch.arange(order.shape[2], device=order.device).expand_as(order)
-            rank = torch.empty_like(order).scatter_(2, order, positions)  # each candidate's rank in its head
-            pairs = pool.masked_fill(rank >= cap[:, None, None], float("-inf")).flatten(1)
-            share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
-            _regroup_layer(layer, start, stop, _best(pairs, share).view_as(pool), bias_mode, moved)
+        for layer, (start, stop), chosen in zip(self.layers, bounds, layer_share_picks(pools, keep)):
+            _regroup_layer(layer, start, stop, chosen, bias_mode, moved)
             layer.pack()
 
     def reposition(self, rotary_emb: torch.nn.Module) -> None:
@@ -530,6 +557,30 @@ class NuggetCache(Cache):
                 f"and cannot be read by {model_name} (fingerprint {fingerprint[:12]}); "
                 "compress the text again with this model"
             )
+
+
+def layer_share_picks(
+    pools: list[torch.Tensor], keep: torch.Tensor, head_slots: float | None = None
+) -> list[torch.Tensor]:
+    """The rule of :meth:`NuggetCache.keep_top_entries`: which of each layer's candidates ``(B, H, N)``
+    (worth; -inf = none) it keeps, ``keep`` ``(B,)`` entries in all, each head at most ``head_slots``
+    times its layer's opened slots (default :data:`HEAD_SLOTS`; None: no cap)."""
+    heads = pools[0].shape[1]
+    head_slots = head_slots or HEAD_SLOTS or heads  # a head cannot take more than its layer's whole share
+    ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
+    # a slot's worth: its layer's best head's candidate of that rank
+    worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)
+    opened = _best(worth, torch.minimum(keep.to(worth.device) // heads, worth.isfinite().sum(dim=1)))
+    picks = []
+    for pool, (_, order), slots in zip(pools, ranked, opened.split([p.shape[2] for p in pools], 1)):
+        opened_here = slots.sum(dim=1)
+        cap = (opened_here.float() * head_slots).ceil().long()  # slots one head may fill
+        positions = torch.arange(order.shape[2], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(2, order, positions)  # each candidate's rank in its head
+        pairs = pool.masked_fill(rank >= cap[:, None, None], float("-inf")).flatten(1)
+        share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
+        picks.append(_best(pairs, share).view_as(pool))
+    return picks
 
 
 def _best(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from torch import nn
 
 from nugget2d.compress import MASKED, Nugget2DConfig, Nugget2DModel, NuggetCache, biased_attention
-from nugget2d.compress.attention import extra_column_attention, sdpa_kernel
+from nugget2d.compress import cache as cache_module
+from nugget2d.compress.attention import extra_column_attention, per_head_attention, sdpa_kernel
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
 SHAPE = StreamSettings(budget=64, recent=16, segment=16, sinks=2)
@@ -43,6 +44,27 @@ def test_a_head_that_keeps_no_nugget_attends_only_to_its_raw_tokens(backend):
     torch.testing.assert_close(out[:, 2:], raw_only, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_heads_read_at_their_own_lengths_equal_heads_padded_with_masked_keys(backend):
+    """Two rows, two KV heads keeping 3, 7, 0 and 5 of 7 slots, then 4 raw keys (the last 2 are the
+    queries): reading each head's entries alone equals reading all 11 keys with the unused slots masked."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 2, 16, generator=generator)
+    k = torch.randn(2, 2, 11, 16, generator=generator)
+    v = torch.randn(2, 2, 11, 16, generator=generator)
+    bias = torch.randn(2, 2, 11, generator=generator)
+    bias[..., 7:] = 0.0
+    kept = torch.tensor([[3, 7], [0, 5]])
+    in_use = torch.arange(11) < kept[..., None]
+    in_use[..., 7:] = True
+    bias = bias.masked_fill(~in_use, MASKED)
+    heads = [
+        [(k[b, h][in_use[b, h]], v[b, h][in_use[b, h]], bias[b, h][in_use[b, h]]) for h in range(2)] for b in range(2)
+    ]
+    out = per_head_attention(q, heads, backend=backend)
+    torch.testing.assert_close(out, biased_attention(q, k, v, bias, backend="eager"), atol=1e-5, rtol=1e-5)
+
+
 def test_per_head_budgets_store_only_the_entries_in_use():
     """Streamed far past the budget: the K/V pairs stored are exactly the entries in use, as many as a
     token-level cache of the same entries holds; ``nbytes`` counts every stored tensor; layers differ
@@ -68,11 +90,14 @@ def test_per_head_budgets_store_only_the_entries_in_use():
     assert torch.isfinite(session.score_ids(text[:12])).all()
 
 
-def test_a_head_without_candidates_stores_nothing_and_reads_the_same(tmp_path):
-    """Layer 0's head 0 alone has candidates: it fills the layer's opened slots, head 1's stay empty and
-    hold no K/V (packed); reading the packed cache equals reading it unpacked, and a saved cache loads
-    packed again."""
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@torch.no_grad()  # flex has no backward on CPU
+def test_a_head_without_candidates_stores_nothing_and_reads_the_same(tmp_path, backend):
+    """Layer 0's head 0 alone has candidates: it takes the layer's share, head 1's slots stay empty and
+    hold no K/V (packed); reading the packed cache (each head at its own length, or rebuilt whole for
+    flex) equals reading it unpacked, and a saved cache loads packed again."""
     model = _model()
+    model.set_attention(backend)
     heads = model.num_kv_heads
     cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
     for index, layer in enumerate(cache.layers):
@@ -81,7 +106,7 @@ def test_a_head_without_candidates_stores_nothing_and_reads_the_same(tmp_path):
         if index == 0:
             layer.scores[:, 0] = torch.arange(20.0)
             layer.bias[:, 0] = 0.0
-    cache.keep_top_entries(torch.tensor([20]), model.rotary_emb, pool=20)  # 10 slots opened (2 KV heads)
+    cache.keep_top_entries(torch.tensor([10]), model.rotary_emb, pool=20)  # 5 slots opened; head 0 takes all 10
     first = cache.layers[0]
     assert first.packed and first.get_seq_length() == 10 and int(cache.stored_entries()[0]) == 10
     pair = 2 * model.base.config.head_dim * 4
@@ -170,11 +195,15 @@ def test_compress_spreads_a_batch_over_heads_and_renumbers_it():
     assert torch.isfinite(out.logits).all()
 
 
-def test_every_head_fills_the_slots_its_layer_opens():
+@pytest.mark.parametrize("head_slots", [None, 1.0])
+def test_a_layers_share_goes_to_its_best_head_entries_or_fills_every_head(monkeypatch, head_slots):
     """Layer 0's head 0 scores 100 … 119, its head 1 0 … 19; no other layer has candidates. A budget of
-    8 entries opens 4 slots (2 KV heads), all in layer 0 for head 0's scores, and both heads fill them
-    with their own best: head 1 keeps 16 … 19 though head 0's fifth best outscores them (before
+    8 entries opens 4 slots (2 KV heads), all in layer 0 for head 0's scores. Uncapped (the default),
+    the layer's 8 entries go to its best (head, entry) pairs: head 0 keeps 112 … 119, head 1 nothing,
+    and the layer is read 8 long for head 0, stored packed. With a cap of 1 both heads fill the 4
+    slots with their own best: head 1 keeps 16 … 19 though head 0's fifth best outscores them (before
     2026-11-30 it kept nothing and its 4 slots were stored empty). No room: every nugget goes."""
+    monkeypatch.setattr(cache_module, "HEAD_SLOTS", head_slots)
     model = _model()
     heads, layers = model.num_kv_heads, model.num_layers
     cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
@@ -186,10 +215,16 @@ def test_every_head_fills_the_slots_its_layer_opens():
             layer.scores[:, 0], layer.scores[:, 1] = torch.arange(100.0, 120.0), torch.arange(20.0)
     cache.keep_top_entries(torch.tensor([8]), model.rotary_emb, pool=20)
     first = cache.layers[0]
-    assert first.scores[0, 0].tolist() == [116.0, 117.0, 118.0, 119.0]
-    assert first.scores[0, 1].tolist() == [16.0, 17.0, 18.0, 19.0]
-    assert not first.packed and int(cache.stored_entries()[0]) == 8
-    assert [layer.get_seq_length() for layer in cache.layers] == [4] + [0] * (layers - 1)
+    assert int(cache.stored_entries()[0]) == 8
+    if head_slots is None:
+        assert first.scores[0, 0].tolist() == [float(s) for s in range(112, 120)]
+        assert first.packed and bool((first.bias[0, 1] == MASKED).all())
+        assert [layer.get_seq_length() for layer in cache.layers] == [8] + [0] * (layers - 1)
+    else:
+        assert first.scores[0, 0].tolist() == [116.0, 117.0, 118.0, 119.0]
+        assert first.scores[0, 1].tolist() == [16.0, 17.0, 18.0, 19.0]
+        assert not first.packed
+        assert [layer.get_seq_length() for layer in cache.layers] == [4] + [0] * (layers - 1)
     cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)
     assert [layer.get_seq_length() for layer in cache.layers] == [0] * layers
 
@@ -296,8 +331,8 @@ def test_entries_the_last_queries_read_stay_beside_the_scorer_best():
         cache.keep_top_entries(torch.tensor([12]), model.rotary_emb, pool=20, observed=observed if voting else None)
         layer = cache.layers[0]
         kept[voting] = layer.positions[0, 0, layer.bias[0, 0] > MASKED / 2].tolist()
-    assert kept[False] == list(range(14, 20))
-    assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 6
+    assert kept[False] == list(range(8, 20))  # head 0 takes the layer's whole share of 12
+    assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 12
     with pytest.raises(ValueError, match="one value per"):
         cache.keep_top_entries(torch.tensor([heads]), model.rotary_emb, pool=2, observed=[torch.zeros(1, 1, 3)])
 
