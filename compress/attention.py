@@ -229,11 +229,13 @@ def _interface(backend: str) -> Callable:
         bias = cache.attention_bias(module.layer_idx) if cache is not None else None
         layer = cache.layers[module.layer_idx] if cache is not None else None
         observer = getattr(cache, "observer", None)
-        if layer is not None and layer.packed and (observer is not None or backend not in PER_HEAD_BACKENDS):
-            key, value = layer.keys, layer.values  # the cache handed over only the entries appended since packing
-        if layer is not None and layer.packed and backend in PER_HEAD_BACKENDS:
+        packed = layer is not None and layer.packed  # then the cache handed over only the entries appended since
+        if packed and backend in PER_HEAD_BACKENDS:
             out = per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend)
+            key = layer.keys if observer is not None else key  # the observer reads every slot
         else:
+            if packed:
+                key, value = layer.keys, layer.values
             out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
         if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
             observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)
