@@ -6,7 +6,9 @@ with the layer's best (head, entry) pairs by worth (the better of the score's an
 attention's percentile). ``global_share.py`` lets every (layer, head, entry) compete by that worth.
 SHARES=score: the ``keep`` best entries by the scorer's score alone, over every layer and head, say
 how many entries each layer keeps; the layer's best pairs by worth fill them. SHARES=layer-percentile:
-every entry competes across layers by worth, with both percentiles taken within its own layer.
+every entry competes across layers by worth, with both percentiles taken within its own layer;
+SHARES=attention-layer-percentile: the same with the score's percentile taken over all layers and
+the attention's within the entry's layer.
 Heads take as many of their layer's entries as they win (no cap). Stored as sessions store.
 Usage (repository root):
   SHARES=score|layer-percentile python benchmarks/reading/variants/layer_shares.py bench quality ...
@@ -21,8 +23,8 @@ from nugget2d.compress import cache as cache_module
 from nugget2d.runtime.cli import main
 
 SHARES = os.environ.get("SHARES", "score")
-if SHARES not in ("score", "layer-percentile"):
-    raise SystemExit(f"SHARES must be 'score' or 'layer-percentile', got {SHARES!r}")
+if SHARES not in ("score", "layer-percentile", "attention-layer-percentile"):
+    raise SystemExit(f"SHARES must be 'score', 'layer-percentile' or 'attention-layer-percentile', got {SHARES!r}")
 
 
 def _shares(pools: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
@@ -40,17 +42,16 @@ def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bi
         if observed is not None:
             bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
     else:
+        within = SHARES == "layer-percentile"
+        scores = [cache_module._percentiles([p])[0] for p in pools] if within else cache_module._percentiles(pools)
         if observed is not None:
             seen = [
                 o[..., start:stop].float().masked_fill(p.isinf(), float("-inf"))
                 for o, (start, stop), p in zip(observed, bounds, pools)
             ]
-            pools = [
-                torch.maximum(cache_module._percentiles([p])[0], cache_module._percentiles([s])[0])
-                for p, s in zip(pools, seen)
-            ]
+            pools = [torch.maximum(p, cache_module._percentiles([s])[0]) for p, s in zip(scores, seen)]
         else:
-            pools = [cache_module._percentiles([p])[0] for p in pools]
+            pools = scores
         shares = _shares(pools, keep)
     moved = rotary_emb if self.position_mode == "cache" else None
     for layer, (start, stop), p, share in zip(self.layers, bounds, pools, shares):
