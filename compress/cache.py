@@ -127,10 +127,10 @@ class NuggetLayer(DynamicLayer):
         for row in range(batch):
             entries.append([])
             for head in range(heads):
-                tail = (self._keys[row, head], self._values[row, head], bias[row, head, slots:])
+                entry = (self._keys[row, head], self._values[row, head], bias[row, head, slots:])  # appended since
                 if packed is not None:
-                    tail = tuple(torch.cat(pair) for pair in zip(packed[row * heads + head], tail))
-                entries[-1].append(tail)
+                    entry = tuple(torch.cat(pair) for pair in zip(packed[row * heads + head], entry))
+                entries[-1].append(entry)
         return entries
 
     def _packed_heads(self, slot_bias: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -566,7 +566,8 @@ def layer_share_picks(
     (worth; -inf = none) it keeps, ``keep`` ``(B,)`` entries in all, each head at most ``head_slots``
     times its layer's opened slots (default :data:`HEAD_SLOTS`; None: no cap)."""
     heads = pools[0].shape[1]
-    head_slots = head_slots or HEAD_SLOTS or heads  # a head cannot take more than its layer's whole share
+    head_slots = head_slots or HEAD_SLOTS
+    capped = head_slots is not None and head_slots < heads  # at `heads` a head may take its layer's whole share
     ranked = [p.sort(dim=2, descending=True, stable=True) for p in pools]  # each head's candidates, best first
     # a slot's worth: its layer's best head's candidate of that rank
     worth = torch.cat([values.amax(dim=1) for values, _ in ranked], dim=1)
@@ -574,10 +575,12 @@ def layer_share_picks(
     picks = []
     for pool, (_, order), slots in zip(pools, ranked, opened.split([p.shape[2] for p in pools], 1)):
         opened_here = slots.sum(dim=1)
-        cap = (opened_here.float() * head_slots).ceil().long()  # slots one head may fill
-        positions = torch.arange(order.shape[2], device=order.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(2, order, positions)  # each candidate's rank in its head
-        pairs = pool.masked_fill(rank >= cap[:, None, None], float("-inf")).flatten(1)
+        if capped:
+            cap = (opened_here.float() * head_slots).ceil().long()  # slots one head may fill
+            positions = torch.arange(order.shape[2], device=order.device).expand_as(order)
+            rank = torch.empty_like(order).scatter_(2, order, positions)  # each candidate's rank in its head
+            pool = pool.masked_fill(rank >= cap[:, None, None], float("-inf"))
+        pairs = pool.flatten(1)
         share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
         picks.append(_best(pairs, share).view_as(pool))
     return picks
