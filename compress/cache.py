@@ -31,6 +31,15 @@ from .rope import rerotate
 #: decode time: uncapped, 2k far recall 3.11 instead of 4.78 with a cap of 1, 32k decode 142 instead
 #: of 138 ms a token (``benchmarks/reading/README.md``, ``benchmarks/heads/ragged/``).
 HEAD_SLOTS: float | None = None
+#: In a per-head cache whose recent queries vote (``observed``), this many tokens' worth of entries
+#: (times layers × KV heads) go first to the scorer's best entries over all layers and heads, the rest
+#: by the slot rule (see :meth:`NuggetCache.keep_top_entries`); None or 0: none reserved. A fixed size,
+#: not a share of the budget: what a far passage needs does not grow with the text. Measured (2k / 8k,
+#: continuation / far recall): none 30.63 / 3.11, 27.47 / 2.17; 89 tokens 30.39 / 1.93, 27.36 / 2.33;
+#: 111: 31.23 / 1.87, 27.32 / 2.29; 120: 31.60 / 1.83, 27.42 / 2.28; 133: 31.92 / 1.83, 27.83 / 2.28. A
+#: share instead: a fifth of the budget recalled 2.51 at 2k, half continued 29.06 at 8k
+#: (``benchmarks/reading/README.md``).
+SCORER_RESERVE: int | None = 120
 _FORMAT = "nugget2d-cache"
 _VERSION = "1"
 
@@ -359,6 +368,13 @@ class NuggetCache(Cache):
         """The candidates of :meth:`keep_top_entries` (arguments as there): per layer, their span
         ``(start, stop)`` and worth ``(B, H, stop - start)`` — the score, or with ``observed`` the better
         of the score's and the attention's percentile — with -inf where an entry is padding."""
+        bounds, scores = self._candidate_scores(tail, lead, pool)
+        return bounds, scores if observed is None else self._observed_worth(bounds, scores, observed)
+
+    def _candidate_scores(
+        self, tail: int, lead: int | None, pool: int | None
+    ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """Per layer, the candidates' span and scorer scores ``(B, H, stop - start)`` (-inf: padding)."""
         bounds, pools = [], []
         for layer in self.layers:
             length, heads = layer.get_seq_length(), layer.kv_heads
@@ -367,16 +383,20 @@ class NuggetCache(Cache):
             scores = layer.scores if layer.scores.dim() == 3 else layer.scores[:, None, :].expand(-1, heads, -1)
             valid = (layer.bias > MASKED / 2).expand(-1, heads, -1)[..., start : length - tail]
             pools.append(scores[..., start : length - tail].masked_fill(~valid, float("-inf")))
-        if observed is not None:
-            shapes = [(self.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in self.layers]
-            if [tuple(seen.shape) for seen in observed] != shapes:
-                raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
-            seen = [
-                seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
-                for seen, (start, stop), pool in zip(observed, bounds, pools)
-            ]
-            pools = _blend_worth(pools, seen)
         return bounds, pools
+
+    def _observed_worth(
+        self, bounds: list[tuple[int, int]], scores: list[torch.Tensor], observed: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The candidates' worth when recent queries vote: the better of the two percentiles."""
+        shapes = [(self.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in self.layers]
+        if [tuple(seen.shape) for seen in observed] != shapes:
+            raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
+        seen = [
+            seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
+            for seen, (start, stop), pool in zip(observed, bounds, scores)
+        ]
+        return _blend_worth(scores, seen)
 
     def keep_top_entries(
         self,
@@ -390,26 +410,33 @@ class NuggetCache(Cache):
         observed: list[torch.Tensor] | None = None,
     ) -> None:
         """Per-head budgets (DESIGN §4): the candidate entries of every layer — after the first ``lead``
-        entries, or the last ``pool`` before the ``tail`` — compete by score for ``keep`` ``(B,)`` K/V
-        entries. Layers get their shares first: a layer's ``k``-th slot is worth its best head's
-        ``k``-th candidate, the ``keep / heads`` best slots over all layers are opened, and a layer
-        receives its opened slots' entries (slots · heads). Its best (head, entry) pairs fill that
-        share, a head taking as many as its candidates win (at most :data:`HEAD_SLOTS` times the
-        opened slots when set; 1: every head fills them), each head's in text order. Only the pairs
-        in use are stored (:meth:`NuggetLayer.pack`), so ``keep`` entries take the memory of a
-        token-level cache keeping ``keep / (layers · heads)`` tokens, and each head is read at its own
-        length. (Before 2026-11-30 a head kept only candidates above the last opened slot's worth,
-        leaving paid-for slots empty; letting entries compete across layers too recalled better at 2k
-        and continued 1.6 ppl worse at 8k, ``benchmarks/reading/README.md``.) With cache positions a slot's keys are
-        re-rotated to one position; with text positions each keeps its own. The last ``tail``
-        entries stay as they are. With ``observed`` (per layer ``(B, H, entries)``: the attention
-        recent queries gave each entry) an entry's worth is the better of its score's and its
-        attention's percentile among the candidates."""
+        entries, or the last ``pool`` before the ``tail`` — compete for ``keep`` ``(B,)`` K/V entries.
+        With ``observed`` (per layer ``(B, H, entries)``: the attention recent queries gave each
+        entry) :data:`SCORER_RESERVE` tokens' worth of them (× layers × heads) go first to the best
+        scores over all layers and heads, and an entry's worth is the better of its score's and its
+        attention's percentile among the candidates; without, the worth is the score. The rest goes
+        by the slot rule: a layer's ``k``-th slot is worth its best head's ``k``-th candidate, the
+        ``rest / heads`` best slots over all layers are opened, and a layer receives its opened
+        slots' entries (slots · heads). Its best (head, entry) pairs fill that share, a head taking
+        as many as its candidates win (at most :data:`HEAD_SLOTS` times the opened slots when set;
+        1: every head fills them), each head's in text order. Only the pairs in use are stored
+        (:meth:`NuggetLayer.pack`), so ``keep`` entries take the memory of a token-level cache
+        keeping ``keep / (layers · heads)`` tokens, and each head is read at its own length.
+        (Letting every entry compete across layers by worth recalled as well at 2k and continued
+        1.6 ppl worse at 8k; spending a share of the budget, not a fixed reserve, on the scorer's
+        picks did one or the other, ``benchmarks/reading/README.md``.) With cache positions a slot's
+        keys are re-rotated to one position; with text positions each keeps its own. The last
+        ``tail`` entries stay as they are."""
         if self.allocation != "head":
             raise ValueError("keep_top_entries spreads the budget over heads; this cache is token-level")
-        bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
+        bounds, scores = self._candidate_scores(tail, lead, pool)
+        if observed is None:
+            picks = layer_share_picks(scores, keep)
+        else:
+            reserve = (SCORER_RESERVE or 0) * len(self.layers) * self.layers[0].kv_heads
+            picks = reserve_then_share(scores, self._observed_worth(bounds, scores, observed), keep, reserve)
         moved = rotary_emb if self.position_mode == "cache" else None
-        for layer, (start, stop), chosen in zip(self.layers, bounds, layer_share_picks(pools, keep)):
+        for layer, (start, stop), chosen in zip(self.layers, bounds, picks):
             _regroup_layer(layer, start, stop, chosen, bias_mode, moved)
             layer.pack()
 
@@ -584,6 +611,20 @@ def layer_share_picks(
         share = torch.minimum(opened_here * heads, pairs.isfinite().sum(dim=1))
         picks.append(_best(pairs, share).view_as(pool))
     return picks
+
+
+def reserve_then_share(
+    scores: list[torch.Tensor], worth: list[torch.Tensor], keep: torch.Tensor, reserve: int
+) -> list[torch.Tensor]:
+    """Which candidates (per layer ``(B, H, N)``; -inf = none) to keep, ``keep`` ``(B,)`` in all: the
+    ``reserve`` best ``scores`` over all layers and heads (fewer when ``keep`` is), then the slot rule
+    (:func:`layer_share_picks`) by ``worth`` over the candidates left for the rest."""
+    flat = torch.cat([p.flatten(1) for p in scores], dim=1)
+    keep = keep.to(flat.device)
+    count = torch.minimum(keep.clamp(max=reserve), flat.isfinite().sum(dim=1))
+    reserved = [part.view_as(p) for part, p in zip(_best(flat, count).split([p[0].numel() for p in scores], 1), scores)]
+    rest = layer_share_picks([w.masked_fill(r, float("-inf")) for w, r in zip(worth, reserved)], keep - count)
+    return [r | picked for r, picked in zip(reserved, rest)]
 
 
 def _best(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -310,9 +310,13 @@ def test_the_last_queries_attention_is_recorded_per_kv_head():
         per_head.layers(2)
 
 
-def test_entries_the_last_queries_read_stay_beside_the_scorer_best():
+@pytest.mark.parametrize("reserve", [0, 2])
+def test_entries_the_last_queries_read_stay_beside_the_scorer_best(monkeypatch, reserve):
     """Layer 0's head 0 holds 20 candidates scored 0 … 19; the recent queries read entry 0 most. With
-    their attention voting, entry 0 (the scorer's worst) stays with the scorer's best; without, it goes."""
+    their attention voting, entry 0 (the scorer's worst) stays with the scorer's best; without, it goes.
+    A scorer reserve as large as the budget (2 tokens' worth: 16 entries of the tiny model's 4 layers ×
+    2 heads) gives every entry to the scorer's best, votes or not."""
+    monkeypatch.setattr(cache_module, "SCORER_RESERVE", reserve)
     model = _model()
     heads = model.num_kv_heads
     kept = {}
@@ -332,9 +336,29 @@ def test_entries_the_last_queries_read_stay_beside_the_scorer_best():
         layer = cache.layers[0]
         kept[voting] = layer.positions[0, 0, layer.bias[0, 0] > MASKED / 2].tolist()
     assert kept[False] == list(range(8, 20))  # head 0 takes the layer's whole share of 12
-    assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 12
+    if reserve:
+        assert kept[True] == list(range(8, 20))
+    else:
+        assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 12
     with pytest.raises(ValueError, match="one value per"):
         cache.keep_top_entries(torch.tensor([heads]), model.rotary_emb, pool=2, observed=[torch.zeros(1, 1, 3)])
+
+
+def test_the_scorer_reserve_takes_the_best_scores_anywhere_and_the_slot_rule_the_rest():
+    """Two layers of 2 heads, 6 candidates each. Layer A's head 0 scores best (9, 8) but is worth
+    little to the slot rule; layer B's head 0 is worth most (0.9 … 0.4). Keeping 6 with 2 reserved:
+    A's head 0 keeps its two best scores, and the 4 left open 2 slots of layer B, whose best pairs are
+    its head 0's first four. Without the reserve layer B takes all 6; a budget of 1 is all reserve."""
+    scores = [torch.zeros(1, 2, 6), torch.ones(1, 2, 6)]
+    scores[0][0, 0, :2] = torch.tensor([9.0, 8.0])
+    worth = [torch.full((1, 2, 6), 0.1), torch.stack([torch.linspace(0.9, 0.4, 6), torch.linspace(0.35, 0.1, 6)])[None]]
+    picks = cache_module.reserve_then_share(scores, worth, torch.tensor([6]), 2)
+    assert picks[0][0, 0].nonzero().flatten().tolist() == [0, 1] and not picks[0][0, 1].any()
+    assert picks[1][0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3] and not picks[1][0, 1].any()
+    unreserved = cache_module.reserve_then_share(scores, worth, torch.tensor([6]), 0)
+    assert not unreserved[0].any() and unreserved[1][0, 0].all()
+    one = cache_module.reserve_then_share(scores, worth, torch.tensor([1]), 2)
+    assert one[0][0, 0].nonzero().flatten().tolist() == [0] and sum(int(p.sum()) for p in one) == 1
 
 
 def test_a_session_keeps_the_last_queries_attention_until_its_cache_changes(tmp_path):

@@ -1,12 +1,12 @@
 """`nugget2d bench ...` with part of a per-head cache's budget spent across layers.
 
-Sessions give each layer its share of the budget (``nugget2d.compress.cache.layer_share_picks``: the
-layer's slots, each worth its best head's candidate of that rank, compete for ``budget / heads``
-openings; each head fills up to ``HEAD_SLOTS`` times its layer's opened slots with its best
-candidates). GLOBAL=a spends only (1 - a) of the budget that way and lets the best entries left, in
-any layer and head, take the rest (GLOBAL=1: every entry competes with every other). HEAD_SLOTS=x
-sets the cap of the layer shares' part (default 3: a head may fill its whole layer's share).
-Stored as sessions store (only the entries in use).
+Sessions until 2026-11-30 afternoon (before the scorer reserve) gave each layer its share of the budget
+(``nugget2d.compress.cache.layer_share_picks``: the layer's slots, each worth its best head's candidate
+of that rank, compete for ``budget / heads`` openings; each head fills up to ``HEAD_SLOTS`` times its
+layer's opened slots with its best candidates). GLOBAL=a spends only (1 - a) of the budget that way and
+lets the best entries left, in any layer and head, take the rest (GLOBAL=1: every entry competes with
+every other). HEAD_SLOTS=x sets the cap of the layer shares' part (default 3: a head may fill its whole
+layer's share). Stored as sessions store (only the entries in use).
 Usage (repository root): GLOBAL=a [HEAD_SLOTS=x] python benchmarks/reading/variants/global_share.py bench quality ...
 """
 

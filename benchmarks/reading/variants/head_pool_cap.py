@@ -1,9 +1,9 @@
 """`nugget2d bench ...` with each KV head keeping at most a share of its candidates.
 
-Under the shipped rule a few heads (layers 18, 21 and 23, head 2 of SmolLM2-135M) score nearly
-every token high and keep nearly all of them. POOL_CAP=f drops each head's candidates beyond its
-best f of them before the layers' shares are set (a layer's slot of rank k is then worth its best
-head's k-th kept candidate), so those heads keep at most a fraction f of the text.
+Under the slot rule (shipped before the scorer reserve) a few heads (layers 18, 21 and 23, head 2 of
+SmolLM2-135M) score nearly every token high and keep nearly all of them. POOL_CAP=f drops each head's
+candidates beyond its best f of them before the layers' shares are set (a layer's slot of rank k is then
+worth its best head's k-th kept candidate), so those heads keep at most a fraction f of the text.
 Usage (repository root): POOL_CAP=f python benchmarks/reading/variants/head_pool_cap.py bench quality ...
 """
 

@@ -1,15 +1,15 @@
 """`nugget2d bench ...` with a per-head cache's layer shares set by the scores of every (layer, head,
 entry) together, then filled within each layer by the entries' worth.
 
-Sessions give each layer its share by the slot rule (``NuggetCache.keep_top_entries``) and fill it
-with the layer's best (head, entry) pairs by worth (the better of the score's and the recent
-attention's percentile). ``global_share.py`` lets every (layer, head, entry) compete by that worth.
-SHARES=score: the ``keep`` best entries by the scorer's score alone, over every layer and head, say
-how many entries each layer keeps; the layer's best pairs by worth fill them. SHARES=layer-percentile:
-every entry competes across layers by worth, with both percentiles taken within its own layer;
-SHARES=attention-layer-percentile: the same with the score's percentile taken over all layers and
-the attention's within the entry's layer.
-Heads take as many of their layer's entries as they win (no cap). Stored as sessions store.
+Sessions until 2026-11-30 afternoon (before the scorer reserve) gave each layer its share by the slot
+rule (``NuggetCache.keep_top_entries``) and filled it with the layer's best (head, entry) pairs by worth
+(the better of the score's and the recent attention's percentile). ``global_share.py`` lets every
+(layer, head, entry) compete by that worth. SHARES=score: the ``keep`` best entries by the scorer's
+score alone, over every layer and head, say how many entries each layer keeps; the layer's best pairs by
+worth fill them. SHARES=layer-percentile: every entry competes across layers by worth, with both
+percentiles taken within its own layer; SHARES=attention-layer-percentile: the same with the score's
+percentile taken over all layers and the attention's within the entry's layer. Heads take as many of
+their layer's entries as they win (no cap). Stored as sessions store.
 Usage (repository root):
   SHARES=score|layer-percentile python benchmarks/reading/variants/layer_shares.py bench quality ...
 """
