@@ -65,10 +65,13 @@ def test_heads_read_at_their_own_lengths_equal_heads_padded_with_masked_keys(bac
     torch.testing.assert_close(out, biased_attention(q, k, v, bias, backend="eager"), atol=1e-5, rtol=1e-5)
 
 
-def test_per_head_budgets_store_only_the_entries_in_use():
+@pytest.mark.parametrize("reserve", [cache_module.SCORER_RESERVE, 2, 0])
+def test_per_head_budgets_store_only_the_entries_in_use(monkeypatch, reserve):
     """Streamed far past the budget: the K/V pairs stored are exactly the entries in use, as many as a
     token-level cache of the same entries holds; ``nbytes`` counts every stored tensor; layers differ
-    in length."""
+    in length — whether the scorer's reserve takes the whole budget (the shipped size, for this tiny
+    model), part of it, or none."""
+    monkeypatch.setattr(cache_module, "SCORER_RESERVE", reserve)
     model = _model()
     session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
     assert session.allocation == "head"
