@@ -619,12 +619,31 @@ def reserve_then_share(
     """Which candidates (per layer ``(B, H, N)``; -inf = none) to keep, ``keep`` ``(B,)`` in all: the
     ``reserve`` best ``scores`` over all layers and heads (fewer when ``keep`` is), then the slot rule
     (:func:`layer_share_picks`) by ``worth`` over the candidates left for the rest."""
-    flat = torch.cat([p.flatten(1) for p in scores], dim=1)
-    keep = keep.to(flat.device)
-    count = torch.minimum(keep.clamp(max=reserve), flat.isfinite().sum(dim=1))
-    reserved = [part.view_as(p) for part, p in zip(_best(flat, count).split([p[0].numel() for p in scores], 1), scores)]
-    rest = layer_share_picks([w.masked_fill(r, float("-inf")) for w, r in zip(worth, reserved)], keep - count)
+    keep = keep.to(scores[0].device)
+    reserved = best_anywhere(scores, keep.clamp(max=reserve))
+    left = keep - sum(r.flatten(1).sum(dim=1) for r in reserved)
+    rest = layer_share_picks([w.masked_fill(r, float("-inf")) for w, r in zip(worth, reserved)], left)
     return [r | picked for r, picked in zip(reserved, rest)]
+
+
+def best_anywhere(pools: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
+    """Masks of each row's ``count`` ``(B,)`` best finite values over all of ``pools`` (per layer
+    ``(B, H, N)``; -inf = none), whatever their layer and head (fewer when fewer are finite)."""
+    flat = torch.cat([p.flatten(1) for p in pools], dim=1)
+    best = _best(flat, torch.minimum(count.to(flat.device), flat.isfinite().sum(dim=1)))
+    return [part.view_as(p) for part, p in zip(best.split([p[0].numel() for p in pools], 1), pools)]
+
+
+def kept_in_text_order(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :func:`_regroup_layer` puts the ``chosen`` ``(B, H, N)`` entries: per row and head, the
+    index of each chosen one in text order ``(B, H, S)`` (S: the most any head keeps; then the
+    unchosen ones as padding), and which of those ``S`` slots are in use."""
+    size = chosen.shape[2]
+    order = torch.arange(size, device=chosen.device)
+    counts = chosen.sum(dim=2)
+    slots = int(counts.max())
+    index = torch.where(chosen, order, size + order).argsort(dim=2)[..., :slots]
+    return index, torch.arange(slots, device=chosen.device) < counts[..., None]
 
 
 def _best(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -665,13 +684,11 @@ def _regroup_layer(
 ) -> None:
     """Replace entries ``[start, stop)`` of ``layer`` by the ``chosen`` ``(B, H, stop - start)`` ones:
     each head's in text order, slots a head does not use masked; all of them become nuggets."""
-    batch, heads, size = chosen.shape
+    batch, heads, _ = chosen.shape
     device = chosen.device
-    counts = chosen.sum(dim=2)
-    slots = int(counts.max())
-    order = torch.arange(size, device=device)
-    picked = torch.where(chosen, order, size + order).argsort(dim=2)[..., :slots] + start
-    used = torch.arange(slots, device=device) < counts[..., None]
+    picked, used = kept_in_text_order(chosen)
+    slots = picked.shape[2]
+    picked = picked + start
     length = layer.get_seq_length()
     front = torch.arange(start, device=device).expand(batch, heads, -1)
     back = torch.arange(stop, length, device=device).expand(batch, heads, -1)

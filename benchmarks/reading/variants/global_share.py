@@ -13,8 +13,6 @@ Usage (repository root): GLOBAL=a [HEAD_SLOTS=x] python benchmarks/reading/varia
 import os
 import sys
 
-import torch
-
 from nugget2d.compress import cache as cache_module
 from nugget2d.runtime.cli import main
 
@@ -29,11 +27,9 @@ def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bi
     bounds, pools = self.candidate_worth(tail=tail, lead=lead, pool=pool, observed=observed)
     shared = (keep.double() * (1 - GLOBAL)).long()
     picks = cache_module.layer_share_picks(pools, shared, HEAD_SLOTS)
-    rest = [p.masked_fill(pick, float("-inf")).flatten(1) for p, pick in zip(pools, picks)]
-    flat = torch.cat(rest, dim=1)
-    left = (keep.to(flat.device) - sum(pick.flatten(1).sum(dim=1) for pick in picks)).clamp(min=0)
-    extra = cache_module._best(flat, torch.minimum(left, flat.isfinite().sum(dim=1)))
-    picks = [pick | more.view_as(pick) for pick, more in zip(picks, extra.split([r.shape[1] for r in rest], 1))]
+    left = (keep.to(pools[0].device) - sum(pick.flatten(1).sum(dim=1) for pick in picks)).clamp(min=0)
+    extra = cache_module.best_anywhere([p.masked_fill(pick, float("-inf")) for p, pick in zip(pools, picks)], left)
+    picks = [pick | more for pick, more in zip(picks, extra)]
     moved = rotary_emb if self.position_mode == "cache" else None
     for layer, (start, stop), pick in zip(self.layers, bounds, picks):
         cache_module._regroup_layer(layer, start, stop, pick, bias_mode, moved)

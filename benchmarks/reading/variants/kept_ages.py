@@ -39,11 +39,8 @@ def track_positions() -> dict[int, torch.Tensor]:
         first = int(known.max()) + 1 if known.numel() else 0
         fresh = torch.arange(first, first + length - known.shape[1])
         known = torch.cat([known, fresh.expand(heads, -1)], dim=1)
-        size, slots = stop - start, int(chosen[0].sum(dim=1).max())
-        order = torch.arange(size)
-        picked = torch.where(chosen[0], order, size + order).argsort(dim=1)[:, :slots]
-        used = torch.arange(slots) < chosen[0].sum(dim=1)[:, None]
-        middle = known[:, start:stop].gather(1, picked).masked_fill(~used, -1)
+        picked, used = cache_module.kept_in_text_order(chosen)
+        middle = known[:, start:stop].gather(1, picked[0]).masked_fill(~used[0], -1)
         origins[id(layer)] = torch.cat([known[:, :start], middle, known[:, stop:]], dim=1)
         regroup(layer, start, stop, chosen, bias_mode, rotary_emb)
 

@@ -29,9 +29,7 @@ if SHARES not in ("score", "layer-percentile", "attention-layer-percentile"):
 
 def _shares(pools: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
     """How many of the ``keep`` best values of all ``pools`` fall in each pool, ``(B,)`` per pool."""
-    flat = torch.cat([p.flatten(1) for p in pools], dim=1)
-    best = cache_module._best(flat, torch.minimum(keep.to(flat.device), flat.isfinite().sum(dim=1)))
-    return [part.sum(dim=1) for part in best.split([p[0].numel() for p in pools], dim=1)]
+    return [best.flatten(1).sum(dim=1) for best in cache_module.best_anywhere(pools, keep)]
 
 
 def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bias_mode="plain", observed=None):

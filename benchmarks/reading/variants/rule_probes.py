@@ -43,11 +43,9 @@ def _global_picks(pools, keep):
             picks[layer][:, head] = slot[layer][:, head]
     else:
         picks = cache_module.layer_share_picks(pools, (keep.double() * (1 - GLOBAL)).long())
-    rest = [p.masked_fill(pick, float("-inf")).flatten(1) for p, pick in zip(pools, picks)]
-    flat = torch.cat(rest, dim=1)
-    left = (keep.to(flat.device) - sum(pick.flatten(1).sum(dim=1) for pick in picks)).clamp(min=0)
-    extra = cache_module._best(flat, torch.minimum(left, flat.isfinite().sum(dim=1)))
-    return [pick | more.view_as(pick) for pick, more in zip(picks, extra.split([r.shape[1] for r in rest], 1))]
+    left = (keep.to(pools[0].device) - sum(pick.flatten(1).sum(dim=1) for pick in picks)).clamp(min=0)
+    extra = cache_module.best_anywhere([p.masked_fill(pick, float("-inf")) for p, pick in zip(pools, picks)], left)
+    return [pick | more for pick, more in zip(picks, extra)]
 
 
 def _picks(self, keep, tail, lead, pool, observed):
@@ -83,10 +81,9 @@ def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bi
         boost = _mass_boost(observed[index][..., start:stop], pools[index], pick)
         # the boosts the kept entries carry already (straight-through nugget bias is 0 in value), in
         # the order _regroup_layer stores them: each head's in text order
-        slots, size = int(pick.sum(dim=2).max()), stop - start
-        order = torch.arange(size, device=pick.device)
-        before = layer.bias.expand(-1, pick.shape[1], -1)[..., start:stop].clamp(min=0)
-        carried = before.gather(2, torch.where(pick, order, size + order).argsort(dim=2)[..., :slots])
+        index, _ = cache_module.kept_in_text_order(pick)
+        slots = index.shape[2]
+        carried = layer.bias.expand(-1, pick.shape[1], -1)[..., start:stop].clamp(min=0).gather(2, index)
         cache_module._regroup_layer(layer, start, stop, pick, bias_mode, moved)
         middle = layer.bias[..., start : start + slots]
         lifted = torch.where(middle > cache_module.MASKED / 2, middle + carried + boost[..., None], middle)

@@ -46,9 +46,7 @@ def keep_top_entries(self, keep, rotary_emb, *, tail=0, lead=None, pool=None, bi
     if RULE == "slot":
         more = cache_module.layer_share_picks(rest, left)
     else:
-        flat = torch.cat([r.flatten(1) for r in rest], dim=1)
-        extra = cache_module._best(flat, torch.minimum(left, flat.isfinite().sum(dim=1)))
-        more = [part.view_as(r) for part, r in zip(extra.split([r[0].numel() for r in rest], 1), rest)]
+        more = cache_module.best_anywhere(rest, left)
     moved = rotary_emb if self.position_mode == "cache" else None
     for layer, (start, stop), floor, pick in zip(self.layers, bounds, floors, more):
         cache_module._regroup_layer(layer, start, stop, floor | pick, bias_mode, moved)
