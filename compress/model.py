@@ -244,19 +244,38 @@ class Nugget2DModel(nn.Module):
         marks real tokens (left or right padding). ``ratio`` overrides the config's for top-k selection.
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
-        cache = self.encode(input_ids, mask, cache)
-        new = input_ids.shape[1]
+        return self.keep_nuggets(self.encode(input_ids, mask, cache), mask, ratio=ratio)
+
+    def keep_nuggets(
+        self,
+        cache: NuggetCache,
+        mask: torch.Tensor,
+        *,
+        tail: int = 0,
+        ratio: float | None = None,
+        observed: list[torch.Tensor] | None = None,
+    ) -> NuggetCache:
+        """Turn the ``mask.shape[1]`` entries encoded before the cache's last ``tail`` into nuggets
+        (``mask`` marks the real ones), the ``tail`` staying raw: what a session does when its raw
+        window was read over the whole text before the text before it is compressed. ``observed`` (per
+        layer ``(B, KV heads, entries)``, the attention the last queries paid) votes beside the scorer
+        in a per-head cache, as in a session (:meth:`NuggetCache.keep_top_entries`)."""
+        ratio = self.config.ratio if ratio is None else ratio
         if cache.allocation == "head":
-            return self._compress_per_head(cache, mask, self.config.ratio if ratio is None else ratio)
-        scores = cache.layers[0].scores[:, -new:]
-        indices, valid = self.select(scores, mask, ratio)
-        old = cache.get_seq_length() - new
-        kept = torch.arange(old, device=indices.device).expand(indices.shape[0], old)
+            return self._compress_per_head(cache, mask, ratio, tail, observed)
+        new, length = mask.shape[1], cache.get_seq_length()
+        old = length - tail - new
+        indices, valid = self.select(cache.layers[0].scores[:, old : old + new], mask, ratio)
+        rows = indices.shape[0]
+        kept = torch.arange(old, device=indices.device).expand(rows, old)
+        raw = torch.arange(length - tail, length, device=indices.device).expand(rows, tail)
+        index = torch.cat([kept, indices + old, raw], dim=1)
         cache.retain(
-            torch.cat([kept, indices + old], dim=1), torch.cat([torch.ones_like(kept, dtype=torch.bool), valid], 1)
+            index,
+            torch.cat([torch.ones_like(kept, dtype=torch.bool), valid, torch.ones_like(raw, dtype=torch.bool)], 1),
         )
         converted = torch.zeros(cache.layers[0].is_nugget.shape, dtype=torch.bool, device=valid.device)
-        converted[:, old:] = valid
+        converted[:, old : old + valid.shape[1]] = valid
         cache.convert(converted, self.config.bias_mode)
         return self._renumbered(cache)
 
@@ -266,13 +285,22 @@ class Nugget2DModel(nn.Module):
             cache.reposition(self.rotary_emb)
         return cache
 
-    def _compress_per_head(self, cache: NuggetCache, mask: torch.Tensor, ratio: float) -> NuggetCache:
-        """The last ``n`` entries just encoded compete across layers and heads for
+    def _compress_per_head(
+        self,
+        cache: NuggetCache,
+        mask: torch.Tensor,
+        ratio: float,
+        tail: int = 0,
+        observed: list[torch.Tensor] | None = None,
+    ) -> NuggetCache:
+        """The ``n`` entries before the last ``tail`` compete across layers and heads for
         ``ceil(n·r) · layers · kv_heads`` entries (per row, ``n`` its real tokens)."""
         added = torch.tensor([nugget_count(int(n), ratio) for n in mask.sum(dim=1).tolist()], device=mask.device)
         before = cache.nugget_counts().to(mask.device)
         entries = added * self.num_layers * self.num_kv_heads
-        cache.keep_top_entries(entries, self.rotary_emb, pool=mask.shape[1], bias_mode=self.config.bias_mode)
+        cache.keep_top_entries(
+            entries, self.rotary_emb, tail=tail, pool=mask.shape[1], bias_mode=self.config.bias_mode, observed=observed
+        )
         cache.nugget_span = before + added
         return self._renumbered(cache)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
 
+from .cache_policies import HeadAttentionReceived
 from .importance import Importance, frozen_forward, kv_importance
 
 LOSSES = ("ce", "kl", "ce+kl")
@@ -83,13 +84,22 @@ class NuggetObjective(nn.Module):
         recent_mask: torch.Tensor | None = None,
     ) -> NuggetCache:
         """[raw sinks | nuggets of the context | raw recent], as a streaming session holds it
-        (DESIGN §4); without sinks and recent, the nuggets alone. With the config's ``positions="cache"``
-        compress() renumbers the nuggets after the sinks and re-rotates their keys, as a session does."""
+        (DESIGN §4): the recent tokens are read over the whole context, then the context is compressed
+        (in a per-head cache with the recent queries' attention voting beside the scorer, as a session's
+        default observation does); without sinks and recent, the nuggets alone. With the config's
+        ``positions="cache"`` the entries are renumbered after, keys re-rotated, as a session does."""
         cache = None if sinks is None else self.model.encode(sinks, sinks_mask, allow_empty_rows=True)
-        cache = self.model.compress(context, context_mask, cache=cache)
-        if recent is not None:
+        if recent is None:
+            return self.model.compress(context, context_mask, cache=cache)
+        cache = self.model.encode(context, context_mask, cache=cache)
+        observer = HeadAttentionReceived() if cache.allocation == "head" else None
+        cache.observer = observer
+        try:
             cache = self.model.encode(recent, recent_mask, cache=cache, allow_empty_rows=True)
-        return cache
+        finally:
+            cache.observer = None
+        observed = None if observer is None else observer.layers(len(cache.layers))
+        return self.model.keep_nuggets(cache, context_mask, tail=recent.shape[1], observed=observed)
 
 
 def full_context_kl(

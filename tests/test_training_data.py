@@ -12,6 +12,7 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.compress.rope import rerotate
 from nugget2d.runtime.objectives import NuggetObjective
+from nugget2d.runtime.session import StreamingSession, StreamSettings, token_log_probs
 from nugget2d.runtime.train import TrainConfig
 from nugget2d.runtime.train_data import Shape, build_examples, collate, parse_mix
 
@@ -152,6 +153,29 @@ def test_the_hybrid_training_cache_matches_a_sessions_layout(book):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
+
+
+@pytest.mark.parametrize("allocation", ["head", "token"])
+def test_training_reads_the_cache_a_session_holds_of_the_same_text(book, allocation):
+    """An autoencoding example's target, read over the cache its objective builds, gets the
+    log-probabilities a session gives it after reading the example's text: the raw window read over
+    the whole text, then the middle compressed (per head with the recent queries voting, or per token)."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Nugget2DConfig(ratio=0.25, scorer_layer=1, lora_rank=4, allocation=allocation, positions="original")
+    model = Nugget2DModel.from_base(tiny_llama(), config)
+    example = build_examples([book], tokenizer, "autoencode", Shape(segment=16, sinks=2, recent=3))[1]
+    batch = collate([example], pad_id=0)
+    decoded = list(example.prompt + example.target)
+    with torch.no_grad():
+        cache = _hybrid_cache(NuggetObjective(model), batch)
+        trained = token_log_probs(model(batch["input_ids"], nuggets=cache).logits[0, :-1], decoded[1:])
+    settings = StreamSettings(ratio=0.25, budget=256, recent=3, segment=64, sinks=2, positions="original")
+    session = StreamingSession(model, tokenizer, settings, chat=False)
+    session.ingest_formatted(example.sinks + example.context + example.recent, final=True)
+    read = session.score_ids(decoded)
+    assert int(cache.nugget_counts()[0]) == session.nuggets == math.ceil(len(example.context) * 0.25)
+    torch.testing.assert_close(read, trained, atol=1e-4, rtol=1e-4)
 
 
 def _training_cache(book, positions: str):
