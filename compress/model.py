@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -218,14 +219,20 @@ class Nugget2DModel(nn.Module):
         cache: NuggetCache | None = None,
         allow_empty_rows: bool = False,
         frozen: bool = False,
+        observer: Callable[..., None] | None = None,
     ) -> NuggetCache:
         """Run the encoder adapter over ``input_ids`` ``(B, n)``, attending to ``cache``, and append
         the tokens to it as raw entries carrying their scores (no selection yet). With
         ``allow_empty_rows`` a row whose mask is all zeros appends only masked padding; ``frozen``
-        appends the unmodified model's K/V instead (what a cache that keeps no nuggets holds)."""
+        appends the unmodified model's K/V instead (what a cache that keeps no nuggets holds);
+        ``observer`` watches this pass's attention (:attr:`NuggetCache.observer`), and only this pass."""
         input_ids, mask = self._inputs(input_ids, attention_mask, allow_empty_rows)
         cache = self.new_cache() if cache is None else cache
-        self._run(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
+        cache.observer = observer
+        try:
+            self._run(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
+        finally:
+            cache.observer = None
         return cache
 
     def compress(

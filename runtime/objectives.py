@@ -93,11 +93,7 @@ class NuggetObjective(nn.Module):
             return self.model.compress(context, context_mask, cache=cache)
         cache = self.model.encode(context, context_mask, cache=cache)
         observer = HeadAttentionReceived() if cache.allocation == "head" else None
-        cache.observer = observer
-        try:
-            cache = self.model.encode(recent, recent_mask, cache=cache, allow_empty_rows=True)
-        finally:
-            cache.observer = None
+        cache = self.model.encode(recent, recent_mask, cache=cache, allow_empty_rows=True, observer=observer)
         observed = None if observer is None else observer.layers(len(cache.layers))
         return self.model.keep_nuggets(cache, context_mask, tail=recent.shape[1], observed=observed)
 

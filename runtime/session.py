@@ -262,14 +262,12 @@ class StreamingSession:
         if settings.read_budget is None or held + len(ids) > settings.read_capacity:
             self._make_room(max(0, len(ids) - (settings.read_capacity - settings.budget)), keep_raw=settings.recent)
         observer = self._observer()
-        self.cache.observer = observer
-        try:
-            # the encoder adapter writes nugget2d's cache; the other policies, baselines of the unmodified
-            # model, keep its own K/V
-            frozen = settings.policy != "nugget2d"
-            self.model.encode(torch.tensor([ids], device=self.model.device), cache=self.cache, frozen=frozen)
-        finally:
-            self.cache.observer = None
+        # the encoder adapter writes nugget2d's cache; the other policies, baselines of the unmodified
+        # model, keep its own K/V
+        frozen = settings.policy != "nugget2d"
+        self.model.encode(
+            torch.tensor([ids], device=self.model.device), cache=self.cache, frozen=frozen, observer=observer
+        )
         if isinstance(observer, HeadAttentionReceived):
             self.observed = observer.layers(len(self.cache.layers))
         elif observer is not None:
