@@ -18,26 +18,27 @@ from nugget2d.runtime.loading import load_nugget2d
 BOOKS = ["../shared/data/corpus/little-colonels-hero.txt", "../shared/data/corpus/complete-angler.txt"]
 
 
-def main(adapter: str, context: str, samples: str, out: str) -> None:
+def main(adapter: str, context_arg: str, samples: str, out: str) -> None:
     torch.set_num_threads(1)
+    context = int(context_arg)
     options = QualityOptions(
         methods=["nugget2d"],
         ratios=[0.1],
-        contexts=[int(context)],
+        contexts=[context],
         inputs=BOOKS,
         metrics=["ppl", "recall_ppl"],
         samples=int(samples),
     )
     model, tokenizer = load_nugget2d(None, adapter)
     texts, _ = load_token_texts(tokenizer, options.inputs)
-    shape = options.shape(("nugget2d", 0.1, int(context)), options.window_reserve)
+    shape = options.shape(("nugget2d", 0.1, context), options.window_reserve)
     rows = []
-    for ids in windows(texts, int(context) + options.continuation, options.samples):
+    for ids in windows(texts, context + options.continuation, options.samples):
         result = perplexities(model, tokenizer, shape, ids, options)
         rows.append({metric: math.exp(result[metric][0] / result[metric][1]) for metric in ("ppl", "recall_ppl")})
         print(rows[-1], flush=True)
     with open(out, "w") as handle:
-        json.dump({"adapter": adapter, "context": int(context), "windows": rows}, handle, indent=1)
+        json.dump({"adapter": adapter, "context": context, "windows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":
