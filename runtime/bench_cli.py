@@ -9,6 +9,8 @@ from .cli_options import add_model_arguments, add_observation_window_argument
 from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
+#: ``bench speed`` also measures ``ideal``: a plain cache as small as nugget2d's (``bench_speed``).
+SPEED_METHODS = "full,ideal,nugget2d,streaming,snapkv,compressive"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # also keeps `nugget2d bench --help` naming --model, as every model-loading command's help does
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     speed = sub.add_parser("speed", help="prefill and decode time, cache bytes, peak memory vs context length")
-    _common(speed, contexts="1024,2048,4096,8192,16384,32768", ratios="0.05,0.1,0.2")
+    _common(speed, contexts="1024,2048,4096,8192,16384,32768", ratios="0.05,0.1,0.2", methods=SPEED_METHODS)
     speed.add_argument("--repeats", type=int, default=2, help="rounds over all configurations (interleaved)")
     speed.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per run (median taken)")
+    speed.add_argument(
+        "--threads",
+        default=None,
+        help="torch thread counts, each measured as rows of its own in the same interleaved run (e.g. 1,2; "
+        "default: torch's setting)",
+    )
     quality = sub.add_parser("quality", help="continuation and far-recall perplexity, autoencoding BLEU, planted QA")
     _common(quality, contexts="2048", ratios="0.05,0.1,0.2")
     quality.add_argument(
@@ -56,13 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
 
 
-def _common(parser: argparse.ArgumentParser, contexts: str, ratios: str) -> None:
+def _common(parser: argparse.ArgumentParser, contexts: str, ratios: str, methods: str = DEFAULT_METHODS) -> None:
     add_model_arguments(parser)
     parser.add_argument("--contexts", default=contexts, help="context lengths in tokens (comma-separated)")
     parser.add_argument(
         "--methods",
-        default=DEFAULT_METHODS,
-        help="cache methods (comma-separated); quality also takes kvpress:<Press> references (the peers extra)",
+        default=methods,
+        help="cache methods (comma-separated); speed also takes ideal (the unmodified model over a plain cache "
+        "as small as nugget2d's), quality kvpress:<Press> references (the peers extra)",
     )
     parser.add_argument("--ratios", default=ratios, help="fractions of the context kept (comma-separated)")
     parser.add_argument("--input", nargs="+", default=None, help="plain-text files (default: the bundled book)")
@@ -91,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         from .bench_speed import SpeedOptions, run_speed
 
-        options = SpeedOptions(**common, repeats=args.repeats, decode_tokens=args.decode_tokens)
+        threads = parse_list(args.threads, int, "threads") if args.threads else []
+        options = SpeedOptions(**common, repeats=args.repeats, decode_tokens=args.decode_tokens, threads=threads)
         runner = run_speed
     else:
         from .bench_quality import QualityOptions, run_quality

@@ -10,6 +10,8 @@ SPEED_PANELS = (
     ("decode_ms_per_token", "decode (ms / token)"),
     ("cache_bytes", "cache (MiB)"),
     ("peak_rss_bytes", "peak RSS (MiB)"),
+    ("decode_speedup_vs_full", "decode speed-up over full KV (×)"),
+    ("fraction_of_ideal_speedup", "fraction of ideal's speed-up"),
 )
 QUALITY_PANELS = (
     ("ppl", "continuation perplexity"),
@@ -28,8 +30,9 @@ def _pyplot():
     return plt
 
 
-def _label(record: dict) -> str:
-    return "full KV" if record["method"] == "full" else f"{record['method']} r={record['ratio']:g}"
+def _label(record: dict, threads: bool = False) -> str:
+    name = "full KV" if record["method"] == "full" else f"{record['method']} r={record['ratio']:g}"
+    return f"{name} t={record['threads']}" if threads else name
 
 
 def _scaled(key: str, value: float) -> float:
@@ -37,17 +40,27 @@ def _scaled(key: str, value: float) -> float:
 
 
 def plot_speed(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """Time and memory against context length (log-log), one line per method and ratio; writes ``path``."""
+    """Time, memory and the gains over full KV (and fractions of ``ideal``'s) against context length
+    (log-log), one line per method and ratio (and thread count, when several); writes ``path``."""
     plt = _pyplot()
+    threads = len({record.get("threads") for record in records}) > 1
     lines: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        lines[_label(record)].append(record)
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+        lines[_label(record, threads)].append(record)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(sorted(lines))}  # one colour per line in every panel
+    figure, axes = plt.subplots(2, 3, figsize=(16, 8))
     for axis, (key, name) in zip(axes.flat, SPEED_PANELS):
         for label, points in sorted(lines.items()):
-            points = sorted(points, key=lambda r: r["context"])
+            points = sorted((p for p in points if p.get(key) is not None), key=lambda r: r["context"])
+            if not points:
+                continue
             axis.plot(
-                [p["context"] for p in points], [_scaled(key, p[key]) for p in points], "o-", label=label, markersize=4
+                [p["context"] for p in points],
+                [_scaled(key, p[key]) for p in points],
+                "o-",
+                label=label,
+                markersize=4,
+                color=colours[label],
             )
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")

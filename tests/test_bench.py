@@ -8,16 +8,17 @@ import math
 import pytest
 import torch
 from tiny_models import text_file, tiny_llama, tiny_tokenizer
+from transformers import DynamicCache
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
 from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import rerotate
 from nugget2d.runtime.bench_common import CacheShape, configurations
 from nugget2d.runtime.bench_quality import QualityOptions, run_quality
-from nugget2d.runtime.bench_speed import SpeedOptions, run_speed
+from nugget2d.runtime.bench_speed import IDEAL, SpeedOptions, compare, run_speed, strided, unmodified
 from nugget2d.runtime.cache_policies import group_bounds
 from nugget2d.runtime.cli import main
-from nugget2d.runtime.generation import GenerationSettings
+from nugget2d.runtime.generation import GenerationSettings, TokenStream
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
 COMPRESSING = ("nugget2d", "streaming", "snapkv", "compressive")
@@ -165,6 +166,81 @@ def test_speed_bench_writes_json_and_png_at_equal_budgets(tmp_path):
         full = next(r for r in records if r["context"] == context and r["method"] == "full")
         assert full["cache_tokens"] >= context + prompt + 4
     assert (tmp_path / "out" / "speed.png").stat().st_size > 1000
+
+
+def test_ideal_holds_as_many_entries_as_nugget2d_and_every_record_compares_to_it(tmp_path):
+    """``ideal`` ends decoding with as many K/V entries per layer and head as nugget2d's (ragged, per-head)
+    cache, in a plain cache of exactly that size; every record relates its time and peak to full KV's
+    and the compressing ones to ideal's."""
+    model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(allocation="head", scorer_layer=1)).eval()
+    options = SpeedOptions(
+        methods=["full", IDEAL, "nugget2d", "streaming"], ratios=[0.25], contexts=[96], repeats=2, decode_tokens=3
+    )
+    data = json.loads(run_speed(model, tiny_tokenizer(), options, tmp_path, adapter=None).read_text())
+    records = {r["method"]: r for r in data["records"]}
+    ideal, nugget, full = records[IDEAL], records["nugget2d"], records["full"]
+    entries = round(nugget["kv_entries_per_head"])
+    assert ideal["kv_entries_per_head"] == ideal["cache_tokens"] == entries
+    assert ideal["cache_bytes"] == model.full_kv_bytes(entries)
+    assert ideal["prefill_tokens"] == entries - data["prompt_tokens"] - 3 < nugget["prefill_tokens"] == 96
+    assert data["ideal_attention"] == "sdpa" and model.base.config._attn_implementation == "nugget2d_sdpa"
+    for record in records.values():
+        assert record["decode_speedup_vs_full"] == pytest.approx(full["decode_ms_per_token"] / record[
+            "decode_ms_per_token"])  # fmt: skip
+        assert record["peak_rss_reduction_vs_full"] == pytest.approx(full["peak_rss_bytes"] / record["peak_rss_bytes"])
+    for method in ("nugget2d", "streaming"):
+        fraction = ideal["decode_ms_per_token"] / records[method]["decode_ms_per_token"]
+        assert records[method]["fraction_of_ideal_speedup"] == pytest.approx(fraction)
+        assert records[method]["fraction_of_ideal_rss_reduction"] > 0
+    assert "fraction_of_ideal_speedup" not in full and "fraction_of_ideal_speedup" not in ideal
+
+
+def test_ideal_is_the_unmodified_model_over_a_plain_cache():
+    """Inside ``unmodified`` the model reads a DynamicCache with transformers' attention and no adapter,
+    even a trained one: its logits are the plain LM's; the nugget2d backend is back after."""
+    model = _model()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    ids = _ids(30)
+    with unmodified(model) as plain, torch.no_grad():
+        assert model.base.config._attn_implementation == "sdpa"
+        cache = DynamicCache()
+        plain(torch.tensor([ids[:20]]), nuggets=cache)
+        logits = plain(torch.tensor([ids[20:]]), nuggets=cache).logits[0, -1]
+        stream = TokenStream(plain, DynamicCache(), ids, GenerationSettings(max_new_tokens=3, ignore_eos=True))
+        tokens = list(stream)
+    assert model.base.config._attn_implementation == "nugget2d_sdpa"
+    reference = tiny_llama()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0, -1]
+        generated = reference.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)[0, 30:].tolist()
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert tokens == generated and stream.cache.get_seq_length() == 32
+
+
+def test_ideal_needs_nugget2d_and_only_the_speed_bench_takes_it():
+    with pytest.raises(ValueError, match="measure nugget2d with it"):
+        SpeedOptions(methods=["full", IDEAL], ratios=[0.1], contexts=[1024])
+    with pytest.raises(ValueError, match="unknown method"):
+        QualityOptions(methods=["full", IDEAL], ratios=[0.1], contexts=[1024])
+    with pytest.raises(ValueError, match="threads"):
+        SpeedOptions(methods=["full"], ratios=[0.1], contexts=[1024], threads=[0])
+    assert strided(list(range(10)), 4) == [0, 2, 5, 7] and strided([1, 2], 5) == [1, 2]
+
+
+def test_gains_are_over_full_kv_at_the_same_context_and_threads():
+    records = [
+        {"method": m, "ratio": r, "context": 8, "threads": t, "decode_ms_per_token": ms, "peak_rss_bytes": 100}
+        for m, r, t, ms in [("full", 1.0, 1, 300.0), (IDEAL, 0.1, 1, 100.0), ("nugget2d", 0.1, 1, 125.0),
+                            ("full", 1.0, 2, 200.0), ("nugget2d", 0.1, 2, 50.0)]
+    ]  # fmt: skip
+    out = {(r["method"], r["threads"]): r for r in compare(records)}
+    assert out[("nugget2d", 1)]["decode_speedup_vs_full"] == 2.4 and out[(IDEAL, 1)]["decode_speedup_vs_full"] == 3
+    assert out[("nugget2d", 1)]["fraction_of_ideal_speedup"] == 0.8
+    two = out[("nugget2d", 2)]
+    assert two["decode_speedup_vs_full"] == 4 and "fraction_of_ideal_speedup" not in two
 
 
 def test_quality_bench_writes_every_metric_at_equal_budgets(tmp_path):
