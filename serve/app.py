@@ -7,7 +7,6 @@ worker thread, so the event loop stays free while the model runs.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,14 +18,12 @@ from . import wire
 from .config import ServerConfig
 from .documents import DocumentStore
 from .engine import Engine, Job
-from .errors import APIError, install_handlers
+from .errors import APIError, ServerFault, install_handlers, server_fault
 from .jobs import Ask, Context, Finished, answer, compress_document
 from .metrics import CONTENT_TYPE, Metrics
-from .middleware import BodyLimit, CountRequests, RequireKey
+from .middleware import BodyLimit, CountRequests, RequestIds, RequireKey
 from .parsing import document_text, generation_settings, parse_body
 from .schemas import ChatCompletionRequest, CompletionRequest
-
-log = logging.getLogger("nugget2d.serve")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -40,7 +37,13 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model, tokenizer = loaded if loaded is not None else await asyncio.to_thread(load_model, config)
-        store = DocumentStore(config.documents_dir, config.document_memory_bytes, _document_gauges(metrics))
+        store = DocumentStore(
+            config.documents_dir,
+            config.document_memory_bytes,
+            _document_gauges(metrics),
+            max_documents=config.max_documents,
+            quota_bytes=config.documents_quota_bytes,
+        )
         holder["ctx"] = Context(model, tokenizer, store, config, metrics)
         engine.start()
         try:
@@ -49,10 +52,12 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="nugget2d", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine  # `nugget2d serve` drains it when told to stop
+    # the last added runs first: count everything, id it, check the key, then read the body
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    if config.api_key is not None:
-        app.add_middleware(RequireKey, key=config.api_key)
-    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts refusals too
+    app.add_middleware(RequireKey, api_key=config.api_key, metrics_key=config.metrics_key)
+    app.add_middleware(RequestIds)
+    app.add_middleware(CountRequests, metrics=metrics)
     install_handlers(app)
 
     def ctx() -> Context:
@@ -70,8 +75,11 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
             )
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        """Liveness for anyone; the details for those who may read ``/metrics``."""
         context = ctx()
+        if not request.state.operator:
+            return {"status": "ok"}
         return {
             "status": "ok",
             "model": config.served_model_name,
@@ -151,6 +159,7 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
     async def upload_document(request: Request) -> JSONResponse:
         text, name = await document_text(request)
         context = ctx()
+        await asyncio.to_thread(context.store.check_room)  # a full store refuses before compressing
         job = engine.submit(lambda: compress_document(context, text, name))
         async with _cancel_on_disconnect(request, job):
             info = await _result(job)
@@ -224,18 +233,18 @@ def _no_document(doc_id: str) -> APIError:
 
 
 async def _next(items):
-    """The job's next item (None at its end), its errors turned into API errors."""
+    """The job's next item (None at its end); what the job raised other than an
+    :class:`APIError` is a server fault (a 500 naming the request id only)."""
     try:
         return await items.__anext__()
     except StopAsyncIteration:
         return None
     except APIError:
         raise
-    except ValueError as err:
-        raise APIError(400, str(err)) from err
+    except ServerFault as err:
+        raise server_fault(err, err.what, err.code) from None
     except Exception as err:
-        log.exception("model job failed")
-        raise APIError(500, f"the model failed on this request: {type(err).__name__}: {err}") from err
+        raise server_fault(err, "the model failed on this request") from None
 
 
 async def _result(job: Job):

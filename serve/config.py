@@ -22,7 +22,8 @@ class ServerConfig:
     adapter: str | None = None
     attention: str = "sdpa"
     served_model_name: str = "nugget2d"
-    api_key: str | None = None
+    api_key: str | None = None  # required on every path but /health (liveness)
+    metrics_key: str | None = None  # opens /metrics and /health's details too (as the API key does)
     stream: StreamSettings = field(default_factory=StreamSettings)  # the cache shape of every session
     compress_threshold: int = 1024
     max_tokens_cap: int = 512
@@ -32,6 +33,8 @@ class ServerConfig:
     max_queue: int = 64
     documents_dir: Path = field(default_factory=default_documents_dir)
     document_memory_bytes: int = 2**30
+    max_documents: int | None = None  # then 507
+    documents_quota_bytes: int | None = None  # on disk, all documents together (507; 413 for one alone)
 
     def __post_init__(self) -> None:
         self.documents_dir = Path(self.documents_dir).expanduser().absolute()
@@ -39,6 +42,12 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_documents", "documents_quota_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("api_key", "metrics_key"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ValueError(f"the {name.replace('_', ' ')} is empty")
         if self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue}")
         if self.timeout_s <= 0:

@@ -4,7 +4,8 @@ A job is a generator run in the worker. Up to ``slots`` jobs are active at once 
 turn, one ``next()`` each (one token, or one segment of text to compress), so many streams make
 progress together; the rest wait in a bounded queue. What a job yields goes to its asyncio queue
 (``None`` is a tick that sends nothing). A cancelled job is closed at its next turn, which frees
-its slot.
+its slot. At shutdown (:meth:`Engine.drain`) the waiting jobs are refused at once with a 503,
+while the running ones may finish.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import APIError
 from .metrics import Metrics
 
 _ITEM, _END, _ERROR = "item", "end", "error"
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait: a slot frees as soon as any running answer ends
 
 
 class Job:
@@ -71,6 +73,7 @@ class Engine:
         self.active: list[Job] = []
         self.wake = threading.Condition()
         self.running = False
+        self.draining = False  # set by drain(): no new jobs, the waiting ones refused
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -78,6 +81,11 @@ class Engine:
         self.running = True
         self.thread = threading.Thread(target=self._work, name="nugget2d-model-worker", daemon=True)
         self.thread.start()
+
+    def drain(self) -> None:
+        """Begin shutting down: refuse new jobs and answer the waiting ones 503 at the worker's next
+        turn; running jobs go on. Takes no lock, so a signal handler may call it."""
+        self.draining = True
 
     def stop(self) -> None:
         """Cancel every job and stop the worker."""
@@ -91,11 +99,13 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """True while the worker thread runs."""
-        return self.running and self.thread is not None and self.thread.is_alive()
+        """True while the worker thread runs and takes new jobs."""
+        return self.running and not self.draining and self.thread is not None and self.thread.is_alive()
 
     def submit(self, factory: Callable[[], Iterator[Any]]) -> Job:
         """Queue a job (call from the event loop); ``APIError`` 429 when the queue is full, 503 when stopped."""
+        if self.draining:
+            raise _shutting_down()
         if not self.alive:
             raise APIError(503, "the model worker is not running", code="unavailable")
         job = Job(factory, asyncio.get_running_loop(), time.monotonic() + self.timeout_s)
@@ -106,6 +116,7 @@ class Engine:
                     429,
                     f"the server is busy ({len(self.active)} running, {len(self.waiting)} waiting); retry later",
                     code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
                 )
             self.waiting.append(job)
             self._report()
@@ -123,6 +134,8 @@ class Engine:
                     self.wake.wait()
                 if not self.running:
                     break
+                while self.draining and self.waiting:
+                    self._close(self.waiting.popleft(), _shutting_down())
                 while self.waiting and len(self.active) < self.slots:
                     self.active.append(self.waiting.popleft())
                 self._report()
@@ -132,7 +145,11 @@ class Engine:
                     with self.wake:
                         self.active.remove(job)
                         self._report()
-        for job in self.active:
+        with self.wake:
+            left, self.active = [*self.active, *self.waiting], []
+            self.waiting.clear()
+            self._report()
+        for job in left:  # the waiting ones too, so none waits for its deadline
             self._close(job)
 
     def _step(self, job: Job) -> bool:
@@ -165,6 +182,11 @@ class Engine:
             except Exception:  # closing a cancelled job must never stop the worker
                 pass
         job._send(_ERROR, reason or APIError(503, "the request was cancelled", code="cancelled"))
+
+
+def _shutting_down() -> APIError:
+    """What a request that cannot run before the server stops answers."""
+    return APIError(503, "the server is shutting down; retry on another replica or later", code="shutting_down")
 
 
 def _timed_out() -> APIError:

@@ -1,8 +1,15 @@
-"""Errors in OpenAI's wire format: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors in OpenAI's wire format: ``{"error": {"message", "type", "param", "code"}}``.
+
+A client error (4xx) says what the request did wrong. A server fault is a 500 whose message
+carries only the request id; the traceback goes to the server's log under that id, so paths and
+exception texts never reach the client.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
+from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,15 +27,27 @@ _TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
+
+#: The id of the request being served (set by :class:`~.middleware.RequestIds` for each request).
+REQUEST_ID: ContextVar[str] = ContextVar("nugget2d_request_id", default="-")
 
 
 class APIError(Exception):
     """A request that cannot be served, with the HTTP status and OpenAI error fields to send."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         """The JSON body OpenAI clients parse."""
@@ -36,7 +55,29 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         """This error as an HTTP response."""
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ServerFault(Exception):
+    """A fault of the server to answer as :func:`server_fault`'s 500, raised (``from`` its cause)
+    where the request id is not known, as in the model worker's thread."""
+
+    def __init__(self, what: str, code: str = "internal_error") -> None:
+        super().__init__(what)
+        self.what, self.code = what, code
+
+
+def new_request_id() -> str:
+    """A fresh id for one request, as ``X-Request-ID`` and 500 bodies show it."""
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
+def server_fault(err: BaseException, what: str = "internal server error", code: str = "internal_error") -> APIError:
+    """Log ``err`` with its traceback under the current request id; the 500 to send instead,
+    which names only ``what`` happened and that id."""
+    request_id = REQUEST_ID.get()
+    log.error("request %s failed: %s", request_id, what, exc_info=(type(err), err, err.__traceback__))
+    return APIError(500, f"{what} (request id {request_id}; the server's log has the details)", code=code)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -47,7 +88,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Make every error, expected or not, an OpenAI error body with the right status."""
+    """Make every expected error an OpenAI error body with the right status."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -71,7 +112,4 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(err.status_code, str(err.detail)), err.status_code)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal server error: {type(err).__name__}"), 500)
+    # anything else reaches RequestIds (middleware), which logs it and answers server_fault's 500

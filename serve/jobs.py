@@ -1,7 +1,8 @@
 """The model work behind each endpoint, as generators the engine runs in its worker thread.
 
 Each yields ``None`` between units of work (one segment compressed) so other requests take
-turns, text pieces while answering, and a final result object.
+turns, text pieces while answering, and a final result object. What the client got wrong is
+raised as :class:`~.errors.APIError`; anything else they raise is a server fault.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from nugget2d.runtime.session import StreamingSession
 from nugget2d.runtime.texts import token_chunks
 
 from .config import ServerConfig
-from .documents import DocumentInfo, DocumentStore
-from .errors import APIError
+from .documents import DocumentDamaged, DocumentInfo, DocumentStore
+from .errors import APIError, ServerFault
 from .metrics import Metrics
 from .prompts import chat_text, prompt_ids
 
@@ -58,7 +59,7 @@ class Finished:
 def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[DocumentInfo | None]:
     """Read ``text`` into a new document session segment by segment, store it, yield its info."""
     if not text.strip():
-        raise ValueError("the document is empty")
+        raise APIError(400, "the document is empty", code="empty_document")
     started = time.perf_counter()
     session = StreamingSession(ctx.model, ctx.tokenizer, ctx.config.stream, chat=True)
     for ids in token_chunks(ctx.tokenizer, _pieces(text)):
@@ -67,7 +68,7 @@ def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[Doc
             yield None
     session.ingest_ids([], final=True)
     if session.stats.tokens_ingested == 0:
-        raise ValueError("the document is empty (it has no tokens)")
+        raise APIError(400, "the document is empty (it has no tokens)", code="empty_document")
     _count_compression(ctx.metrics, session, started, 0)
     yield ctx.store.add(session, name)
 
@@ -83,6 +84,9 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
             raise APIError(
                 404, f"no document with id {ask.document!r}", param="documents", code="document_not_found"
             ) from None
+        except DocumentDamaged as err:
+            what = f"the stored document {ask.document} cannot be read; delete it and upload it again"
+            raise ServerFault(what, code="document_damaged") from err
         session = base.fork()
         if ask.messages is not None:
             ids = prompt_ids(tokenizer, chat_text(tokenizer, ask.messages, base.format.document_prefix), False, True)
@@ -98,7 +102,11 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
         if len(ids) > config.compress_threshold:  # long inline context: all but the last tokens become nuggets
             context, ids = ids[: -config.compress_threshold], ids[-config.compress_threshold :]
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise APIError(400, "the prompt is empty", param="prompt")
+    try:
+        session._check_fits(len(session.pending) + len(ids), ask.settings)
+    except ValueError as err:  # the prompt and max_tokens do not fit the cache budget
+        raise APIError(400, str(err), param="max_tokens") from None
     if context:
         started, before = time.perf_counter(), session.stats.encoder_calls
         for chunk in _segments(context, config.stream.segment):
@@ -140,7 +148,7 @@ def _completion_ids(tokenizer, prompt: str | list[int] | None, starts_stream: bo
         vocab = len(tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
         return list(prompt)
     return prompt_ids(tokenizer, prompt or "", starts_stream, templated=False)
 

@@ -9,6 +9,8 @@ the first user message, and what follows the marker is the prompt (the same cut
 
 from __future__ import annotations
 
+from .errors import APIError
+
 _MARK = "\u2063\u2063NUGGET2D-DOCUMENT\u2063\u2063"
 
 
@@ -16,7 +18,7 @@ def chat_text(tokenizer, messages: list[dict[str, str]], document_prefix: str | 
     """The text that asks for the assistant's next message; ``document_prefix`` (the text a
     document session started with) means the conversation follows that document.
 
-    ``ValueError`` when the template rejects the messages or cannot follow a document.
+    ``APIError`` 400 when the template rejects the messages or cannot follow a document.
     """
     if not getattr(tokenizer, "chat_template", None):
         text = "\n\n".join(message["content"] for message in messages)
@@ -25,7 +27,7 @@ def chat_text(tokenizer, messages: list[dict[str, str]], document_prefix: str | 
         return _render(tokenizer, messages)
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     if first_user is None:
-        raise ValueError("a chat about a document needs at least one user message")
+        raise _bad_messages("a chat about a document needs at least one user message")
     leading = messages[:first_user]
     attempts = [messages]
     if leading:  # system messages ahead of the document: fold them into the first user turn
@@ -42,7 +44,7 @@ def chat_text(tokenizer, messages: list[dict[str, str]], document_prefix: str | 
         prefix, found, rest = rendered.partition(_MARK)
         if found and prefix == document_prefix:
             return rest
-    raise ValueError(
+    raise _bad_messages(
         "these messages cannot follow a document in this model's chat template (the text before the first user "
         "message differs from the document's); drop the messages before the first user message"
     )
@@ -52,7 +54,11 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # jinja raises its own errors for conversations a template refuses
-        raise ValueError(f"the model's chat template rejected these messages: {err}") from err
+        raise _bad_messages(f"the model's chat template rejected these messages: {err}") from err
+
+
+def _bad_messages(message: str) -> APIError:
+    return APIError(400, message, param="messages")
 
 
 def prompt_ids(tokenizer, text: str, starts_stream: bool, templated: bool) -> list[int]:

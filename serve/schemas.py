@@ -2,7 +2,8 @@
 
 nugget2d's own fields ride along as extra body fields: ``documents`` (ids from
 ``POST /v1/documents`` whose nugget caches the request reads), ``top_k`` and
-``repetition_penalty``.
+``repetition_penalty``. Every number is bounded here, so a value the model cannot take is a 422
+naming its field (floats must be finite: JSON's ``Infinity``/``NaN`` are refused).
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI documents seed
+TOP_K_MAX = 2**20  # beyond any vocabulary: a larger top_k samples from them all, like 0
+REPETITION_PENALTY_MAX = 10.0  # 1 is off; transformers divides positive logits by it
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ContentPart(_Body):
@@ -46,9 +51,9 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=TOP_K_MAX)
+    repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False

@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from tiny_models import save_tiny_model, tiny_llama, tiny_tokenizer
+from serve_helpers import FLAGS, KEY, MODEL, TEXT, ask, client, metric, running_server, save_chat_model
+from serve_helpers import http as _http
+from tiny_models import tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.runtime.generation import GenerationSettings
@@ -32,64 +26,11 @@ from nugget2d.serve.engine import Engine
 from nugget2d.serve.errors import APIError
 from nugget2d.serve.metrics import Metrics
 
-EXE = shutil.which("nugget2d", path=os.path.dirname(sys.executable))
-KEY = "test-key"
-MODEL = "nugget2d"
-# A default system turn when none is given, like SmolLM2's template: documents open with it.
-TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}system : you are a good angler .{% endif %}"
-    "{% for m in messages %} {{ m['role'] }} : {{ m['content'] }} .{% endfor %}"
-    "{% if add_generation_prompt %} assistant :{% endif %}"
-)
-FLAGS = [
-    "--budget", "1024", "--recent", "64", "--segment", "64", "--ratio", "0.25",
-    "--compress-threshold", "256", "--max-tokens-cap", "600", "--slots", "4",
-    "--max-body-mb", "0.0625", "--api-key", KEY, "--log-level", "warning",
-]  # fmt: skip
-TEXT = "the old angler said that the river was good for fish . he had a blue book and a secret code . "
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a 4096-token window and a chat template, as a local model directory."""
-    directory = save_tiny_model(tmp_path_factory.mktemp("serve-model"), max_position_embeddings=4096)
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@contextmanager
-def running_server(model_dir: Path, documents: Path, *flags: str, timeout: float = 120):
-    """Start `nugget2d serve` as a user would; yield its base URL; stop it with Ctrl-C."""
-    assert EXE, "the nugget2d console script is not installed"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = documents.parent / f"server-{port}.log"
-    command = [EXE, "serve", "--model", str(model_dir), "--port", str(port), "--documents-dir", str(documents)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([*command, *flags], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, f"the server exited early:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not come up:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return save_chat_model(tmp_path_factory.mktemp("serve-model"))
 
 
 @pytest.fixture(scope="module")
@@ -97,29 +38,6 @@ def server(model_dir, tmp_path_factory):
     """One server shared by the fast tests."""
     with running_server(model_dir, tmp_path_factory.mktemp("serve") / "documents", *FLAGS) as url:
         yield url
-
-
-# httpx defaults to 5 s; on a loaded machine compressing a document takes longer
-_http = httpx.Client(timeout=60)
-
-
-def client(url: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def metric(url: str, name: str) -> float:
-    """One unlabelled sample of the server's Prometheus metrics."""
-    text = _http.get(url + "/metrics").text
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert found, f"{name} missing from /metrics"
-    return float(found.group(1))
-
-
-def ask(url: str, question: str, max_tokens: int = 16, **extra) -> openai.types.chat.ChatCompletion:
-    messages = [{"role": "user", "content": question}]
-    return client(url).chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, **extra
-    )
 
 
 def test_openai_client_streamed_text_equals_the_whole_answer(server):
@@ -318,14 +236,14 @@ def test_a_restart_keeps_uploaded_documents(model_dir, tmp_path):
 @pytest.mark.slow
 def test_ray_serve_with_two_replicas_answers(model_dir, tmp_path):
     flags = [*FLAGS, "--ray", "--replicas", "2", "--replica-cpus", "0.5"]
+    headers = {"Authorization": f"Bearer {KEY}"}
     with running_server(model_dir, tmp_path / "documents", *flags, timeout=400) as url:
         replicas, deadline = set(), time.monotonic() + 120  # the second replica may still be loading its model
         while len(replicas) < 2 and time.monotonic() < deadline:
-            replicas |= {_http.get(url + "/health").json()["pid"] for _ in range(30)}
+            replicas |= {_http.get(url + "/health", headers=headers).json()["pid"] for _ in range(30)}
         assert len(replicas) == 2
         answer = ask(url, "where are the fish ?", max_tokens=8)
         assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content
-        headers = {"Authorization": f"Bearer {KEY}"}
         doc = _http.post(url + "/v1/documents", json={"text": TEXT * 5}, headers=headers).json()
         for _ in range(4):  # whichever replica answers reads the document from the shared directory
             assert ask(url, "who had the book ?", max_tokens=4, extra_body={"documents": [doc["id"]]}).choices
