@@ -9,6 +9,7 @@ uvicorn in this process.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -39,6 +40,9 @@ from nugget2d.runtime.session import StreamingSession, StreamSettings
 from nugget2d.serve import cli
 from nugget2d.serve.app import load_model
 from nugget2d.serve.config import ServerConfig
+from nugget2d.serve.engine import Engine
+from nugget2d.serve.errors import APIError
+from nugget2d.serve.metrics import Metrics
 
 METRICS_KEY = "metrics-secret"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
@@ -346,3 +350,30 @@ def test_keys_come_from_a_file_or_the_environment_and_never_empty(tmp_path, monk
         _config_of("--api-key-file", str(secret))
     with pytest.raises(ValueError, match="cannot read"):
         _config_of("--api-key-file", str(tmp_path / "missing"))
+
+
+def test_stopping_the_worker_answers_waiting_jobs_at_once_not_at_their_deadline():
+    """What Ray Serve does to a replica it takes down (the lifespan's end stops the worker)."""
+    release = threading.Event()
+
+    def blocked():
+        while not release.is_set():
+            time.sleep(0.01)
+            yield None
+
+    async def scenario() -> None:
+        engine = Engine(slots=1, max_queue=1, timeout_s=60, metrics=Metrics())
+        engine.start()
+        try:
+            engine.submit(blocked)
+            while not engine.active:
+                await asyncio.sleep(0.01)
+            waiting = engine.submit(blocked)
+            await asyncio.to_thread(engine.stop)
+            with pytest.raises(APIError) as refused:
+                await asyncio.wait_for(waiting.__aiter__().__anext__(), timeout=5)
+            assert refused.value.status == 503
+        finally:
+            release.set()
+
+    asyncio.run(scenario())
