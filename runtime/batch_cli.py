@@ -17,6 +17,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     shape = "{id, document | document_path" + (", questions: [...]}" if task == "qa" else "}")
     parser.add_argument("--input", required=True, help=f"JSONL, one document a line: {shape}")
     parser.add_argument("--output", required=True, help="JSONL of results; rerunning skips ids already complete")
+    parser.add_argument(
+        "--allow-paths-outside",
+        action="store_true",
+        help="read a document_path that leads outside the input file's folder (absolute, .., ~ or a symlink)",
+    )
     add_model_arguments(parser)
     ray = parser.add_argument_group("ray")
     ray.add_argument("--workers", type=int, default=2, help="actors, each holding one model")
@@ -35,7 +40,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, task: str) -> None:
 
 def run_job(args: argparse.Namespace, task: str) -> int:
     """Run a batch job from parsed flags; print a one-line report on stderr."""
-    from .batch import run_batch_job
+    from .batch import IncompleteJobError, run_batch_job
     from .batch_worker import SUMMARY_PROMPT, JobSettings
     from .cli_options import generation_settings, stream_settings
 
@@ -48,6 +53,7 @@ def run_job(args: argparse.Namespace, task: str) -> int:
         generation=generation_settings(args),
         chat=not args.no_chat,
         prompt=getattr(args, "prompt", None) or SUMMARY_PROMPT,
+        allow_paths_outside=args.allow_paths_outside,
     )
     try:
         report = run_batch_job(
@@ -60,6 +66,9 @@ def run_job(args: argparse.Namespace, task: str) -> int:
             gpus_per_worker=args.gpus_per_worker,
             progress=not args.quiet,
         )
+    except IncompleteJobError as err:
+        print(err.report.summary(task, args.output), file=sys.stderr)
+        raise
     except ConnectionError as err:
         raise ValueError(f"cannot reach the Ray cluster at {args.address}: {_first_line(err)}") from err
     except Exception as err:

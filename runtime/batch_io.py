@@ -3,8 +3,9 @@
 A request line is ``{"id": ..., "document": TEXT | "document_path": PATH, "questions": [...]}``
 (``questions`` only for ``qa``). Output rows of one document are appended with a single
 write + flush + fsync, so a killed job loses nothing it wrote; on the next run a torn last line is
-dropped, documents whose rows are incomplete are removed and done again, and complete ones are
-skipped. Lines that cannot be read become error rows carrying their ``line`` number.
+dropped, documents whose rows are incomplete or hold a retryable error are removed and done again,
+and complete ones are skipped. Lines that cannot be read become error rows carrying their ``line``
+number. :func:`jsonl_lines` is the one definition of a line, for the driver and the Ray read tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TASKS = ("qa", "summarize")
 
@@ -48,6 +49,41 @@ def id_key(value: Any) -> str:
 def row_key(row: dict) -> str:
     """Which input a row belongs to: its unreadable ``line``, or its document ``id``."""
     return f"line:{row['line']}" if "line" in row else id_key(row.get("id"))
+
+
+def error_row(ident: Any, message: str, retryable: bool, line: int | None = None) -> dict:
+    """An error row: ``retryable`` failures (out of memory, an I/O error) are done again by the next
+    run; final ones (the request itself is wrong) stay until the row is deleted."""
+    row = {"id": ident} if line is None else {"id": ident, "line": line}
+    row.update(error=message, retryable=retryable)
+    return row
+
+
+def jsonl_lines(handle: BinaryIO | Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The lines of a JSONL input as bytes, numbered from 1, blank ones left out.
+
+    A line ends at ``\\n`` only: JSON has no raw newline inside a value, while U+2028, U+2029,
+    U+0085 or a lone ``\\r`` may stand raw in a valid line. The driver and Ray's read tasks both
+    read through this, so they agree on every line number.
+    """
+    for number, raw in enumerate(handle, start=1):
+        if raw.strip():
+            yield number, raw
+
+
+def decode_line(raw: bytes) -> str:
+    """A line's text; ``ValueError`` naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"not UTF-8 text ({err.reason} at byte {err.start + 1} of the line); save the file as UTF-8"
+        ) from None
+
+
+def parse_line(raw: bytes, task: str) -> Request:
+    """Check one input line as read from the file; ``ValueError`` saying what is wrong with it."""
+    return parse_request(decode_line(raw), task)
 
 
 def parse_request(text: str, task: str) -> Request:
@@ -87,13 +123,15 @@ class InputPlan:
 
     expected: dict[str, int] = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
-    #: digests of lines that repeat an earlier id with other content: never processed
-    skip: set[str] = field(default_factory=set)
+    #: for each document, the number and :func:`line_digest` of the line asking for it
+    lines: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def complete(self, rows: list[dict], task: str) -> bool:
         """Whether the rows written for one key are all it needs."""
         if not rows:
             return False
+        if any(row.get("retryable") for row in rows):
+            return False  # a transient failure (out of memory, an I/O error): done again
         key = row_key(rows[0])
         if key.startswith("line:") or key not in self.expected:
             return True  # an unreadable line's error row, or a document no longer in the input
@@ -109,47 +147,34 @@ def scan_input(path: str | Path, task: str) -> InputPlan:
     if not path.is_file():
         raise ValueError(f"input file {path} does not exist")
     plan = InputPlan()
-    first_line: dict[str, tuple[int, str]] = {}
-    for number, text in _numbered_lines(path):
-        try:
-            request = parse_request(text, task)
-        except ValueError as err:
-            plan.errors.append({"id": _loose_id(text), "line": number, "error": f"line {number}: {err}"})
-            continue
-        if request.key in first_line:
-            first, digest = first_line[request.key]
-            message = f"line {number}: id {request.id!r} already appears on line {first}; ids must be unique"
-            plan.errors.append({"id": request.id, "line": number, "error": message})
-            if line_digest(text) != digest:
-                plan.skip.add(line_digest(text))
-            continue
-        first_line[request.key] = (number, line_digest(text))
-        plan.expected[request.key] = request.expected_rows(task)
+    with path.open("rb") as handle:
+        for number, raw in jsonl_lines(handle):
+            try:
+                request = parse_line(raw, task)
+            except ValueError as err:
+                plan.errors.append(error_row(_loose_id(raw), f"line {number}: {err}", False, line=number))
+                continue
+            if request.key in plan.lines:
+                first = plan.lines[request.key][0]
+                message = f"line {number}: id {request.id!r} already appears on line {first}; ids must be unique"
+                plan.errors.append(error_row(request.id, message, False, line=number))
+                continue
+            plan.lines[request.key] = (number, line_digest(raw))
+            plan.expected[request.key] = request.expected_rows(task)
     if not plan.expected and not plan.errors:
         raise ValueError(f"input file {path} has no lines")
     return plan
 
 
-def line_digest(text: str) -> str:
-    """A short fingerprint of an input line (surrounding whitespace ignored)."""
-    return hashlib.blake2b(text.strip().encode("utf-8", "replace"), digest_size=16).hexdigest()
+def line_digest(raw: bytes) -> str:
+    """A short fingerprint of an input line as read (surrounding whitespace ignored)."""
+    return hashlib.blake2b(raw.strip(), digest_size=16).hexdigest()
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = "\ufffd"  # parse_request reports it as invalid JSON
-            if text.strip():
-                yield number, text
-
-
-def _loose_id(text: str) -> str | int | None:
+def _loose_id(raw: bytes) -> str | int | None:
     """The id of a line that failed the checks, when it has a usable one (for the error row)."""
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8", "replace"))
     except (json.JSONDecodeError, ValueError):
         return None
     ident = data.get("id") if isinstance(data, dict) else None
@@ -230,3 +255,17 @@ def _read_rows(path: Path) -> tuple[list[dict], bool]:
             ) from None
         rows.append(row)
     return rows, torn
+
+
+def document_file(document_path: str, base_dir: str | Path, allow_outside: bool = False) -> Path:
+    """The file a request's ``document_path`` names, resolved (``~``, ``..`` and symlinks) under
+    ``base_dir``, the input file's folder; ``ValueError`` for one that leads outside it, unless
+    ``allow_outside``."""
+    base = Path(base_dir).resolve()
+    path = (base / Path(document_path).expanduser()).resolve()
+    if not allow_outside and not path.is_relative_to(base):
+        raise ValueError(
+            f"document_path {document_path!r} leads outside the input file's folder {base} (to {path}); "
+            "move the document under that folder, or pass --allow-paths-outside to read it anyway"
+        )
+    return path

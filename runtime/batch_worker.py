@@ -15,7 +15,7 @@ import torch
 
 from nugget2d.compress import Nugget2DConfig
 
-from .batch_io import Request
+from .batch_io import Request, document_file, error_row
 from .generation import GenerationSettings
 from .session import StreamingSession, StreamSettings
 
@@ -35,6 +35,7 @@ class JobSettings:
     chat: bool = True
     prompt: str = SUMMARY_PROMPT
     base_dir: str = "."  # relative document_path values are read from here (the input file's folder)
+    allow_paths_outside: bool = False  # read a document_path that leads outside base_dir
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DocumentWorker:
         )
 
     def run(self, request: Request) -> DocumentResult:
-        """Rows for one request; any failure becomes an error row, never an exception."""
+        """Rows for one request; any failure becomes an error row (retryable or final), never an exception."""
         result = DocumentResult(rows=[])
         started = time.perf_counter()
         try:
@@ -68,7 +69,7 @@ class DocumentWorker:
             result.compressions += 1
             session.ingest(source)
         except Exception as err:  # a failing document gives an error row, the job goes on
-            result.rows.append({"id": request.id, "error": _describe(err)})
+            result.rows.append(_error(request, err))
             return result
         result.encoder_calls = session.stats.encoder_calls
         if self.settings.task == "summarize":
@@ -84,7 +85,7 @@ class DocumentWorker:
     def _source(self, request: Request) -> str | Path:
         if request.document is not None:
             return request.document
-        path = Path(self.settings.base_dir) / Path(request.document_path).expanduser()
+        path = document_file(request.document_path, self.settings.base_dir, self.settings.allow_paths_outside)
         if not path.is_file():
             raise ValueError(f"document_path {request.document_path} does not exist (looked for {path})")
         return path
@@ -97,8 +98,7 @@ class DocumentWorker:
         try:
             row["answer"] = "".join(session.ask(question, self.settings.generation)).strip()
         except Exception as err:  # one bad question (e.g. too long for the budget) spoils only its row
-            row["error"] = _describe(err)
-            return row
+            return {**row, **_error(request, err)}
         row.update(
             cache_tokens=cache_tokens,
             seconds=round(time.perf_counter() - started, 4),
@@ -111,7 +111,7 @@ class DocumentWorker:
         try:
             summary = "".join(session.ask(self.settings.prompt, self.settings.generation)).strip()
         except Exception as err:
-            return {"id": request.id, "error": _describe(err)}
+            return _error(request, err)
         return {
             "id": request.id,
             "summary": summary,
@@ -120,8 +120,14 @@ class DocumentWorker:
         }
 
 
-def _describe(err: Exception) -> str:
-    """User errors as their message; anything else with its type, so it can be looked up."""
-    if isinstance(err, (ValueError, FileNotFoundError)):
-        return str(err)
-    return f"{type(err).__name__}: {err}"
+#: failures caused by the request itself (bad text, a missing file, a question too long): retrying
+#: cannot help. Anything else (out of memory, an I/O or device error) is retried by the next run.
+FINAL_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _error(request: Request, err: Exception) -> dict:
+    """The error row of a failed request: final errors as their message; others with their type,
+    so they can be looked up, and marked retryable."""
+    if isinstance(err, FINAL_ERRORS):
+        return error_row(request.id, str(err), retryable=False)
+    return error_row(request.id, f"{type(err).__name__}: {err}", retryable=True)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,153 @@ def test_summaries_over_documents_longer_than_the_window(tmp_path, tiny_model_di
     assert all(set(row) == {"id", "summary", "cache_tokens", "seconds"} for row in rows)
     assert all(0 < row["cache_tokens"] <= 128 for row in rows)
     assert report.encoder_calls["id:longer"] > report.encoder_calls["id:long"] > 256 // 32
+
+
+# --- inputs and outputs that used to lose documents or rows silently ----------------------------------
+
+
+def test_lines_end_at_newline_only_bad_utf8_gets_an_error_row_and_lost_documents_fail_the_job(
+    tmp_path, tiny_model_dir, ray_address, monkeypatch, capsys
+):
+    import nugget2d.runtime.batch as batch
+
+    def doc(ident: str, text: str) -> bytes:  # as json.dumps(ensure_ascii=False) writes it: separators stay raw
+        return json.dumps({"id": ident, "document": text, "questions": QUESTIONS[:1]}, ensure_ascii=False).encode()
+
+    lines = [
+        doc("ls", SENTENCE * 3 + "\u2028" + SENTENCE * 3),
+        doc("ps", SENTENCE * 3 + "\u2029" + SENTENCE * 3),
+        doc("nel", SENTENCE * 3 + "\u0085" + SENTENCE * 3),
+        doc("cr", SENTENCE * 6).replace(b', "document"', b',\r"document"'),  # a lone \r between tokens
+        b'{"id": "latin1", "document": "caf\xe9 ' + SENTENCE.encode() + b'", "questions": ["q"]}',
+        doc("edited", SENTENCE * 6),
+        doc("plain", SENTENCE * 6),
+    ]
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    scan = batch.scan_input
+
+    def scan_then_edit(path, task):  # the input changes after the driver read it, before Ray does
+        plan = scan(path, task)
+        source.write_bytes(source.read_bytes().replace(b'"edited", "document": "', b'"edited", "document": "new '))
+        return plan
+
+    monkeypatch.setattr(batch, "scan_input", scan_then_edit)
+    out = tmp_path / "answers.jsonl"
+    command = ["qa", "--input", str(source), "--output", str(out), "--model", str(tiny_model_dir)]
+    assert main([*command, "--workers", "2", "--max-new-tokens", "6", "--quiet", *CACHE]) == 2
+
+    err = capsys.readouterr().err
+    assert "5 documents done" in err and "1 documents got no rows" in err and "ids edited;" in err
+    rows = {row["id"]: row for row in _rows(out)}
+    assert set(rows) == {"ls", "ps", "nel", "cr", "plain", "latin1"}
+    assert all("answer" in rows[ident] for ident in ("ls", "ps", "nel", "cr", "plain"))
+    assert rows["latin1"]["line"] == 5 and rows["latin1"]["retryable"] is False
+    assert rows["latin1"]["error"].startswith("line 5: not UTF-8 text (invalid continuation byte at byte 34 of the line")
+    assert not (tmp_path / "answers.jsonl.lock").exists()
+
+
+def test_document_paths_leading_outside_the_input_folder_are_refused(tmp_path, tiny_model_dir, ray_address):
+    from nugget2d.runtime.batch import run_batch_job
+
+    folder = tmp_path / "jobs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "inside.txt").write_text(SENTENCE * 6)
+    (tmp_path / "outside.txt").write_text(SENTENCE * 6)
+    (folder / "link.txt").symlink_to(tmp_path / "outside.txt")
+    paths = {
+        "inside": "sub/inside.txt",
+        "down_and_up": "sub/../sub/inside.txt",
+        "up": "../outside.txt",
+        "absolute": str(tmp_path / "outside.txt"),
+        "home": "~/outside.txt",
+        "symlink": "link.txt",
+    }
+    _jsonl(folder / "docs.jsonl", [{"id": ident, "document_path": path} for ident, path in paths.items()])
+    out = folder / "summaries.jsonl"
+    settings = _settings(tiny_model_dir, task="summarize", max_new_tokens=4)
+    report = run_batch_job(folder / "docs.jsonl", out, settings, workers=2, progress=False)
+
+    rows = {row["id"]: row for row in _rows(out)}
+    assert "summary" in rows["inside"] and "summary" in rows["down_and_up"]
+    for ident in ("up", "absolute", "home", "symlink"):
+        assert rows[ident]["retryable"] is False
+        assert rows[ident]["error"].startswith(f"document_path {paths[ident]!r} leads outside the input file's folder")
+        assert rows[ident]["error"].endswith("or pass --allow-paths-outside to read it anyway")
+    assert report.errors == 4 and report.retryable == 0
+
+
+def test_transient_errors_are_retried_by_the_next_run_which_takes_over_a_dead_jobs_lock(
+    tmp_path, tiny_model_dir, ray_address
+):
+    from nugget2d.runtime.batch import run_batch_job
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.txt").write_text(SENTENCE * 6)
+    (tmp_path / "flaky.txt").symlink_to("/proc/self/mem")  # reading it fails with EIO, like a failing disk
+    docs = [
+        {"id": "inline", "document": SENTENCE * 6},
+        {"id": "flaky", "document_path": "flaky.txt"},
+        {"id": "far", "document_path": str(tmp_path / "elsewhere" / "far.txt")},
+        {"id": "missing", "document_path": "nowhere.txt"},
+    ]
+    _jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "summaries.jsonl"
+    settings = _settings(tiny_model_dir, task="summarize", max_new_tokens=4)
+    settings.allow_paths_outside = True
+    first = run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)
+
+    rows = {row["id"]: row for row in _rows(out)}
+    assert "summary" in rows["inline"] and "summary" in rows["far"]  # allowed outside the folder
+    assert rows["flaky"]["retryable"] is True and "Input/output error" in rows["flaky"]["error"]
+    assert rows["missing"]["retryable"] is False and "does not exist" in rows["missing"]["error"]
+    assert first.retryable == 1 and "1 retryable: run again" in first.summary("summarize", out)
+
+    (tmp_path / "flaky.txt").unlink()  # the fault is gone
+    (tmp_path / "flaky.txt").write_text(SENTENCE * 6)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}
+    (tmp_path / "summaries.jsonl.lock").write_text(json.dumps(lock))  # left by a job that was killed
+    second = run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)
+
+    assert second.notes == [
+        f"took over the lock {out}.lock left by pid {lock['pid']} on {lock['host']}, which no longer runs"
+    ]
+    assert second.documents == 1 and second.skipped == 3 and second.errors == 0
+    again = {row["id"]: row for row in _rows(out)}
+    assert "summary" in again["flaky"] and "error" not in again["flaky"]
+    assert {ident: again[ident] for ident in ("inline", "far", "missing")} == {
+        ident: rows[ident] for ident in ("inline", "far", "missing")
+    }
+    assert not (tmp_path / "summaries.jsonl.lock").exists()
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path, tiny_model_dir, ray_address):
+    from nugget2d.runtime.batch import run_batch_job
+
+    _write_docs(tmp_path / "docs.jsonl", 2)
+    out = tmp_path / "answers.jsonl"
+    out.write_text('{"id": "doc0", "question": "q", "answer": "written before"}\n')
+    hold = "import sys\nfrom nugget2d.runtime.batch_lock import OutputLock\nwith OutputLock(sys.argv[1]):\n"
+    hold += "    print('locked', flush=True)\n    sys.stdin.read()\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(ValueError, match=rf"being written by another job \(pid {holder.pid} on .*another --output"):
+            run_batch_job(tmp_path / "docs.jsonl", out, _settings(tiny_model_dir), workers=2, progress=False)
+    finally:
+        holder.communicate(timeout=30)
+    assert out.read_text() == '{"id": "doc0", "question": "q", "answer": "written before"}\n'
+    assert not (tmp_path / "answers.jsonl.lock").exists()  # the holder removed its lock when done
+
+    for holder_info, message in [
+        ({"pid": 1, "host": "another-host"}, "on host another-host .* cannot tell whether that job still runs"),
+        ({"pid": os.getppid(), "host": socket.gethostname()}, f"pid {os.getppid()} on this host, which still runs"),
+    ]:
+        (tmp_path / "answers.jsonl.lock").write_text(json.dumps(holder_info))
+        with pytest.raises(ValueError, match=message):
+            run_batch_job(tmp_path / "docs.jsonl", out, _settings(tiny_model_dir), workers=2, progress=False)
+        assert out.read_text() == '{"id": "doc0", "question": "q", "answer": "written before"}\n'
 
 
 @pytest.mark.slow
