@@ -47,7 +47,9 @@ from nugget2d.serve.metrics import Metrics
 METRICS_KEY = "metrics-secret"
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_KEY}"}
 HEX = "0123456789abcdef" * 2
-QUOTA_MB = 0.25  # two small documents (TEXT * 5: ~134 kB on disk each) do not fit, one of TEXT * 80 (~580 kB) alone not
+# on disk TEXT takes ~38 kB, TEXT * 5 ~134 kB, TEXT * 20 ~183 kB: two of TEXT fit, TEXT beside TEXT * 5 does not,
+# TEXT * 20 alone does not
+QUOTA_MB = 0.15
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "the river"}], "max_tokens": 600, "temperature": 0}
 SHORT = {"model": MODEL, "messages": [{"role": "user", "content": "the fish"}], "max_tokens": 2, "temperature": 0}
 
@@ -186,17 +188,17 @@ def test_leftover_staging_and_deleted_folders_are_cleaned_at_start(server, lefto
 
 def test_document_count_and_bytes_limits_answer_507_and_413(server):
     url = server.url
-    first = upload(url, TEXT * 5)
+    first = upload(url, TEXT)
     assert first.status_code == 201, first.text
     over_bytes = _error(upload(url, TEXT * 5), 507)
     assert over_bytes["code"] == "documents_quota" and "MiB" in over_bytes["message"]
     second = upload(url, TEXT)
     assert second.status_code == 201, second.text
     started = time.monotonic()
-    assert _error(upload(url, TEXT), 507)["code"] == "documents_quota"
+    assert _error(upload(url, TEXT), 507)["code"] == "documents_quota"  # --max-documents 2
     assert time.monotonic() - started < 2  # refused before it is compressed
     assert http.delete(f"{url}/v1/documents/{second.json()['id']}", headers=AUTH).status_code == 200
-    assert _error(upload(url, TEXT * 80), 413)["code"] == "document_too_large"
+    assert _error(upload(url, TEXT * 20), 413)["code"] == "document_too_large"
     assert [d["id"] for d in http.get(url + "/v1/documents", headers=AUTH).json()["data"]] == [first.json()["id"]]
     assert ask(url, "who had a book ?", max_tokens=2, extra_body={"documents": [first.json()["id"]]}).choices
 
