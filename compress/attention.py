@@ -217,9 +217,72 @@ def per_head_attention(
     return torch.cat(rows, dim=0)
 
 
-#: Backends that read a packed layer's heads one by one; compiled flex would recompile for every
-#: new head length, so it reads the layer rebuilt whole.
-PER_HEAD_BACKENDS = ("eager", "sdpa", "flash_attn")
+#: How each backend reads a packed layer, whose KV heads hold different numbers of entries: ``loop`` (one
+#: kernel call per head over its own entries, :func:`per_head_attention`), ``buckets`` (heads grouped by
+#: length, one call per group over its heads padded to the group's longest with masked slots,
+#: :func:`bucketed_attention`; one call per layer when the lengths are close) or ``whole`` (the layer
+#: rebuilt with every masked slot). Chosen by ``benchmarks/heads/batched_read.py`` (README there).
+HEAD_READS = {"eager": "buckets", "sdpa": "buckets", "flex": "buckets", "flash_attn": "loop"}
+#: What one more kernel call costs in bucketing, as padded slots read per head: heads share a call when
+#: padding them to the longest costs less (:func:`head_buckets`).
+CALL_COST = {"eager": 1024.0, "sdpa": 1024.0, "flex": float("inf"), "flash_attn": 1024.0}
+
+
+def head_buckets(lengths: Sequence[int], call_cost: float) -> list[tuple[int, ...]]:
+    """KV heads grouped to read together: runs of heads sorted by length, chosen so that the slots read
+    (each group's heads times its longest) plus ``call_cost`` per group are least. Heads of equal or
+    close lengths share one group; ``call_cost`` inf puts every head in one."""
+    order = sorted(range(len(lengths)), key=lambda head: lengths[head])
+    if call_cost == float("inf"):
+        return [tuple(sorted(order))]
+    best, cut = [0.0], [0]  # best[i]: least cost of the i shortest heads; cut[i]: where their last group starts
+    for end in range(1, len(order) + 1):
+        costs = [best[start] + (end - start) * lengths[order[end - 1]] + call_cost for start in range(end)]
+        cut.append(min(range(end), key=costs.__getitem__))
+        best.append(costs[cut[-1]])
+    groups, end = [], len(order)
+    while end:
+        groups.append(tuple(sorted(order[cut[end] : end])))
+        end = cut[end]
+    return groups[::-1]
+
+
+def bucketed_attention(
+    query: torch.Tensor,
+    layer,
+    groups: Sequence[tuple[int, ...]],
+    *,
+    scaling: float | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """:func:`per_head_attention` over a packed ``layer`` (a :class:`~nugget2d.compress.cache.NuggetLayer`)
+    with one kernel call per group of KV heads (:func:`head_buckets`), each over its heads padded to the
+    longest with masked slots (``layer.padded_heads``); ``(B, Hq, Q, D)`` like the others."""
+    batch, query_heads, length, dim = query.shape
+    kv_heads = layer.kv_heads
+    groups_of = query.view(batch, kv_heads, query_heads // kv_heads, length, dim)
+    if len(groups) == 1 and len(groups[0]) == kv_heads:
+        keys, values, bias = layer.padded_heads(groups[0])
+        return biased_attention(query, keys, values, bias, scaling=scaling, causal=True, backend=backend)
+    out = torch.empty_like(groups_of)
+    for heads in groups:
+        keys, values, bias = layer.padded_heads(heads)
+        picked = list(heads)
+        part = groups_of[:, picked].reshape(batch, -1, length, dim)
+        read = biased_attention(part, keys, values, bias, scaling=scaling, causal=True, backend=backend)
+        out[:, picked] = read.view(batch, len(heads), -1, length, dim)
+    return out.view(batch, query_heads, length, dim)
+
+
+def read_packed(query: torch.Tensor, layer, *, scaling: float | None, backend: str) -> torch.Tensor:
+    """Attention of ``query`` over a packed layer, read as :data:`HEAD_READS` says for ``backend``."""
+    how = HEAD_READS[backend]
+    if how == "loop":
+        return per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend)
+    if how == "buckets":
+        groups = head_buckets(layer.head_lengths(), CALL_COST[backend])
+        return bucketed_attention(query, layer, groups, scaling=scaling, backend=backend)
+    return biased_attention(query, layer.keys, layer.values, layer.bias, scaling=scaling, causal=True, backend=backend)
 
 
 def _interface(backend: str) -> Callable:
@@ -230,12 +293,10 @@ def _interface(backend: str) -> Callable:
         layer = cache.layers[module.layer_idx] if cache is not None else None
         observer = getattr(cache, "observer", None)
         packed = layer is not None and layer.packed  # then the cache handed over only the entries appended since
-        if packed and backend in PER_HEAD_BACKENDS:
-            out = per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend)
+        if packed:
+            out = read_packed(query, layer, scaling=scaling, backend=backend)
             key = layer.keys if observer is not None else key  # the observer reads every slot
         else:
-            if packed:
-                key, value = layer.keys, layer.values
             out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
         if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
             observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)

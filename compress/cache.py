@@ -70,6 +70,8 @@ class NuggetLayer(DynamicLayer):
         #: Per row and head, ``(keys, values, bias)`` of its packed slots in use, made on the first
         #: per-head read, with the bias of the packed slots it was made from (remade if that changes).
         self._head_slots: tuple[list, torch.Tensor] | None = None
+        #: Per packing, where each packed pair in use lands when heads are read padded (see :meth:`padded_heads`).
+        self._padding: dict | None = None
         super().__init__()
         self.bias: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
@@ -110,7 +112,7 @@ class NuggetLayer(DynamicLayer):
     def _unpack(self) -> None:
         if self._packed is not None:
             self._keys, self._values, self._packed = self._whole(0), self._whole(1), None
-            self._head_slots = None
+            self._head_slots = self._padding = None
 
     def pack(self) -> None:
         """Store only the K/V pairs in use (bias not masked); a layer without masked slots stays as it is."""
@@ -121,7 +123,7 @@ class NuggetLayer(DynamicLayer):
             return
         keys, values = self.keys, self.values
         self._packed = (keys[in_use], values[in_use], in_use)
-        self._head_slots = None
+        self._head_slots = self._padding = None
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
 
     def head_entries(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
@@ -151,6 +153,66 @@ class NuggetLayer(DynamicLayer):
             split = zip(used_keys.split(counts), used_values.split(counts), slot_bias[in_use].split(counts))
             self._head_slots = (list(split), slot_bias)
         return self._head_slots[0]
+
+    def head_lengths(self) -> list[int]:
+        """Packed slots in use per KV head (the most over the rows; zeros when the layer is not packed):
+        each head reads these plus the entries appended since. Worked out once per packing."""
+        if self._packed is None:
+            return [0] * self.kv_heads
+        plan = self._padding_plan()
+        if "longest" not in plan:
+            plan["longest"] = plan["lengths"].amax(dim=0).tolist()
+        return plan["longest"]
+
+    def padded_heads(self, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KV heads ``heads`` of a packed layer as one dense block: keys and values ``(B, h, L + T, D)`` and
+        bias ``(B, h, L + T)``, each head's packed slots in use first, padded with masked zero slots to the
+        longest of them (``L``), then the ``T`` entries appended since (so the queries are the last keys of
+        every head). One copy per tensor; where each pair lands is worked out once per packing."""
+        used_keys, used_values, in_use = self._packed
+        plan = self._padding_plan()
+        group = plan["groups"].get(heads)
+        if group is None:
+            group = plan["groups"][heads] = self._group_plan(plan, heads)
+        source, base, rank, length = group
+        batch, tail = self.bias.shape[0], self._keys.shape[2]
+        bias = self.bias.expand(batch, self.kv_heads, -1)
+        slot_bias = bias[..., : in_use.shape[-1]][in_use]
+        index = base * (length + tail) + rank
+        picked = list(heads) if len(heads) < self.kv_heads else slice(None)
+        out = []
+        for used, rest in ((used_keys, self._keys), (used_values, self._values)):
+            block = used.new_zeros(batch * len(heads) * (length + tail), used.shape[-1])
+            block.index_copy_(0, index, used if source is None else used.index_select(0, source))
+            block = block.view(batch, len(heads), length + tail, -1)
+            block[:, :, length:] = rest[:, picked]
+            out.append(block)
+        block_bias = slot_bias.new_full((batch * len(heads) * (length + tail),), MASKED)
+        block_bias.index_copy_(0, index, slot_bias if source is None else slot_bias.index_select(0, source))
+        block_bias = block_bias.view(batch, len(heads), length + tail)
+        block_bias[:, :, length:] = bias[:, picked, in_use.shape[-1] :]
+        return out[0], out[1], block_bias
+
+    def _padding_plan(self) -> dict:
+        """Per packing: each packed pair's row, head and rank within its head, and the heads' lengths."""
+        if self._padding is None:
+            in_use = self._packed[2]
+            rows, heads, _ = in_use.nonzero(as_tuple=True)
+            ranks = in_use.long().cumsum(dim=-1)[in_use] - 1
+            self._padding = {"rows": rows, "heads": heads, "ranks": ranks, "lengths": in_use.sum(dim=-1), "groups": {}}
+        return self._padding
+
+    def _group_plan(self, plan: dict, heads: tuple[int, ...]) -> tuple:
+        """``(source rows or None, block row of each, rank in it, padded length)`` of the pairs of ``heads``."""
+        local = torch.full((self.kv_heads,), -1, dtype=torch.long, device=plan["heads"].device)
+        local[list(heads)] = torch.arange(len(heads), device=local.device)
+        source = None
+        rows, head_of, ranks = plan["rows"], local[plan["heads"]], plan["ranks"]
+        if len(heads) < self.kv_heads:
+            source = (head_of >= 0).nonzero(as_tuple=True)[0]
+            rows, head_of, ranks = rows[source], head_of[source], ranks[source]
+        length = int(plan["lengths"][:, list(heads)].max()) if len(heads) else 0
+        return source, rows * len(heads) + head_of, ranks, length
 
     def get_seq_length(self) -> int:
         """Entries per head (slots, masked ones included), without rebuilding packed K/V."""
@@ -259,6 +321,7 @@ class NuggetLayer(DynamicLayer):
         twin._packed = tuple(share(t) for t in self._packed) if self._packed is not None else None
         if self._head_slots is not None:
             twin._head_slots = ([tuple(share(t) for t in e) for e in self._head_slots[0]], share(self._head_slots[1]))
+        twin._padding = self._padding  # integer plans of the same packing: shared, never changed in place
         for name in ("bias", "positions", "is_nugget", "scores"):
             setattr(twin, name, share(getattr(self, name)))
         if self.is_initialized:

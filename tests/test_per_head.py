@@ -8,8 +8,10 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from torch import nn
 
 from nugget2d.compress import MASKED, Nugget2DConfig, Nugget2DModel, NuggetCache, biased_attention
+from nugget2d.compress import attention as attention_module
 from nugget2d.compress import cache as cache_module
-from nugget2d.compress.attention import extra_column_attention, per_head_attention, sdpa_kernel
+from nugget2d.compress.attention import extra_column_attention, head_buckets, per_head_attention, sdpa_kernel
+from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
 SHAPE = StreamSettings(budget=64, recent=16, segment=16, sinks=2)
@@ -63,6 +65,71 @@ def test_heads_read_at_their_own_lengths_equal_heads_padded_with_masked_keys(bac
     ]
     out = per_head_attention(q, heads, backend=backend)
     torch.testing.assert_close(out, biased_attention(q, k, v, bias, backend="eager"), atol=1e-5, rtol=1e-5)
+
+
+def test_heads_of_close_lengths_share_a_call_and_far_ones_do_not():
+    assert head_buckets([100, 100, 100], 50.0) == [(0, 1, 2)]
+    assert head_buckets([10, 1000, 5000], 100.0) == [(0,), (1,), (2,)]
+    assert head_buckets([1010, 10, 1000], 100.0) == [(1,), (0, 2)]  # sorted by length, each group in head order
+    assert head_buckets([10, 1000, 5000], float("inf")) == [(0, 1, 2)]
+    assert head_buckets([10, 1000, 5000], 1e6) == [(0, 1, 2)]  # calls dearer than any padding
+
+
+def _ragged_session(device: str = "cpu") -> StreamingSession:
+    """A per-head session whose packed layers keep 18 and 223, 69 and 18 entries in their two KV heads."""
+    model = _model().to(device)
+    session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
+    session.ingest_ids(_text(), final=True)
+    lengths = [layer.head_lengths() for layer in session.cache.layers if layer.packed]
+    assert lengths == [[18, 223], [69, 18]]
+    return session
+
+
+def test_padded_heads_hold_each_heads_entries_then_masked_slots_then_the_new_entries():
+    cache = _ragged_session().cache
+    layer = cache.layers[0]
+    entries = layer.head_entries()[0]
+    for heads in [(0, 1), (0,), (1,)]:
+        keys, values, bias = layer.padded_heads(heads)
+        longest, tail = max(layer.head_lengths()[h] for h in heads), layer._keys.shape[2]
+        assert keys.shape[:3] == values.shape[:3] == (1, len(heads), longest + tail) == bias.shape
+        for local, head in enumerate(heads):
+            own = layer.head_lengths()[head]
+            for got, want in zip((keys, values, bias), entries[head]):
+                torch.testing.assert_close(got[0, local, :own], want[:own])
+                torch.testing.assert_close(got[0, local, longest:], want[own:])
+            assert bool((bias[0, local, own:longest] == MASKED).all()) and not keys[0, local, own:longest].any()
+
+
+def _reads(device: str) -> list:
+    return [
+        pytest.param(backend, how, cost, device, marks=[pytest.mark.gpu] if device == "cuda" else [])
+        for backend in ("eager", "sdpa", "flex")
+        for how, cost in [("loop", 0.0), ("buckets", 0.0), ("buckets", float("inf")), ("whole", 0.0)]
+    ]
+
+
+@pytest.mark.parametrize(("backend", "how", "cost", "device"), _reads("cpu") + _reads("cuda"))
+@torch.no_grad()
+def test_every_read_of_ragged_heads_equals_eager_head_by_head(monkeypatch, backend, how, cost, device):
+    """A packed layer read head by head, in length buckets (cost 0: each head alone; inf: one padded call
+    per layer) or rebuilt whole gives eager's per-head logits, for a question (causal) and one token."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    session = _ragged_session(device)
+    model, cache = session.model, session.cache
+    question = torch.tensor([_text(30)[:6]], device=device)
+    monkeypatch.setitem(attention_module.HEAD_READS, "eager", "loop")
+    model.set_attention("eager")
+    reference = model(question, nuggets=cache)
+    following = torch.tensor([[int(reference.logits[0, -1].argmax())]], device=device)
+    expected = model(following, nuggets=returned_cache(reference)).logits
+    monkeypatch.setitem(attention_module.HEAD_READS, backend, how)
+    monkeypatch.setitem(attention_module.CALL_COST, backend, cost)
+    model.set_attention(backend)
+    out = model(question, nuggets=cache)
+    torch.testing.assert_close(out.logits, reference.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(following, nuggets=returned_cache(out)).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("reserve", [cache_module.SCORER_RESERVE, 2, 0])

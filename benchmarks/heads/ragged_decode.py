@@ -34,13 +34,13 @@ def read_cache(model, tokenizer, ids: list[int], head_slots: float):
     return session.cache
 
 
-#: The backends that read packed layers head by head, as shipped.
-PER_HEAD_BACKENDS = attention_module.PER_HEAD_BACKENDS
+#: How each backend reads packed layers, as shipped.
+HEAD_READS = attention_module.HEAD_READS
 
 
 def decode_ms(model, cache, steps: int, per_head: bool) -> float:
     """Median ms of ``steps`` single-token passes over a fork of ``cache``."""
-    attention_module.PER_HEAD_BACKENDS = PER_HEAD_BACKENDS if per_head else ()
+    attention_module.HEAD_READS = HEAD_READS if per_head else dict.fromkeys(HEAD_READS, "whole")
     token = torch.tensor([[42]])
     times = []
     with torch.no_grad():
