@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,10 +13,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from nugget2d.runtime.batch_io import InputPlan, ResultFile, parse_request, scan_input
+from nugget2d.runtime.batch_io import (
+    InputPlan,
+    ResultFile,
+    decode_line,
+    document_file,
+    error_row,
+    jsonl_lines,
+    parse_request,
+    scan_input,
+)
+from nugget2d.runtime.batch_lock import OutputLock
 from nugget2d.runtime.batch_worker import DocumentWorker, JobSettings
 from nugget2d.runtime.cli import main
 from nugget2d.runtime.generation import GenerationSettings
@@ -134,6 +147,9 @@ def test_killed_job_resumes_with_every_answer_exactly_once(tmp_path, tiny_model_
             break
         time.sleep(0.05)
     assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
+    settings = _settings(tiny_model_dir, max_new_tokens=24)
+    with pytest.raises(ValueError, match=rf"being written by another job \(pid {job.pid} on "):
+        run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)  # a second writer
     job.send_signal(signal.SIGKILL)
     job.wait(timeout=30)
     job.stderr.close()
@@ -143,8 +159,8 @@ def test_killed_job_resumes_with_every_answer_exactly_once(tmp_path, tiny_model_
     with out.open("a") as handle:  # as if the kill had cut a write short
         handle.write('{"id": "doc39", "question": "what was go')
 
-    settings = _settings(tiny_model_dir, max_new_tokens=24)
     report = run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)
+    assert report.notes and f"left by pid {job.pid} on" in report.notes[0]  # the killed job's lock
     rows = _rows(out)
     assert Counter((row["id"], row["question"]) for row in rows) == {
         (doc["id"], q): 1 for doc in docs for q in QUESTIONS
@@ -210,7 +226,7 @@ def test_lines_end_at_newline_only_bad_utf8_gets_an_error_row_and_lost_documents
     assert set(rows) == {"ls", "ps", "nel", "cr", "plain", "latin1"}
     assert all("answer" in rows[ident] for ident in ("ls", "ps", "nel", "cr", "plain"))
     assert rows["latin1"]["line"] == 5 and rows["latin1"]["retryable"] is False
-    assert rows["latin1"]["error"].startswith("line 5: not UTF-8 text (invalid continuation byte at byte 34 of the line")
+    assert rows["latin1"]["error"].startswith("line 5: not UTF-8 text (invalid continuation byte at byte 34 of")
     assert not (tmp_path / "answers.jsonl.lock").exists()
 
 
@@ -245,7 +261,7 @@ def test_document_paths_leading_outside_the_input_folder_are_refused(tmp_path, t
 
 
 def test_transient_errors_are_retried_by_the_next_run_which_takes_over_a_dead_jobs_lock(
-    tmp_path, tiny_model_dir, ray_address
+    tmp_path, tiny_model_dir, ray_address, capsys
 ):
     from nugget2d.runtime.batch import run_batch_job
 
@@ -260,21 +276,24 @@ def test_transient_errors_are_retried_by_the_next_run_which_takes_over_a_dead_jo
     ]
     _jsonl(tmp_path / "docs.jsonl", docs)
     out = tmp_path / "summaries.jsonl"
-    settings = _settings(tiny_model_dir, task="summarize", max_new_tokens=4)
-    settings.allow_paths_outside = True
-    first = run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)
+    command = ["summarize", "--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--allow-paths-outside"]
+    command += ["--model", str(tiny_model_dir), "--workers", "2", "--max-new-tokens", "4", "--quiet", *CACHE]
+    assert main(command) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert summary.startswith("nugget2d summarize: 4 documents done") and "(2 errors, 1 retryable: run again" in summary
 
     rows = {row["id"]: row for row in _rows(out)}
     assert "summary" in rows["inline"] and "summary" in rows["far"]  # allowed outside the folder
     assert rows["flaky"]["retryable"] is True and "Input/output error" in rows["flaky"]["error"]
     assert rows["missing"]["retryable"] is False and "does not exist" in rows["missing"]["error"]
-    assert first.retryable == 1 and "1 retryable: run again" in first.summary("summarize", out)
 
     (tmp_path / "flaky.txt").unlink()  # the fault is gone
     (tmp_path / "flaky.txt").write_text(SENTENCE * 6)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}
     (tmp_path / "summaries.jsonl.lock").write_text(json.dumps(lock))  # left by a job that was killed
+    settings = _settings(tiny_model_dir, task="summarize", max_new_tokens=4)
+    settings.allow_paths_outside = True
     second = run_batch_job(tmp_path / "docs.jsonl", out, settings, workers=2, progress=False)
 
     assert second.notes == [
@@ -295,15 +314,10 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path, tiny_model_dir,
     _write_docs(tmp_path / "docs.jsonl", 2)
     out = tmp_path / "answers.jsonl"
     out.write_text('{"id": "doc0", "question": "q", "answer": "written before"}\n')
-    hold = "import sys\nfrom nugget2d.runtime.batch_lock import OutputLock\nwith OutputLock(sys.argv[1]):\n"
-    hold += "    print('locked', flush=True)\n    sys.stdin.read()\n"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"locked\n"
-        with pytest.raises(ValueError, match=rf"being written by another job \(pid {holder.pid} on .*another --output"):
+    with OutputLock(out):  # another job writing it (one in another process: the slow test above)
+        holder = rf"another job \(pid {os.getpid()} on {socket.gethostname()}, since .*\); wait for it to finish"
+        with pytest.raises(ValueError, match=rf"output {re.escape(str(out))} is being written by {holder}"):
             run_batch_job(tmp_path / "docs.jsonl", out, _settings(tiny_model_dir), workers=2, progress=False)
-    finally:
-        holder.communicate(timeout=30)
     assert out.read_text() == '{"id": "doc0", "question": "q", "answer": "written before"}\n'
     assert not (tmp_path / "answers.jsonl.lock").exists()  # the holder removed its lock when done
 
@@ -364,6 +378,34 @@ def test_output_file_drops_torn_lines_and_incomplete_documents(tmp_path):
         (None, None),
     ]
     assert out.prepare(plan, "qa") == {"id:a", "id:c", "line:4"}  # nothing more to drop
+
+
+def test_lines_paths_and_retryable_rows_without_ray(tmp_path):
+    raw = '{"id": 1, "document": "a\u2028b\u2029c\u0085d\re"}'.encode() + b"\n\n" + b'{"id": "\xff"}'
+    assert list(jsonl_lines(io.BytesIO(raw))) == [(1, raw.split(b"\n")[0] + b"\n"), (3, b'{"id": "\xff"}')]
+    assert len(raw.decode("utf-8", "replace").splitlines()) == 7  # what Ray's read_text made of it
+    with pytest.raises(ValueError, match="not UTF-8 text \\(invalid start byte at byte 9 of the line\\)"):
+        decode_line(b'{"id": "\xff"}')
+
+    (tmp_path / "in").mkdir()
+    assert document_file("a/../b.txt", tmp_path / "in") == tmp_path.resolve() / "in" / "b.txt"
+    for outside in ("../b.txt", "/etc/hostname", "~"):
+        with pytest.raises(ValueError, match="leads outside the input file's folder"):
+            document_file(outside, tmp_path / "in")
+    assert document_file("/etc/hostname", tmp_path / "in", allow_outside=True) == Path("/etc/hostname")
+
+    docs = tmp_path / "docs.jsonl"
+    requests = [
+        {"id": "a", "document": "x", "questions": ["q1", "q2"]},
+        {"id": "b", "document": "y", "questions": ["q"]},
+    ]
+    _jsonl(docs, requests)
+    out = ResultFile(tmp_path / "out.jsonl")
+    out.append([{"id": "a", "question": "q1", "answer": "1"}])
+    out.append([error_row("a", "OutOfMemoryError: CUDA out of memory", retryable=True) | {"question": "q2"}])
+    out.append([error_row("b", "the text is empty", retryable=False)])
+    assert out.prepare(scan_input(docs, "qa"), "qa") == {"id:b"}  # a is done again, b's final error stays
+    assert _rows(out.path) == [{"id": "b", "error": "the text is empty", "retryable": False}]
 
 
 def test_damaged_output_and_bad_requests_are_refused_clearly(tmp_path):
