@@ -26,14 +26,15 @@ from nugget2d.compress.adapters import set_trainable
 from nugget2d.compress.config import BIAS_MODES
 from nugget2d.compress.scorer import Scorer
 
-from .model_card import CARD, model_card, read_metrics
+from . import checkpoints
+from .checkpoints import STATE, append_line, mark_latest, read_records
+from .model_card import CARD, model_card
 from .models import load_model
 from .objectives import LOSSES, NuggetObjective, ScorerObjective
-from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, parse_mix, split_heldout
+from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, data_files, parse_mix, split_heldout
 from .train_eval import evaluate
 
 DS_CONFIGS = Path(str(files("nugget2d.ds_configs")))  # ds_configs/ in the repo, or the installed copy
-STATE = "trainer_state.json"
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     allocation: str | None = None  # scorer outputs: "token" or "head"; None = "head" for scorer, else the default
     bias_mode: str | None = None  # nuggets' attention bias; None = the init adapter's, else "plain" (see build_model)
     resume: bool = False
+    allow_config_change: bool = False  # resume even if the checkpoint's data or trajectory settings differ
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
 
     def __post_init__(self) -> None:
@@ -243,6 +245,9 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     # --- model and engine ---------------------------------------------------------------------
     torch.manual_seed(config.seed)
     model = build_model(config, base)
+    data = checkpoints.data_digests(data_files(config.data, (".txt", ".jsonl", ".json")))
+    identity = checkpoints.trajectory(asdict(config), data, world)
+    resumed = _resumable(output, model, config, identity, rank) if config.resume else None
     objective = build_objective(config, model).train()
     ds_config["optimizer"]["params"]["lr"] = config.lr
     engine, _, _, scheduler = deepspeed.initialize(
@@ -251,16 +256,10 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
         config=ds_config,
         lr_scheduler=lambda optimizer: cosine_with_warmup(optimizer, config.warmup_steps, config.max_steps),
     )
-    step, seen_before = _resume(engine, model, output) if config.resume else (0, 0)
-    if seen_before is None:  # a checkpoint written before tokens were counted: count its batches again
-        seen_before = sum(
-            _batch_tokens(collate(batch_at(train, s, config.batch_size, config.seed, r, world), pad_id))
-            for s in range(step)
-            for r in range(world)
-        )
+    checkpoints.zero_optimizer(engine)  # checkpoints need one: refuse another config now, not at the first save
+    step, seen_before = _restore(engine, *resumed, config, rank) if resumed else (0, 0)
     if rank == 0 and config.resume:  # steps logged after the checkpoint will be run again
-        kept = [r for r in read_metrics(output / "metrics.jsonl") if r["step"] <= step]
-        (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        checkpoints.truncate_metrics(output / "metrics.jsonl", step)
 
     # --- loop ---------------------------------------------------------------------------------
     metrics: list[dict] = []
@@ -288,11 +287,11 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
             record.update(evaluate(engine.module, heldout, pad_id, config.batch_size, tokenizer, config.bleu_examples))
         metrics.append(record)
         if rank == 0:
-            _append_jsonl(output / "metrics.jsonl", record)
+            append_line(output / "metrics.jsonl", record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update()
         if step % config.save_every == 0 or step == last:
-            directory = save_checkpoint(engine, model, output, step, config, rank, seen_before + tokens)
+            directory = save_checkpoint(engine, model, output, step, config, rank, seen_before + tokens, data)
             if on_checkpoint is not None:
                 on_checkpoint(directory, record)
     bar.close()
@@ -324,42 +323,46 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
 
 
 def save_checkpoint(
-    engine, model: Nugget2DModel, output: Path, step: int, config: TrainConfig, rank: int, tokens_seen: int
+    engine,
+    model: Nugget2DModel,
+    output: Path,
+    step: int,
+    config: TrainConfig,
+    rank: int,
+    tokens_seen: int,
+    data: list[dict[str, str]],
 ) -> Path:
-    """Adapter directory (with its model card) + engine state (optimizer, scheduler) + step, tokens
-    seen and RNG, then mark it latest."""
+    """Adapter directory (with its model card), optimizer state and RNG (safetensors), step, tokens
+    seen, config and data digests (JSON), then mark it latest. Every rank calls it (it gathers)."""
     import deepspeed
 
     directory = output / f"checkpoint-{step}"
-    # the frozen base model is not saved: it is the --model, and would make each checkpoint ~4 bytes/parameter
-    engine.save_checkpoint(str(directory / "engine"), tag="state", exclude_frozen_parameters=True)
-    if rank == 0:
-        _keep_trainable_only(directory / "engine", {n for n, p in engine.module.named_parameters() if p.requires_grad})
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    resume_state = checkpoints.save_optimizer(engine, directory, rank)
+    checkpoints.save_rng(directory, rank)
     # Under ZeRO-3 large trainable tensors are partitioned: gather them (on every rank) to save whole.
     with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=None):
         if rank == 0:
             model.save_pretrained(directory / "adapter")
+    if world > 1:
+        torch.distributed.barrier()  # every rank's RNG file is written before `latest` names the checkpoint
     if rank == 0:
-        torch.save(torch.get_rng_state(), directory / "rng.pt")
-        state = {"step": step, "tokens_seen": tokens_seen, "config": asdict(config)}
-        (directory / STATE).write_text(json.dumps(state, indent=2))
+        state = {
+            "format": checkpoints.FORMAT,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "config": asdict(config),
+            "data": data,
+            "trajectory": checkpoints.trajectory(asdict(config), data, world),
+            **resume_state,
+        }
+        checkpoints.atomic_write(directory / STATE, json.dumps(state, indent=2))
         card = model_card(
-            asdict(config), read_metrics(output / "metrics.jsonl"), tokens_seen, _defaults(), model.config.to_dict()
+            asdict(config), read_records(output / "metrics.jsonl"), tokens_seen, _defaults(), model.config.to_dict()
         )
-        (directory / "adapter" / CARD).write_text(card)
-        (output / "latest").write_text(directory.name + "\n")
+        checkpoints.atomic_write(directory / "adapter" / CARD, card)
+        mark_latest(output, directory)
     return directory
-
-
-def _keep_trainable_only(engine_dir: Path, trainable: set[str]) -> None:
-    """Drop frozen tensors from DeepSpeed's module state: it keeps tied (shared) embeddings even with
-    ``exclude_frozen_parameters``, ~110 MB for SmolLM2, and they come back from ``--model`` anyway."""
-    for script in engine_dir.glob("zero_to_*.py"):  # DeepSpeed's conversion scripts, copied into every checkpoint
-        script.unlink()
-    for path in engine_dir.glob("*/mp_rank_*_model_states.pt"):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state["module"] = {k: v for k, v in state["module"].items() if k in trainable}
-        torch.save(state, path)
 
 
 def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -370,12 +373,12 @@ def _defaults() -> dict:
     return asdict(TrainConfig(data=["-"]))
 
 
-def _resume(engine, model: Nugget2DModel, output: Path) -> tuple[int, int | None]:
-    """Restore the latest checkpoint; return (step, tokens seen, None if it did not count them)."""
-    marker = output / "latest"
-    if not marker.is_file():
-        raise ValueError(f"--resume: no checkpoint in {output} (no 'latest' file); start without --resume")
-    directory = output / marker.read_text().strip()
+def _resumable(output: Path, model: Nugget2DModel, config: TrainConfig, identity: dict, rank: int) -> tuple[Path, dict]:
+    """The latest checkpoint and its JSON state, once it is known to be safe to read (safetensors +
+    JSON only: nothing is unpickled), trained on this base model and, unless ``--allow-config-change``,
+    with this data and these settings (``identity``, from :func:`checkpoints.trajectory`)."""
+    directory = checkpoints.latest_checkpoint(output)
+    checkpoints.refuse_unsafe(directory)
     saved = Nugget2DConfig.load(directory / "adapter")
     if saved.base_model_hash != model.fingerprint:
         raise ValueError(
@@ -383,16 +386,26 @@ def _resume(engine, model: Nugget2DModel, output: Path) -> tuple[int, int | None
             f"{saved.base_model_hash[:12]}), not on '{model.config.base_model}' ({model.fingerprint[:12]}); "
             "resume with the same --model or start a new --output"
         )
-    engine.load_checkpoint(str(directory / "engine"), tag="state", load_module_strict=False)
-    torch.set_rng_state(torch.load(directory / "rng.pt"))
     state = json.loads((directory / STATE).read_text())
-    return state["step"], state.get("tokens_seen")
+    differences = checkpoints.config_differences(state.get("trajectory", {}), identity)
+    if differences and not config.allow_config_change:
+        raise ValueError(
+            f"--resume: {directory} was trained with other settings or data, so the run would not continue "
+            f"as it began: {'; '.join(differences)}. Resume with the same flags and data, pass "
+            "--allow-config-change to continue with the new ones on purpose, or start a new --output"
+        )
+    if differences and rank == 0:
+        print(f"--resume with --allow-config-change: {'; '.join(differences)}", file=sys.stderr)
+    return directory, state
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+def _restore(engine, directory: Path, state: dict, config: TrainConfig, rank: int) -> tuple[int, int]:
+    """Load a checkpoint :func:`_resumable` accepted into ``engine`` and this process's generators;
+    return (step, tokens seen)."""
+    checkpoints.load_optimizer(engine, directory, state)
+    if checkpoints.rng_file(directory, rank).is_file() or not config.allow_config_change:
+        checkpoints.load_rng(directory, rank)  # another world size (allowed): ranks without a file keep theirs
+    return state["step"], state["tokens_seen"]
 
 
 def train_with_ray(config: TrainConfig, workers: int, address: str | None = None):
@@ -492,6 +505,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even though the data or the training settings differ from the checkpoint's",
+    )
     parser.add_argument("--ray", action="store_true", help="run on Ray Train workers (TorchTrainer)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (with --ray)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
@@ -509,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nugget2d train")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    run(args)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:  # a user error: one line, as `nugget2d train` prints it
+        print(f"nugget2d train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
