@@ -62,12 +62,63 @@ class GenerationSettings:
         return chain
 
 
+#: A log-probability too small for a float (a token the model rules out), as OpenAI reports it.
+LOGPROB_FLOOR = -9999.0
+
+
+@dataclass
+class TokenScore:
+    """A token's log-probability under the model's own next-token distribution (before temperature,
+    top-k/p and repetition penalty), with the ``top`` most likely ``(id, log-probability)`` at its
+    position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Scoring:
+    """What a :class:`TokenStream` records besides the tokens, when given one: a :class:`TokenScore`
+    with ``top`` alternatives for every new token (the EOS id too, when it ends the stream) and, with
+    ``prompt``, for the prompt's tokens after the first, teacher-forced by the same first forward pass
+    (which then runs even for ``max_new_tokens=0``)."""
+
+    top: int = 0
+    prompt: bool = False
+    prompt_scores: list[TokenScore] = field(default_factory=list)
+    scores: list[TokenScore] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.top < 0:
+            raise ValueError(f"top must be >= 0, got {self.top}")
+
+
+def token_log_probs(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """float32 log-probabilities ``(n,)`` of ``targets`` under the next-token ``logits`` ``(n, vocab)``."""
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    return logits.float().log_softmax(dim=-1).gather(1, index)[:, 0]
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int = 0) -> list[TokenScore]:
+    """:class:`TokenScore` of each of ``targets`` under the next-token ``logits`` ``(n, vocab)``."""
+    logprobs = logits.float().log_softmax(dim=-1).clamp(min=LOGPROB_FLOOR)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        best = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [[] for _ in targets]
+    return [TokenScore(int(t), lp, alternatives) for t, lp, alternatives in zip(targets, chosen, best)]
+
+
 class TokenStream:
     """Iterates over new token ids for one row, reading ``cache`` then ``prompt_ids``.
 
     Stops after ``max_new_tokens`` or at an EOS id (not yielded). Every yielded token but the last
     has been fed to the model: :attr:`cache` always holds the prompt and the fed tokens, and
-    :attr:`unfed` the tokens sampled but not yet in it.
+    :attr:`unfed` the tokens sampled but not yet in it. With a ``scoring``, log-probabilities are
+    recorded into it as the tokens come (:class:`Scoring`).
     """
 
     def __init__(
@@ -77,8 +128,9 @@ class TokenStream:
         prompt_ids: Iterable[int],
         settings: GenerationSettings,
         eos_token_ids: Iterable[int] = (),
+        scoring: Scoring | None = None,
     ) -> None:
-        self.model, self.cache, self.settings = model, cache, settings
+        self.model, self.cache, self.settings, self.scoring = model, cache, settings, scoring
         self.prompt = [int(t) for t in prompt_ids]
         if not self.prompt:
             raise ValueError("the prompt is empty: give at least one token to condition on")
@@ -95,14 +147,22 @@ class TokenStream:
         history = torch.tensor([self.prompt], device=device)
         step = history
         self.finish_reason = "length"
-        for _ in range(settings.max_new_tokens):
+        scoring = self.scoring
+        score_prompt = scoring is not None and scoring.prompt
+        for index in range(max(settings.max_new_tokens, int(score_prompt))):
             out = self.model(step, nuggets=self.cache)
             self.cache, self.unfed = returned_cache(out), []
+            if index == 0 and score_prompt:
+                scoring.prompt_scores = score_tokens(out.logits[0, :-1], self.prompt[1:], scoring.top)
+                if settings.max_new_tokens == 0:
+                    return  # the prompt is fed and scored; nothing to generate
             scores = processors(history, out.logits[:, -1].float())
             if settings.temperature > 0:
                 token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
             else:
                 token = int(scores.argmax(dim=-1))
+            if scoring is not None:
+                scoring.scores.extend(score_tokens(out.logits[0, -1:], [token], scoring.top))
             if token in self.eos:
                 self.finish_reason = "stop"
                 return

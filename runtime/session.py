@@ -43,7 +43,7 @@ from .cache_policies import (
     topk_in_order,
 )
 from .chat import ChatFormat
-from .generation import GenerationSettings, TextDeltas, TokenStream
+from .generation import GenerationSettings, Scoring, TextDeltas, TokenStream, token_log_probs
 from .resources import peak_rss_bytes
 from .texts import file_chunks, token_chunks
 
@@ -324,14 +324,17 @@ class StreamingSession:
                 "prompt, lower max_new_tokens or raise the budget"
             )
 
-    def ask_ids(self, prompt_ids: Iterable[int], settings: GenerationSettings | None = None) -> Iterator[int]:
-        """Stream new token ids after ``prompt_ids``; closing the iterator early keeps the session usable."""
+    def ask_ids(
+        self, prompt_ids: Iterable[int], settings: GenerationSettings | None = None, scoring: Scoring | None = None
+    ) -> Iterator[int]:
+        """Stream new token ids after ``prompt_ids``; closing the iterator early keeps the session usable.
+        A ``scoring`` records the log-probabilities of the new tokens (and of ``prompt_ids`` when it asks)."""
         settings = settings or GenerationSettings()
         self.ingest_ids([], final=True)
         prompt = self.pending + [int(t) for t in prompt_ids]
         self._check_fits(len(prompt), settings)
         self._open_turn(len(prompt) + settings.max_new_tokens)
-        stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids())
+        stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids(), scoring)
         started = time.perf_counter()
         try:
             yield from stream
@@ -591,12 +594,6 @@ def start_ids(tokenizer, chat_format: ChatFormat) -> list[int]:
     bos = tokenizer.bos_token_id
     probe = tokenizer("a").input_ids
     return [bos] if bos is not None and probe and probe[0] == bos else []
-
-
-def token_log_probs(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """float32 log-probabilities ``(n,)`` of ``targets`` under the next-token ``logits`` ``(n, vocab)``."""
-    index = torch.tensor(targets, device=logits.device)[:, None]
-    return logits.float().log_softmax(dim=-1).gather(1, index)[:, 0]
 
 
 def _pieces(text: str, size: int = 1 << 16) -> Iterator[str]:

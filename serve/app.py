@@ -19,10 +19,10 @@ from .config import ServerConfig
 from .documents import DocumentStore
 from .engine import Engine, Job
 from .errors import APIError, ServerFault, install_handlers, server_fault
-from .jobs import Ask, Context, Finished, answer, compress_document
+from .jobs import Ask, Context, Finished, answers, compress_document
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import BodyLimit, CountRequests, RequestIds, RequireKey
-from .parsing import document_text, generation_settings, parse_body
+from .parsing import completion_prompts, document_text, generation_settings, parse_body
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -110,29 +110,46 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        _refuse_streamed_logprobs(body, body.logprobs)
         limit = body.max_completion_tokens or body.max_tokens or config.max_tokens_cap
-        ask = Ask(generation_settings(body, limit, config), messages=messages, document=_document(body, ctx()))
-        return await _respond(request, body, ask, chat=True)
+        settings = generation_settings(body, limit, config)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        ask = Ask(settings, messages=messages, document=_document(body, ctx()), logprobs=logprobs)
+        return await _respond(request, body, [ask], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
         check_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "this server takes one prompt per request", param="prompt")
-            prompt = prompt[0]
-        for name, unsupported in (("echo", body.echo), ("suffix", body.suffix), ("best_of", (body.best_of or 1) > 1)):
-            if unsupported:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-        limit = body.max_tokens or min(COMPLETION_DEFAULT_MAX_TOKENS, config.max_tokens_cap)
-        ask = Ask(generation_settings(body, limit, config), prompt=prompt, document=_document(body, ctx()))
-        return await _respond(request, body, ask, chat=False)
+        prompts = completion_prompts(body.prompt)
+        if body.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by this server; leave it out", param="suffix")
+        if (body.best_of or 1) > 1:
+            raise APIError(
+                400,
+                "best_of > 1 is not supported: this server gives one choice per prompt; leave best_of out",
+                param="best_of",
+            )
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400, "max_tokens 0 generates nothing: it needs echo: true (to score the prompt)", "max_tokens"
+            )
+        _refuse_streamed_logprobs(body, body.logprobs is not None)
+        limit = (
+            min(COMPLETION_DEFAULT_MAX_TOKENS, config.max_tokens_cap) if body.max_tokens is None else body.max_tokens
+        )
+        settings, document = generation_settings(body, limit, config), _document(body, ctx())
+        asks = [
+            Ask(settings, prompt=prompt, document=document, echo=body.echo, logprobs=body.logprobs)
+            for prompt in prompts
+        ]
+        return await _respond(request, body, asks, chat=False)
 
-    async def _respond(request: Request, body, ask: Ask, chat: bool) -> Response:
+    async def _respond(request: Request, body, asks: list[Ask], chat: bool) -> Response:
         context = ctx()
-        job = engine.submit(lambda: answer(context, ask))
+        job = engine.submit(lambda: answers(context, asks))
         response_id = wire.new_id("chatcmpl" if chat else "cmpl")
         items = job.__aiter__()
         async with _cancel_on_disconnect(request, job):
@@ -140,20 +157,26 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
             if body.stream:  # from here on the streaming response notices a disconnect itself
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(
-                    _events(items, first, chat, response_id, body.model, include_usage),
+                    _events(items, first, chat, response_id, body.model, include_usage, len(asks)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             try:
+                choices: list[tuple[str, Finished]] = []
                 pieces, item = [], first
-                while item is not None and not isinstance(item, Finished):
-                    pieces.append(item)
-                    item = await _next(items)
+                while item is not None and len(choices) < len(asks):
+                    if isinstance(item, Finished):
+                        choices.append(("".join(pieces), item))
+                        pieces = []
+                    else:
+                        pieces.append(item)
+                    if len(choices) < len(asks):
+                        item = await _next(items)
             finally:
                 await items.aclose()
-        if item is None:
+        if len(choices) < len(asks):
             raise APIError(503, "the answer ended without a result", code="incomplete")
-        return JSONResponse(wire.completion(chat, response_id, body.model, "".join(pieces), item))
+        return JSONResponse(wire.completion(chat, response_id, body.model, choices))
 
     @app.post("/v1/documents")
     async def upload_document(request: Request) -> JSONResponse:
@@ -228,6 +251,14 @@ def _document(body, context: Context) -> str | None:
     return doc_id
 
 
+def _refuse_streamed_logprobs(body, asked: bool) -> None:
+    """400 for log-probabilities on a streamed request (they come with whole responses only)."""
+    if asked and body.stream:
+        raise APIError(
+            400, "logprobs are not available with stream: true on this server; leave one of them out", param="logprobs"
+        )
+
+
 def _no_document(doc_id: str) -> APIError:
     return APIError(404, f"no document with id {doc_id!r}", param="documents", code="document_not_found")
 
@@ -255,19 +286,29 @@ async def _result(job: Job):
     return last
 
 
-async def _events(items, first, chat: bool, response_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE stream: a role chunk, text chunks, the final chunk with usage, ``[DONE]``."""
+async def _events(
+    items, first, chat: bool, response_id: str, model: str, include_usage: bool, prompts: int
+) -> AsyncIterator[str]:
+    """The SSE stream: a role chunk, text chunks, each prompt's final chunk (the last carries the usage of
+    all), an optional usage chunk, ``[DONE]``. Several prompts are answered in turn, their chunks
+    marked with their ``index``."""
     try:
         if chat:
             yield wire.chunk(chat, response_id, model, role=True)
-        item = first
+        item, done = first, []
         while item is not None:
             if isinstance(item, Finished):
-                yield wire.chunk(chat, response_id, model, finished=item)
-                if include_usage:
-                    yield wire.chunk(chat, response_id, model, finished=item, usage_only=True)
-                break
-            yield wire.chunk(chat, response_id, model, text=item)
+                done.append(item)
+                last = len(done) == prompts
+                yield wire.chunk(
+                    chat, response_id, model, index=len(done) - 1, finished=item, usage=done if last else None
+                )
+                if last:
+                    if include_usage:
+                        yield wire.chunk(chat, response_id, model, usage=done, usage_only=True)
+                    break
+            else:
+                yield wire.chunk(chat, response_id, model, index=len(done), text=item)
             item = await _next(items)
         yield wire.event("[DONE]")
     except APIError as err:

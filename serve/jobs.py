@@ -11,13 +11,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from nugget2d.runtime.generation import GenerationSettings, TextDeltas
+from nugget2d.runtime.generation import GenerationSettings, Scoring, TextDeltas, TokenScore
 from nugget2d.runtime.session import StreamingSession
 from nugget2d.runtime.texts import token_chunks
 
 from .config import ServerConfig
 from .documents import DocumentDamaged, DocumentInfo, DocumentStore
 from .errors import APIError, ServerFault
+from .logprobs import chat_logprobs, completion_logprobs, token_pieces
 from .metrics import Metrics
 from .prompts import chat_text, prompt_ids
 
@@ -37,12 +38,16 @@ class Context:
 
 @dataclass
 class Ask:
-    """One completion to produce: chat ``messages`` or a completion ``prompt``, over ``document``."""
+    """One completion to produce: chat ``messages`` or a completion ``prompt``, over ``document``;
+    ``echo`` puts the prompt before the answer, ``logprobs`` (alternatives per token; ``None``: off)
+    asks for log-probabilities."""
 
     settings: GenerationSettings
     messages: list[dict[str, str]] | None = None
     prompt: str | list[int] | None = None
     document: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Finished:
     completion_tokens: int
     compressed_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    logprobs: dict | None = None  # the choice's OpenAI ``logprobs`` object, when asked for
 
 
 def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[DocumentInfo | None]:
@@ -73,8 +79,25 @@ def compress_document(ctx: Context, text: str, name: str | None) -> Iterator[Doc
     yield ctx.store.add(session, name)
 
 
-def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
-    """Stream the answer's text pieces, then a :class:`Finished`."""
+@dataclass
+class _Plan:
+    """How one prompt is answered: ``context`` ids read into nuggets first, then ``ids`` fed raw."""
+
+    session: StreamingSession
+    context: list[int]
+    ids: list[int]
+
+
+def answers(ctx: Context, asks: list[Ask]) -> Iterator[str | Finished | None]:
+    """Answer each ask in turn, each in its own session: its text pieces, then its :class:`Finished`.
+    Every ask is checked before the first is answered, so a bad one fails the request at once."""
+    plans = [_plan(ctx, ask) for ask in asks]
+    for ask, plan in zip(asks, plans):
+        yield from _answer(ctx, ask, plan)
+
+
+def _plan(ctx: Context, ask: Ask) -> _Plan:
+    """The session and the tokens of ``ask``; ``APIError`` for what cannot be answered."""
     tokenizer, config = ctx.tokenizer, ctx.config
     context: list[int] = []
     if ask.document is not None:
@@ -107,6 +130,11 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
         session._check_fits(len(session.pending) + len(ids), ask.settings)
     except ValueError as err:  # the prompt and max_tokens do not fit the cache budget
         raise APIError(400, str(err), param="max_tokens") from None
+    return _Plan(session, context, ids)
+
+
+def _answer(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished | None]:
+    session, context, config = plan.session, plan.context, ctx.config
     if context:
         started, before = time.perf_counter(), session.stats.encoder_calls
         for chunk in _segments(context, config.stream.segment):
@@ -114,14 +142,21 @@ def answer(ctx: Context, ask: Ask) -> Iterator[str | Finished | None]:
             yield None
         session.ingest_formatted([], final=True)
         _count_compression(ctx.metrics, session, started, before)
-    yield from _generate(ctx, session, ids, ask.settings, len(context))
+    yield from _generate(ctx, ask, plan)
 
 
-def _generate(
-    ctx: Context, session: StreamingSession, ids: list[int], settings: GenerationSettings, compressed: int
-) -> Iterator[str | Finished]:
+def _generate(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished]:
+    """Generate after the plan's raw ids; with ``echo`` the prompt's text comes first, and with
+    ``logprobs`` the :class:`Finished` carries the choice's log-probabilities."""
+    session, ids, settings = plan.session, plan.ids, ask.settings
+    compressed = len(plan.context)
+    scoring = Scoring(top=ask.logprobs, prompt=ask.echo) if ask.logprobs is not None else None
+    echoed = plan.context + ids if ask.echo else []
+    shown = "".join(token_pieces(ctx.tokenizer, echoed))
+    if shown:
+        yield shown
     deltas = TextDeltas(ctx.tokenizer, settings.stop)
-    tokens = session.ask_ids(ids, settings)
+    tokens = session.ask_ids(ids, settings, scoring)
     count = 0
     ctx.metrics.prompt_tokens.inc(len(ids) + compressed)
     try:
@@ -140,7 +175,27 @@ def _generate(
         tokens.close()
         ctx.metrics.completion_tokens.inc(count)
     reason = "length" if count >= settings.max_new_tokens and not deltas.stopped else "stop"
-    yield Finished(reason, len(ids) + compressed, count, compressed, {"cache_tokens": session.stats.cache_tokens})
+    finished = Finished(reason, len(ids) + compressed, count, compressed, {"cache_tokens": session.stats.cache_tokens})
+    if scoring is not None:
+        cut = len(shown) + len(deltas.text) if deltas.stopped else None
+        finished.logprobs = _logprobs(ctx, ask, scoring, echoed, len(ids), count, cut)
+    yield finished
+
+
+def _logprobs(
+    ctx: Context, ask: Ask, scoring: Scoring, echoed: list[int], fed: int, generated: int, cut: int | None
+) -> dict:
+    """The choice's ``logprobs`` object. A completion lists the ``echoed`` prompt's tokens (those read into
+    nuggets, and the first of the ``fed`` raw ones, are not scored: ``None``) and every new token, the end
+    token too when the model chose it (so a prompt and ``max_tokens: 1`` always give one more position);
+    a chat lists the ``generated`` tokens only. ``cut``: where a stop string cut the text."""
+    if ask.messages is not None:
+        shown = scoring.scores[:generated]
+        return chat_logprobs(ctx.tokenizer, [score.token for score in shown], shown, cut)
+    scored = scoring.prompt_scores[len(scoring.prompt_scores) - (fed - 1) :] if echoed else []
+    unscored: list[TokenScore | None] = [None] * (len(echoed) - len(scored))
+    new = [score.token for score in scoring.scores]
+    return completion_logprobs(ctx.tokenizer, echoed + new, [*unscored, *scored, *scoring.scores], cut)
 
 
 def _completion_ids(tokenizer, prompt: str | list[int] | None, starts_stream: bool) -> list[int]:

@@ -48,6 +48,20 @@ async def document_text(request: Request) -> tuple[str, str | None]:
         raise APIError(400, f"the document is not UTF-8 text ({err.reason} at byte {err.start})", param="file") from err
 
 
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a ``/v1/completions`` request, one per choice: a string or token ids is one
+    prompt, a list of strings or of token-id lists is several; 400 for an empty list."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(
+            400, "the prompt is an empty list: send a string, token ids, or a list of either", param="prompt"
+        )
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
 def generation_settings(body, max_tokens: int, config: ServerConfig) -> GenerationSettings:
     """Sampling settings of a request; ``APIError`` 400 for what this server cannot do."""
     if max_tokens > config.max_tokens_cap:
@@ -55,9 +69,12 @@ def generation_settings(body, max_tokens: int, config: ServerConfig) -> Generati
             400, f"max_tokens ({max_tokens}) exceeds this server's cap of {config.max_tokens_cap}", param="max_tokens"
         )
     if body.n != 1:
-        raise APIError(400, "n must be 1 on this server", param="n")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        raise APIError(
+            400,
+            f"n = {body.n} is not supported: this server gives one choice per prompt; send the request {body.n} "
+            "times (with different seeds when sampling)",
+            param="n",
+        )
     stops = body.stops()
     if len(stops) > 4:
         raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+LOGPROBS_MAX = 20  # alternatives per position a request may ask for (logprobs, top_logprobs), as vLLM allows
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI documents seed
 TOP_K_MAX = 2**20  # beyond any vocabulary: a larger top_k samples from them all, like 0
 REPETITION_PENALTY_MAX = 10.0  # 1 is off; transformers divides positive logits by it
@@ -58,7 +59,6 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     documents: list[str] = Field(default_factory=list)
 
     def stops(self) -> tuple[str, ...]:
@@ -73,12 +73,17 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=LOGPROBS_MAX)
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: one prompt (a string, a one-string list or token ids)."""
+    """``POST /v1/completions``: a prompt (a string or token ids) or several (a list of either), one
+    choice each. ``max_tokens`` may be 0 with ``echo`` (the prompt scored, nothing generated)."""
 
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=LOGPROBS_MAX)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)

@@ -14,28 +14,29 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(finished: Finished) -> dict:
-    """The ``usage`` object of a finished answer."""
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-    }
+def usage(finished: list[Finished]) -> dict:
+    """The ``usage`` object of finished answers (summed over a request's choices)."""
+    prompt = sum(f.prompt_tokens for f in finished)
+    completion = sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(chat: bool, response_id: str, model: str, text: str, finished: Finished) -> dict:
-    """The whole (non-streamed) response."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None}
+def completion(chat: bool, response_id: str, model: str, choices: list[tuple[str, Finished]]) -> dict:
+    """The whole (non-streamed) response: one choice per ``(text, finished)``, in order."""
+    out = []
+    for index, (text, finished) in enumerate(choices):
+        if chat:
+            choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": finished.logprobs}
+        else:
+            choice = {"index": index, "text": text, "logprobs": finished.logprobs}
+        out.append({**choice, "finish_reason": finished.finish_reason})
     return {
         "id": response_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{**choice, "finish_reason": finished.finish_reason}],
-        "usage": usage(finished),
+        "choices": out,
+        "usage": usage([finished for _, finished in choices]),
     }
 
 
@@ -43,12 +44,15 @@ def chunk(
     chat: bool,
     response_id: str,
     model: str,
+    index: int = 0,
     text: str | None = None,
     finished: Finished | None = None,
     role: bool = False,
+    usage: list[Finished] | None = None,
     usage_only: bool = False,
 ) -> str:
-    """One server-sent event carrying a stream chunk (the last one carries ``finish_reason`` and ``usage``)."""
+    """One server-sent event carrying a stream chunk of choice ``index``: its ``text``, or its end
+    (``finished``); ``usage`` (of all choices) rides on the last one, or alone with ``usage_only``."""
     data: dict = {
         "id": response_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -56,20 +60,23 @@ def chunk(
         "model": model,
     }
     if usage_only:
-        data.update(choices=[], usage=usage(finished))
+        data.update(choices=[], usage=_usage(usage or []))
         return event(data)
     if chat:
         delta: dict = {"role": "assistant", "content": ""} if role else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None}
+        choice = {"index": index, "delta": delta, "logprobs": None}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None}
+        choice = {"index": index, "text": text or "", "logprobs": None}
     choice["finish_reason"] = finished.finish_reason if finished else None
     data["choices"] = [choice]
-    if finished is not None:
-        data["usage"] = usage(finished)
+    if usage is not None:
+        data["usage"] = _usage(usage)
     return event(data)
+
+
+_usage = usage  # ``chunk`` names its parameter ``usage``
 
 
 def event(data: dict | str) -> str:
