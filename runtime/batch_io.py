@@ -130,11 +130,11 @@ class InputPlan:
         """Whether the rows written for one key are all it needs."""
         if not rows:
             return False
-        if any(row.get("retryable") for row in rows):
-            return False  # a transient failure (out of memory, an I/O error): done again
         key = row_key(rows[0])
         if key.startswith("line:") or key not in self.expected:
             return True  # an unreadable line's error row, or a document no longer in the input
+        if any(row.get("retryable") for row in rows):
+            return False  # a transient failure (out of memory, an I/O error): done again
         if len(rows) == 1 and "error" in rows[0] and "question" not in rows[0]:
             return True  # the document failed as a whole
         return len(rows) == self.expected[key]

@@ -35,8 +35,14 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise ``ValueError`` naming the job that holds it and what to do."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = self._lock_fd()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = self._lock_fd()
+        except OSError as err:
+            raise ValueError(
+                f"cannot create the lock file {self.path} ({err.strerror}); give an --output in a folder you can "
+                "write to"
+            ) from None
         try:
             holder = _read_holder(fd)
             if holder is not None:  # a lock file whose job did not remove it: dead, or on another host

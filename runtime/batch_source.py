@@ -12,7 +12,7 @@ from .batch_io import jsonl_lines, line_digest
 
 
 class PendingLines(FileBasedDatasource):
-    """Rows ``{line, text}`` of the input lines still to do, read with :func:`jsonl_lines` (the
+    """Rows ``{text}`` of the input lines still to do, read with :func:`jsonl_lines` (the
     reader the driver checked them with), so both sides agree on every line. A line that is no
     longer what the driver read (the file changed meanwhile) is left out; the driver reports it."""
 
@@ -21,11 +21,9 @@ class PendingLines(FileBasedDatasource):
         self.wanted = wanted  # line number -> the line's digest when the driver read it
 
     def _read_stream(self, f: pyarrow.NativeFile, path: str) -> Iterator[pyarrow.Table]:
-        numbers, texts = [], []
-        for number, raw in jsonl_lines(io.BytesIO(f.readall())):
-            if number in self.wanted and line_digest(raw) == self.wanted[number]:
-                numbers.append(number)
-                texts.append(raw.decode("utf-8"))
-        yield pyarrow.table(
-            {"line": pyarrow.array(numbers, pyarrow.int64()), "text": pyarrow.array(texts, pyarrow.string())}
-        )
+        texts = [
+            raw.decode("utf-8")
+            for number, raw in jsonl_lines(io.BytesIO(f.readall()))
+            if number in self.wanted and line_digest(raw) == self.wanted[number]
+        ]
+        yield pyarrow.table({"text": pyarrow.array(texts, pyarrow.string())})
