@@ -19,7 +19,7 @@ import openai
 import pytest
 from serve_helpers import AUTH, KEY, MODEL, TEXT, client, http, running_server, save_chat_model, serve_in_process
 
-from nugget2d.runtime.generation import GenerationSettings
+from nugget2d.runtime.generation import GenerationSettings, Scoring, TokenStream
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 from nugget2d.serve.app import load_model
 from nugget2d.serve.config import ServerConfig
@@ -89,6 +89,31 @@ def greedy(loaded, prompt: list[int], max_tokens: int) -> list[int]:
     """The greedy tokens the same runtime generates after ``prompt``."""
     session, tail = session_like_the_server(loaded, prompt, max_tokens)
     return list(session.ask_ids(tail, GenerationSettings(max_new_tokens=max_tokens)))
+
+
+def test_the_generation_loop_records_the_scores_teacher_forcing_gives(loaded):
+    model, tokenizer = loaded
+    prompt = ids_of(loaded, SHORT)
+    session, scoring = StreamingSession(model, tokenizer, STREAM, chat=False), Scoring(top=3, prompt=True)
+    tokens = list(session.ask_ids(prompt, GenerationSettings(max_new_tokens=4), scoring))
+    assert [score.token for score in scoring.scores] == tokens and len(tokens) == 4
+    assert [score.token for score in scoring.prompt_scores] == prompt[1:]
+    assert [score.logprob for score in scoring.prompt_scores] == pytest.approx(teacher_forced(loaded, prompt, 0))
+    forced = teacher_forced(loaded, prompt + tokens, 0)[-len(tokens) :]
+    assert [score.logprob for score in scoring.scores] == pytest.approx(forced, abs=1e-4)
+    assert all(len(s.top) == 3 and s.top[0] == (s.token, s.logprob) for s in scoring.scores)  # greedy: the likeliest
+
+    ended = Scoring(top=1)  # the end token is recorded, though not yielded
+    stream = TokenStream(
+        model, StreamingSession(model, tokenizer, STREAM).cache, prompt, GenerationSettings(), [tokens[0]], ended
+    )
+    assert list(stream) == [] and stream.finish_reason == "stop"
+    assert [(score.token, score.logprob) for score in ended.scores] == [(tokens[0], scoring.scores[0].logprob)]
+
+    only_prompt = StreamingSession(model, tokenizer, STREAM, chat=False)  # max_new_tokens 0: fed and scored
+    scoring = Scoring(prompt=True)
+    assert list(only_prompt.ask_ids(prompt, GenerationSettings(max_new_tokens=0), scoring)) == []
+    assert len(scoring.prompt_scores) == len(prompt) - 1 and only_prompt.stats.cache_tokens == len(prompt)
 
 
 def test_every_prompt_form_gives_the_text_of_a_single_prompt(server, loaded):
