@@ -251,7 +251,6 @@ def load_optimizer(engine, directory: Path, saved: dict[str, Any]) -> None:
     """Put the weights, optimizer state, learning rates, scheduler and engine counters of
     ``directory`` back into ``engine`` (every rank, before the first step)."""
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     optimizer, partitions = zero_optimizer(engine)
     tensors = _read_safetensors(directory / OPTIMIZER)
@@ -271,15 +270,36 @@ def load_optimizer(engine, directory: Path, saved: dict[str, Any]) -> None:
         for name, param in params:
             param.data.copy_(tensors[f"{name}{SEP}fp32"].to(param.dtype))
     for name, param in params:
-        safe_set_full_fp32_param(param, tensors[f"{name}{SEP}fp32"].to(engine.device))
+        _set_full(param, tensors[f"{name}{SEP}fp32"], None)
         for key in moment_keys:
-            safe_set_full_optimizer_state(param, tensors[f"{name}{SEP}{key}"].to(engine.device), key)
+            _set_full(param, tensors[f"{name}{SEP}{key}"], key)
     for group, lr in zip(optimizer.optimizer.param_groups, saved["lr"], strict=True):
         group["lr"] = lr
     if saved["scheduler"] is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None] * len(saved["lr"])})
     for key, value in saved["engine"].items():
         setattr(engine, key, value)
+
+
+def _set_full(param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Put the whole fp32 ``value`` (weight when ``key`` is None, else that optimizer state) into
+    this rank's partition of ``param``."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    z3 = getattr(param, "_z3_optimizer", None)
+    if z3 is None:  # ZeRO 1/2: DeepSpeed's own setters
+        if key is None:
+            safe_set_full_fp32_param(param, value.to(param.device))
+        else:
+            safe_set_full_optimizer_state(param, value.to(param.device), key)
+        return
+    # ZeRO 3: DeepSpeed's setter reads past the end of a parameter whose last partition is padding
+    # (one of 2 elements on rank 1 fails); copy this rank's slice, padding stays zero as in training.
+    partition, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = partition.numel() * z3._get_param_partition_rank(param)
+    piece = value.flatten()[start : start + partition.numel()]
+    partition.data.zero_()
+    partition.data[: piece.numel()].copy_(piece)
 
 
 def _fresh_state(

@@ -82,7 +82,7 @@ def test_continue_examples_pair_a_segment_with_what_follows(tmp_path, corpus):
     assert examples and all(len(e.target) <= 5 for e in examples)
 
 
-def _launch_two_processes(tmp_path, model_dir, corpus, ds_config: str):
+def _launch_two_processes(tmp_path, model_dir, corpus, ds_config: str, compare: bool = False):
     """`deepspeed --num_gpus 2 --module nugget2d.runtime.train` on the CPU (gloo), as users launch it:
     stopped after step 1, then resumed."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
@@ -114,7 +114,10 @@ def _launch_two_processes(tmp_path, model_dir, corpus, ds_config: str):
         "--output",
         str(output),
     ]
-    for extra in (["--stop-at", "1"], ["--resume"]):  # each rank saves and restores its own partition
+    runs = [["--stop-at", "1"], ["--resume"]]  # each rank saves and restores its own partition
+    if compare:  # and an uninterrupted run beside it
+        runs.append(["--output", str(tmp_path / "whole")])
+    for extra in runs:
         result = subprocess.run(
             command + extra,
             capture_output=True,
@@ -128,6 +131,10 @@ def _launch_two_processes(tmp_path, model_dir, corpus, ds_config: str):
     restored = Nugget2DModel.from_pretrained(output / "checkpoint-2" / "adapter", base_model=tiny_llama())
     assert restored.config.scorer_layer == 1
     assert len((output / "metrics.jsonl").read_text().splitlines()) == 2
+    if compare:
+        from test_training_resume import assert_same_final_state
+
+        assert_same_final_state(tmp_path / "whole" / "checkpoint-2", output / "checkpoint-2")
 
 
 def test_zero2_two_processes_with_the_deepspeed_launcher(tmp_path, tiny_model_dir, corpus):
@@ -136,7 +143,7 @@ def test_zero2_two_processes_with_the_deepspeed_launcher(tmp_path, tiny_model_di
 
 @pytest.mark.slow
 def test_zero3_two_processes_with_the_deepspeed_launcher(tmp_path, tiny_model_dir, corpus):
-    _launch_two_processes(tmp_path, tiny_model_dir, corpus, "zero3.json")
+    _launch_two_processes(tmp_path, tiny_model_dir, corpus, "zero3.json", compare=True)
 
 
 def test_bad_deepspeed_configs_are_named(tmp_path, tiny_model_dir, corpus):
