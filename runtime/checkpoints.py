@@ -247,9 +247,11 @@ def save_optimizer(engine, directory: Path, rank: int) -> dict[str, Any]:
     }
 
 
-def load_optimizer(engine, directory: Path, saved: dict[str, Any]) -> None:
+def load_optimizer(engine, directory: Path, saved: dict[str, Any], reschedule: bool = False) -> None:
     """Put the weights, optimizer state, learning rates, scheduler and engine counters of
-    ``directory`` back into ``engine`` (every rank, before the first step)."""
+    ``directory`` back into ``engine`` (every rank, before the first step). With ``reschedule``
+    (another --lr, --warmup-steps or --max-steps, allowed) the schedule continues from the saved
+    step with this run's base rate and shape instead of the saved rates."""
     import deepspeed
 
     optimizer, partitions = zero_optimizer(engine)
@@ -273,10 +275,18 @@ def load_optimizer(engine, directory: Path, saved: dict[str, Any]) -> None:
         _set_full(param, tensors[f"{name}{SEP}fp32"], None)
         for key in moment_keys:
             _set_full(param, tensors[f"{name}{SEP}{key}"], key)
+    scheduler = engine.lr_scheduler
+    base_lrs = list(scheduler.base_lrs) if scheduler is not None else []
     for group, lr in zip(optimizer.optimizer.param_groups, saved["lr"], strict=True):
         group["lr"] = lr
-    if saved["scheduler"] is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None] * len(saved["lr"])})
+    if saved["scheduler"] is not None and scheduler is not None:
+        scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None] * len(saved["lr"])})
+        if reschedule:
+            scheduler.base_lrs = base_lrs
+            rates = [base * rule(scheduler.last_epoch) for base, rule in zip(base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(optimizer.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = rates
     for key, value in saved["engine"].items():
         setattr(engine, key, value)
 

@@ -402,7 +402,8 @@ def _resumable(output: Path, model: Nugget2DModel, config: TrainConfig, identity
 def _restore(engine, directory: Path, state: dict, config: TrainConfig, rank: int) -> tuple[int, int]:
     """Load a checkpoint :func:`_resumable` accepted into ``engine`` and this process's generators;
     return (step, tokens seen)."""
-    checkpoints.load_optimizer(engine, directory, state)
+    reschedule = any(state["config"].get(k) != getattr(config, k) for k in ("lr", "warmup_steps", "max_steps"))
+    checkpoints.load_optimizer(engine, directory, state, reschedule)
     if checkpoints.rng_file(directory, rank).is_file() or not config.allow_config_change:
         checkpoints.load_rng(directory, rank)  # another world size (allowed): ranks without a file keep theirs
     return state["step"], state["tokens_seen"]

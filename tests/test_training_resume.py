@@ -140,8 +140,11 @@ def test_resuming_with_other_settings_or_data_is_refused_unless_allowed(tmp_path
         train_loop(_config(tiny_model_dir, corpus, run, max_steps=3, resume=True))
     with (run / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 2, "loss": 4.5')  # a line cut short, as a killed writer could leave it
-    resumed = train_loop(_config(tiny_model_dir, corpus, run, max_steps=3, resume=True, allow_config_change=True))
+    resumed = train_loop(
+        _config(tiny_model_dir, corpus, run, max_steps=3, resume=True, allow_config_change=True, lr=2e-2)
+    )
     assert [m["step"] for m in resumed] == [2, 3]
+    assert resumed[0]["lr"] == 2e-2  # the new rate, at the saved step of the schedule (warm-up over: factor 1)
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3]
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
