@@ -42,7 +42,7 @@ endef
 .venv-compat/.installed: pyproject.toml Makefile
 	$(call compat_venv,.venv-compat,test,$(COMPAT_PINS))
 .venv-peers/.installed: pyproject.toml Makefile
-	$(call compat_venv,.venv-peers,test$(,)peers,torch==2.13.0)
+	$(call compat_venv,.venv-peers,test$(,)peers$(,)eval,torch==2.13.0)
 
 test-compat: .venv-compat/.installed .venv-peers/.installed
 	.venv-compat/bin/python -m pytest -m "not slow and not gpu"

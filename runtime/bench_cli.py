@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality = sub.add_parser("quality", help="continuation and far-recall perplexity, autoencoding BLEU, planted QA")
     _common(quality, contexts="2048", ratios="0.05,0.1,0.2")
     quality.add_argument(
-        "--metrics", default="ppl,recall_ppl,bleu,qa", help="any of ppl, recall_ppl, bleu, qa (comma-separated)"
+        "--metrics",
+        default="ppl,recall_ppl,bleu,qa",
+        help="any of ppl, recall_ppl, bleu, qa, ruler (comma-separated; ruler needs the eval extra)",
     )
     quality.add_argument("--samples", type=int, default=4, help="text windows per context for ppl and recall_ppl")
     quality.add_argument("--continuation", type=int, default=256, help="tokens scored after each context")
@@ -41,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--ae-samples", type=int, default=8, help="autoencoding samples")
     quality.add_argument("--depths", default="0.1,0.5,0.9", help="where facts are planted (0 = start, 1 = end)")
     quality.add_argument("--qa-samples", type=int, default=2, help="planted facts per depth and context")
+    quality.add_argument(
+        "--ruler-tasks", default="niah_single_1", help="RULER tasks lm-eval generates offline (comma-separated)"
+    )
+    quality.add_argument("--ruler-samples", type=int, default=4, help="RULER samples per task and context")
+    quality.add_argument("--ruler-new-tokens", type=int, default=32, help="tokens generated per RULER answer")
+    quality.add_argument(
+        "--ruler-raw-tail",
+        type=int,
+        default=None,
+        help="read each RULER prompt's last N tokens raw after compressing the rest, as `nugget2d serve "
+        "--compress-threshold N` does (default: the question line)",
+    )
     quality.add_argument(
         "--recent-share", type=float, default=0.25, help="share of each compressing method's budget kept raw"
     )
@@ -115,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             ae_samples=args.ae_samples,
             depths=parse_list(args.depths, float, "depths"),
             qa_samples=args.qa_samples,
+            ruler_tasks=parse_list(args.ruler_tasks, str, "ruler-tasks"),
+            ruler_samples=args.ruler_samples,
+            ruler_new_tokens=args.ruler_new_tokens,
+            ruler_raw_tail=args.ruler_raw_tail,
             recent_share=args.recent_share,
             positions=args.positions,
             reading=args.reading,

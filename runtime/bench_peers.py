@@ -32,10 +32,11 @@ PRESSES = {
     "StreamingLLM": "StreamingLLMPress",
 }
 INSTALL = (
-    "pip install 'nugget2d[peers]' (kvpress 0.5.5 pins transformers<5.3; to keep the installed transformers: "
+    "pip install 'nugget2d[peers]' (kvpress 0.5.5 pins transformers<5.3: the extra installs transformers 5.2.0, "
+    "which nugget2d is tested on; to keep the installed transformers instead: "
     "pip install --no-deps kvpress==0.5.5 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' termcolor)"
 )
-SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored here by ppl and recall_ppl only"
+SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored here by ppl, recall_ppl and ruler"
 NOTES = {
     "compression_ratio": "kvpress compression_ratio = 1 - ratio (fraction removed), applied to the prefilled context",
     "cache_bytes": "bytes of the K/V tensors stored in the DynamicCache after the compressed prefill, all layers",
@@ -151,6 +152,28 @@ class PressRunner:
                 result["recall_ppl"] = (float(nll.sum()), int(nll.numel()))
         return result
 
+    def answer(
+        self, method: str, ratio: float, split: tuple[list[int], list[int]], new_tokens: int
+    ) -> tuple[str, dict]:
+        """A press's greedy answer after a prompt split into ``(context, tail)``: the context prefilled
+        with the press active (the tail unseen), then the tail and the answer read over what it kept;
+        with the cache kept and the prefill times."""
+        prefill, ids = split
+        start = start_ids(self.tokenizer, ChatFormat.plain())  # the tokenizer's own start, which the prompt carries
+        _, plain_s = self._prefill(prefill, None)
+        cache, press_s = self._prefill(prefill, self.press(method, ratio), prefix=len(start))
+        masked = self._take_masks()
+        result = {"prefill_s": plain_s, "compress_s": press_s, **self._sizes(cache, masked)}
+        position, out = len(prefill), []
+        with self._masking(cache, masked):
+            for _ in range(new_tokens):  # greedy, as the sessions decode
+                token = int(self._forward(cache, ids, position).logits[0, -1].argmax())
+                if token == self.tokenizer.eos_token_id:
+                    break
+                position, ids = position + len(ids), [token]
+                out.append(token)
+        return self.tokenizer.decode(out, skip_special_tokens=True), result
+
     def _attention(self) -> list:
         return [layer.self_attn for layer in self.model.model.layers]
 
@@ -223,14 +246,17 @@ class PressRunner:
     def _score(self, cache, ids: list[int], position: int) -> torch.Tensor:
         """Log-probabilities of ``ids[1:]`` given the cache and the ids before each (teacher forcing),
         ids at original positions from ``position``; the ids stay in the cache."""
+        return token_log_probs(self._forward(cache, ids, position).logits[0, :-1], ids[1:])
+
+    def _forward(self, cache, ids: list[int], position: int):
+        """The model over ``ids`` at original positions from ``position``, appending them to ``cache``."""
         device = self.model.device
         with torch.no_grad():
-            out = self.model(
+            return self.model(
                 input_ids=torch.tensor([ids], device=device),
                 past_key_values=cache,
                 position_ids=torch.arange(position, position + len(ids), device=device)[None],
             )
-        return token_log_probs(out.logits[0, :-1], ids[1:])
 
 
 def note(record: dict, acc: dict, result: dict) -> None:

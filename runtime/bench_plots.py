@@ -18,6 +18,7 @@ QUALITY_PANELS = (
     ("recall_ppl", "far-recall perplexity"),
     ("bleu", "autoencoding BLEU (0-1)"),
     ("qa_accuracy", "planted-fact QA accuracy"),
+    ("ruler_score", "RULER score (0-1, mean over tasks)"),
 )
 
 
@@ -79,7 +80,8 @@ def plot_quality(records: list[dict], path: str | Path, title: str = "") -> Path
     """Each quality metric against the ratio kept, one line per method and context (full KV as a
     flat line); writes ``path``."""
     plt = _pyplot()
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+    figure, axes = plt.subplots(2, 3, figsize=(16, 8))
+    axes.flat[-1].axis("off")  # five panels
     for axis, (key, name) in zip(axes.flat, QUALITY_PANELS):
         have = [r for r in records if r.get(key) is not None]
         lines: dict[str, list[dict]] = defaultdict(list)

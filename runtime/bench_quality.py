@@ -11,11 +11,15 @@
   depths of a ``context``-token text; the question goes through the chat template after the text;
   correct when the answer contains the code. (DESIGN §8: the default 135M model cannot answer this
   at length even with full KV.)
+* ``ruler`` — RULER tasks as lm-eval generates and scores them (:mod:`~nugget2d.runtime.bench_ruler`),
+  at each context length; the question is read after the context is compressed. The cache is sized
+  for RULER's length, as a server's flags are (a prompt is a little shorter: ``ruler_context_tokens``).
+  Not in the default metrics: it needs the ``eval`` extra.
 
 All sessions go through :class:`StreamingSession` (reading, :meth:`~StreamingSession.score_ids`
 and :meth:`~StreamingSession.ask`); configurations are interleaved within each metric.
 ``kvpress:<Press>`` methods (:mod:`~nugget2d.runtime.bench_peers`) are scored on the same ``ppl``
-and ``recall_ppl`` windows.
+and ``recall_ppl`` windows and answer the same RULER prompts.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import bench_peers
+from . import bench_peers, bench_ruler
 from .bench_common import (
     READINGS,
     CacheShape,
@@ -48,7 +52,8 @@ from .chat import ChatFormat
 from .generation import GenerationSettings
 from .session import POSITIONS, StreamingSession
 
-METRICS = ("ppl", "recall_ppl", "bleu", "qa")
+METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
+DEFAULT_METRICS = ("ppl", "recall_ppl", "bleu", "qa")
 RECALL_LEAD = 16
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "silver", "golden")
 QA_NEW_TOKENS = 16
@@ -61,7 +66,7 @@ class QualityOptions:
     methods: list[str]
     ratios: list[float]
     contexts: list[int]
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     samples: int = 4
     continuation: int = 256
     passage: int = 256
@@ -70,6 +75,10 @@ class QualityOptions:
     ae_samples: int = 8
     depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     qa_samples: int = 2
+    ruler_tasks: list[str] = field(default_factory=lambda: ["niah_single_1"])
+    ruler_samples: int = 4  # the first samples lm-eval generates for each task and length
+    ruler_new_tokens: int = 32
+    ruler_raw_tail: int | None = None  # prompt tokens read raw, as `serve --compress-threshold`; None: the question
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
     recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
@@ -93,7 +102,16 @@ class QualityOptions:
         for metric in self.metrics:
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
-        for name in ("samples", "continuation", "repeat", "ae_tokens", "ae_samples", "qa_samples"):
+        for name in (
+            "samples",
+            "continuation",
+            "repeat",
+            "ae_tokens",
+            "ae_samples",
+            "qa_samples",
+            "ruler_samples",
+            "ruler_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.repeat > self.passage:
@@ -102,6 +120,10 @@ class QualityOptions:
         for depth in self.depths:
             if not 0 <= depth <= 1:
                 raise ValueError(f"every depth must be in [0, 1], got {depth}")
+        if "ruler" in self.metrics:
+            bench_ruler.check_tasks(self.ruler_tasks)
+        if self.ruler_raw_tail is not None and self.ruler_raw_tail < 1:
+            raise ValueError(f"ruler_raw_tail must be >= 1 (or unset: the question line), got {self.ruler_raw_tail}")
 
     @property
     def window_reserve(self) -> int:
@@ -193,6 +215,17 @@ def answer(model, tokenizer, shape: CacheShape, ids: list[int], question: str) -
     return "".join(session.ask(question, settings)), held
 
 
+def ruler_answer(model, tokenizer, shape: CacheShape, split: tuple[list[int], list[int]], new_tokens: int) -> tuple:
+    """The greedy answer after a RULER prompt split into ``(context, tail)``: the context read (and
+    compressed) first, then the tail; with the cache entries (and bytes) holding the context then."""
+    context, tail = split
+    session = StreamingSession(model, tokenizer, shape.settings(), chat=False)
+    session.ingest_formatted(context, final=True)  # the prompt's ids carry the tokenizer's own start
+    held = held_for(session, len(tail) + new_tokens)
+    out = list(session.ask_ids(tail, GenerationSettings(max_new_tokens=new_tokens)))
+    return tokenizer.decode(out, skip_special_tokens=True), held
+
+
 def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, adapter: str | None = None) -> Path:
     """Measure the chosen metrics for every configuration and write ``out_dir/quality.json`` and
     ``quality.png``; return the JSON path."""
@@ -206,7 +239,7 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     _check_window(model, jobs, options)
     sums: dict[tuple, dict[str, list]] = {}
     peers = [method for method in options.methods if bench_peers.is_peer(method)]
-    scored = peers and {"ppl", "recall_ppl"} & set(options.metrics)
+    scored = peers and {"ppl", "recall_ppl", "ruler"} & set(options.metrics)
     runner = bench_peers.PressRunner.for_model(model) if scored else None
     for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
         shape = options.shape(config, payload["reserve"])
@@ -224,6 +257,26 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
                     acc.setdefault(metric, [0.0, 0])
                     acc[metric][0] += result[metric][0]
                     acc[metric][1] += result[metric][1]
+        elif kind == "ruler":
+            sample = payload["sample"]
+            if bench_peers.is_peer(config[0]):
+                reply, sizes = runner.answer(config[0], config[1], payload["split"], options.ruler_new_tokens)
+                bench_peers.note(record, acc, sizes)
+            else:
+                reply, held = ruler_answer(model, tokenizer, shape, payload["split"], options.ruler_new_tokens)
+                _note_size(record, shape, held)
+            score = sample.score(reply)
+            acc.setdefault("ruler", []).append((sample.task, score))
+            acc.setdefault("ruler_context", []).append(len(payload["split"][0]))
+            record.setdefault("ruler_answers", []).append(
+                {
+                    "task": sample.task,
+                    "index": sample.index,
+                    "expected": list(sample.answers),
+                    "answer": reply,
+                    "score": score,
+                }
+            )
         elif kind == "autoencode":
             hypothesis, held = autoencode(model, tokenizer, shape, payload["ids"])
             _note_size(record, shape, held)
@@ -250,6 +303,12 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
             record["bleu"] = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score / 100
             record["bleu_samples"] = len(hypotheses)
             record["bleu_example"] = hypotheses[0][:200]
+        if "ruler" in acc:
+            tasks = sorted({task for task, _ in acc["ruler"]})
+            record["ruler"] = {t: _mean([score for task, score in acc["ruler"] if task == t]) for t in tasks}
+            record["ruler_score"] = _mean(list(record["ruler"].values()))
+            record["ruler_samples"] = len(acc["ruler"])
+            record["ruler_context_tokens"] = _mean(acc["ruler_context"])  # read before the tail, for RULER's length
         if "qa" in acc:
             record["qa_accuracy"] = sum(ok for _, ok in acc["qa"]) / len(acc["qa"])
             record["qa_by_depth"] = {
@@ -269,6 +328,10 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     state = "untrained adapter" if adapter in (None, "", "none") else f"adapter {Path(adapter).name}"
     plot_quality(ordered, Path(out_dir) / "quality.png", title=f"{Path(str(model.config.base_model)).name}, {state}")
     return path
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _check_window(model, jobs: list[tuple[str, tuple, dict]], options: QualityOptions) -> None:
@@ -307,6 +370,16 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
         configs = configurations(local, options.ratios, [options.ae_tokens])
         for ids in windows(texts, options.ae_tokens, options.ae_samples):
             jobs.extend(("autoencode", config, {"ids": ids, "reserve": len(ids) + 1}) for config in configs)
+    if "ruler" in options.metrics:
+        for sample in bench_ruler.samples(tokenizer, options.ruler_tasks, options.contexts, options.ruler_samples):
+            context, tail = sample.split_ids(tokenizer, options.ruler_raw_tail)
+            payload = {
+                "sample": sample,
+                "split": (context, tail),
+                "reserve": len(tail) + options.ruler_new_tokens,
+            }
+            configs = configurations(options.methods, options.ratios, [sample.length])
+            jobs.extend(("ruler", config, payload) for config in configs)
     if "qa" in options.metrics:
         chat = ChatFormat.from_tokenizer(tokenizer)
         for context in options.contexts:
