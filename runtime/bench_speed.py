@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 
 from .bench_common import (
+    READINGS,
     CacheShape,
     announce_adapter,
     check_contexts,
@@ -75,7 +76,8 @@ class SpeedRun:
 @dataclass
 class SpeedOptions:
     """What ``bench speed`` measures; validated on construction. ``threads``: torch thread counts, each
-    a row of its own (empty: leave torch's setting)."""
+    a row of its own (empty: leave torch's setting); ``reading``: how compressing methods read the context
+    (:attr:`CacheShape.reading`)."""
 
     methods: list[str]
     ratios: list[float]
@@ -85,6 +87,7 @@ class SpeedOptions:
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
     threads: list[int] = field(default_factory=list)
+    reading: str = "stream"
 
     def __post_init__(self) -> None:
         check_methods([method for method in self.methods if method != IDEAL])
@@ -98,6 +101,8 @@ class SpeedOptions:
             raise ValueError(f"--decode-tokens must be >= 1, got {self.decode_tokens}")
         if any(threads < 1 for threads in self.threads):
             raise ValueError(f"--threads must be positive, got {self.threads}")
+        if self.reading not in READINGS:
+            raise ValueError(f"reading must be one of {list(READINGS)}, got {self.reading!r}")
 
 
 def context_ids(texts: list[list[int]], length: int) -> tuple[list[int], bool]:
@@ -253,7 +258,10 @@ def run_speed(model, tokenizer, options: SpeedOptions, out_dir: str | Path, adap
         for config in configurations(options.methods, options.ratios, options.contexts)
         for count in threads
     ]
-    shapes = {config: CacheShape(_shape_method(config[0]), *config[1:3], reserve=reserve) for config in configs}
+    shapes = {
+        config: CacheShape(_shape_method(config[0]), *config[1:3], reserve=reserve, reading=options.reading)
+        for config in configs
+    }
     for shape in shapes.values():
         shape.settings()  # refuse impossible configurations before measuring anything
     inputs = {context: context_ids(texts, context) for context in options.contexts}
@@ -289,6 +297,7 @@ def run_speed(model, tokenizer, options: SpeedOptions, out_dir: str | Path, adap
         "prompt_tokens": len(prompt),
         "decode_tokens": options.decode_tokens,
         "repeats": options.repeats,
+        "reading": options.reading,
         "ideal_attention": PLAIN_ATTENTION[model.attention] if IDEAL in options.methods else None,
     }
     path = write_results(out_dir, "speed", machine_info(model, adapter), records, extra)

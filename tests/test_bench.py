@@ -227,6 +227,8 @@ def test_ideal_needs_nugget2d_and_only_the_speed_bench_takes_it():
         QualityOptions(methods=["full", IDEAL], ratios=[0.1], contexts=[1024])
     with pytest.raises(ValueError, match="threads"):
         SpeedOptions(methods=["full"], ratios=[0.1], contexts=[1024], threads=[0])
+    with pytest.raises(ValueError, match="reading"):
+        SpeedOptions(methods=["full"], ratios=[0.1], contexts=[1024], reading="skim")
     assert strided(list(range(10)), 4) == [0, 2, 5, 7] and strided([1, 2], 5) == [1, 2]
 
 

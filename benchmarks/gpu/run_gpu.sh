@@ -7,12 +7,15 @@
 #
 # Here first: bash benchmarks/gpu/prepare.sh; then on the device (repository root, carry .gpu_carry and .whl):
 #   bash benchmarks/gpu/run_gpu.sh "$OUT" [BUDGET_S=400]
-# Contexts: CTX="8192 32768 65536 131072" (sdpa, in that order), FLEX_CTX="8192", HEADS_CTX="8192,32768".
+# Contexts: CTX="8192 32768 16384 65536" (sdpa, in that order), FLEX_CTX="" (none), HEADS_CTX="8192,32768";
+# READING=whole (compressing methods read the context whole, then compress once; "stream" streams it);
+# PARITY=0 skips the sdpa/eager parity tests.
 set -u
 OUT=${1:?usage: run_gpu.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-400}
-CTX=${CTX:-8192 32768 65536 131072}
-FLEX_CTX=${FLEX_CTX:-8192}
+CTX=${CTX:-8192 32768 16384 65536}
+FLEX_CTX=${FLEX_CTX:-}
+READING=${READING:-whole}
 HEADS_CTX=${HEADS_CTX:-8192,32768}
 DECODE=${DECODE:-32}
 mkdir -p "$OUT"
@@ -32,7 +35,9 @@ step() {  # step NAME CAP CMD...: run CMD for at most CAP s (less when the budge
   fi
   echo "== $name (cap ${cap}s) at $((SECONDS - start))s: $*" >>"$LOG"
   timeout -k 5 "$cap" "$@" >>"$LOG" 2>&1
-  echo "== $name: exit $? at $((SECONDS - start))s" | tee -a "$LOG"
+  local status=$?
+  echo >>"$LOG"  # progress bars end without a newline
+  echo "== $name: exit $status at $((SECONDS - start))s" | tee -a "$LOG"
 }
 
 # nugget2d without pip: its package directories linked under one name; platformdirs from the carried wheel
@@ -54,20 +59,21 @@ work=$(mktemp -d)
 model="$work/model"
 adapter="$work/adapter"
 step model 90 $PY benchmarks/gpu/make_model.py .gpu_carry/smollm2-shape "$model" "$adapter"
-bench() {  # bench BACKEND CONTEXT REPEATS CAP: one `bench speed` run, its own process (a step)
-  step "speed $1 $2" "$4" $PY -m nugget2d.runtime.cli bench speed --model "$model" --adapter "$adapter" \
-    --attention "$1" --methods full,ideal,nugget2d --ratios 0.1 --contexts "$2" --repeats "$3" \
-    --decode-tokens "$DECODE" --out "$work/speed-$1/c$2"
+bench() {  # bench BACKEND CONTEXT REPEATS CAP: full / ideal / nugget2d at one context, its own process (a step)
+  step "speed $1 $2" "$4" $PY benchmarks/gpu/speed.py "$model" "$adapter" "$1" "$2" "$3" "$DECODE" \
+    "$work/speed-$1/c$2" "$READING"
 }
-step parity 90 $PY -m pytest -q -m gpu -p no:cacheprovider -k "not flex" tests/test_per_head.py tests/test_attention.py
+[ "${PARITY:-1}" = 1 ] && step parity 90 $PY -m pytest -q -m gpu -p no:cacheprovider -k "not flex" \
+  tests/test_per_head.py tests/test_attention.py
 set -- $CTX
-bench sdpa "$1" 2 90
-[ $# -gt 1 ] && bench sdpa "$2" 2 100
-step heads 90 $PY benchmarks/heads/batched_read.py --out "$OUT/heads.json" --contexts "$HEADS_CTX" --backends sdpa \
-  --candidates loop,buckets:1024,padded,whole --steps 16 --rounds 3 --model "$model" --adapter "$adapter"
+bench sdpa "$1" 2 60
+step heads 70 $PY benchmarks/heads/batched_read.py --out "$OUT/heads.json" --contexts "$HEADS_CTX" --backends sdpa \
+  --candidates loop,buckets:1024,padded,whole --steps 16 --rounds 3 --model "$model" --adapter "$adapter" \
+  --reading "$READING"
+shift
+for context in "$@"; do bench sdpa "$context" 1 140; done
 for context in $FLEX_CTX; do bench flex "$context" 1 100; done
-step "parity flex" 60 $PY -m pytest -q -m gpu -p no:cacheprovider -k flex tests/test_per_head.py tests/test_attention.py
-shift 2 2>/dev/null && for context in "$@"; do bench sdpa "$context" 1 150; done
+step "parity flex" 40 $PY -m pytest -q -m gpu -p no:cacheprovider -k flex tests/test_per_head.py tests/test_attention.py
 
 for backend in sdpa flex; do  # each backend's contexts in one JSON and PNG
   runs=$(ls -d "$work/speed-$backend"/c*/ 2>/dev/null)

@@ -47,9 +47,11 @@ def read_mode(candidate: str) -> tuple[str, float]:
     raise ValueError(f"unknown candidate {candidate!r}")
 
 
-def read_cache(model, tokenizer, ids: list[int]):
-    """The cache a ``bench speed`` session of nugget2d at r = 0.1 holds after reading ``ids``."""
-    session = StreamingSession(model, tokenizer, CacheShape("nugget2d", 0.1, len(ids), reserve=80).settings())
+def read_cache(model, tokenizer, ids: list[int], reading: str = "stream"):
+    """The cache a ``bench speed`` session of nugget2d at r = 0.1 holds after reading ``ids`` (streamed,
+    or read whole then compressed once)."""
+    shape = CacheShape("nugget2d", 0.1, len(ids), reserve=80, reading=reading)
+    session = StreamingSession(model, tokenizer, shape.settings())
     session.ingest_ids(ids, final=True)
     return session.cache
 
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reading", default="stream", choices=("stream", "whole"), help="as bench quality's")
     args = parser.parse_args()
     model, tokenizer = load_nugget2d(args.model, args.adapter)
     texts, names = load_token_texts(tokenizer, [])
@@ -145,7 +148,7 @@ def main() -> None:
         ids, _ = context_ids(texts, context)
         started = time.perf_counter()
         model.set_attention("sdpa")
-        cache = read_cache(model, tokenizer, ids)
+        cache = read_cache(model, tokenizer, ids, args.reading)
         read_s = time.perf_counter() - started
         results = measure(model, cache, pairs, args.steps, args.rounds, args.warmup, args.seed)
         report["contexts"][str(context)] = {"read_s": read_s, "cache": shape_of(cache), "results": results}
