@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -181,6 +182,7 @@ class StreamingSession:
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
+        self._progress_bar = None  # while ingest() shows progress: advanced by every segment encoded
         self.turns = 0
         self.stats = SessionStats()
 
@@ -215,20 +217,28 @@ class StreamingSession:
         Bad input (missing, empty or binary file) raises ``ValueError`` before anything is read.
         """
         if isinstance(source, Path):
-            chunks, total = file_chunks(source), source.stat().st_size
+            pieces = functools.partial(file_chunks, source)
         elif isinstance(source, str):
             if not source.strip():
                 raise ValueError("the text is empty")
-            chunks, total = _pieces(source), len(source.encode("utf-8"))
+            pieces = functools.partial(_pieces, source)
         else:
-            chunks, total = source, None
+            pieces = None
+        total = None
+        if pieces is not None and self.progress:  # a first, fast pass: the bar counts tokens and shows what is left
+            total = sum(len(ids) for ids in token_chunks(self.tokenizer, pieces()))
+            total += 0 if self._started else len(self._start_ids())
         before = self.stats.tokens_ingested
         with tqdm(
-            total=total, unit="B", unit_scale=True, desc="ingest", file=sys.stderr, disable=not self.progress
+            total=total, unit="tok", unit_scale=True, desc="ingest", file=sys.stderr, disable=not self.progress
         ) as bar:
-            for ids in token_chunks(self.tokenizer, _reported(chunks, bar)):
-                self.ingest_ids(ids, final=False)
-            self.ingest_ids([], final=True)
+            self._progress_bar = bar
+            try:
+                for ids in token_chunks(self.tokenizer, pieces() if pieces is not None else source):
+                    self.ingest_ids(ids, final=False)
+                self.ingest_ids([], final=True)
+            finally:
+                self._progress_bar = None
         read = self.stats.tokens_ingested - before
         if read == 0:
             raise ValueError("the text is empty (no tokens)")
@@ -247,6 +257,8 @@ class StreamingSession:
         while len(self._waiting) >= size or (final and self._waiting):
             segment, self._waiting = self._waiting[:size], self._waiting[size:]
             self._encode_segment(segment)
+            if self._progress_bar is not None:
+                self._progress_bar.update(len(segment))
         self.stats.ingest_seconds += time.perf_counter() - started
         self._refresh_stats()
 
@@ -599,9 +611,3 @@ def start_ids(tokenizer, chat_format: ChatFormat) -> list[int]:
 def _pieces(text: str, size: int = 1 << 16) -> Iterator[str]:
     for begin in range(0, len(text), size):
         yield text[begin : begin + size]
-
-
-def _reported(chunks: Iterable[str], bar) -> Iterator[str]:
-    for chunk in chunks:
-        yield chunk
-        bar.update(len(chunk.encode("utf-8")))
