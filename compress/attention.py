@@ -220,9 +220,15 @@ def per_head_attention(
 #: How each backend reads a packed layer, whose KV heads hold different numbers of entries: ``loop`` (one
 #: kernel call per head over its own entries, :func:`per_head_attention`), ``buckets`` (heads grouped by
 #: length, one call per group over its heads padded to the group's longest with masked slots,
-#: :func:`bucketed_attention`; one call per layer when the lengths are close) or ``whole`` (the layer
-#: rebuilt with every masked slot). Chosen by ``benchmarks/heads/batched_read.py`` (README there).
-HEAD_READS = {"eager": "buckets", "sdpa": "buckets", "flex": "buckets", "flash_attn": "loop"}
+#: :func:`bucketed_attention`; one call per layer when the lengths are close or :data:`CALL_COST` is inf)
+#: or ``whole`` (the layer rebuilt with every masked slot). Measured on the shipped cache (2-core CPU, one
+#: thread, ``benchmarks/heads/batched/``): at 8k buckets and one padded call per layer took 6-8 % longer
+#: per token than the loop with sdpa and eager, whole 26-33 % (busiest head 1.45x its layer's mean: padding
+#: copies more than two saved calls cost), at 2k buckets and padded were within -1.3..+2.3 % of it (noise);
+#: so the CPU backends keep the loop. flex
+#: reads one padded block per layer (it read the layer whole before; compiled flex recompiles for every
+#: new shape either way).
+HEAD_READS = {"eager": "loop", "sdpa": "loop", "flex": "buckets", "flash_attn": "loop"}
 #: What one more kernel call costs in bucketing, as padded slots read per head: heads share a call when
 #: padding them to the longest costs less (:func:`head_buckets`).
 CALL_COST = {"eager": 1024.0, "sdpa": 1024.0, "flex": float("inf"), "flash_attn": 1024.0}

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from nugget2d.compress.attention import HEAD_READS
 from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 
 from .bench_common import (
@@ -299,6 +300,7 @@ def run_speed(model, tokenizer, options: SpeedOptions, out_dir: str | Path, adap
         "repeats": options.repeats,
         "reading": options.reading,
         "ideal_attention": PLAIN_ATTENTION[model.attention] if IDEAL in options.methods else None,
+        "packed_layer_read": HEAD_READS[model.attention],
     }
     path = write_results(out_dir, "speed", machine_info(model, adapter), records, extra)
     plot_speed(records, Path(out_dir) / "speed.png", title=_title(model, adapter))
