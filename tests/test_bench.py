@@ -174,7 +174,7 @@ def test_ideal_holds_as_many_entries_as_nugget2d_and_every_record_compares_to_it
     and the compressing ones to ideal's."""
     model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(allocation="head", scorer_layer=1)).eval()
     options = SpeedOptions(
-        methods=["full", IDEAL, "nugget2d", "streaming"], ratios=[0.25], contexts=[96], repeats=2, decode_tokens=3
+        methods=["full", IDEAL, "nugget2d", "streaming"], ratios=[0.25], contexts=[96], repeats=1, decode_tokens=3
     )
     data = json.loads(run_speed(model, tiny_tokenizer(), options, tmp_path, adapter=None).read_text())
     records = {r["method"]: r for r in data["records"]}
