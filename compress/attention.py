@@ -223,7 +223,7 @@ def per_head_attention(
 #: :func:`bucketed_attention`; one call per layer when the lengths are close or :data:`CALL_COST` is inf)
 #: or ``whole`` (the layer rebuilt with every masked slot). Measured on the shipped cache (2-core CPU, one
 #: thread, ``benchmarks/heads/batched/``): buckets and one padded call per layer took 6-8 % longer per token
-#: than the loop with sdpa and eager at 8k and 16-36 % at 16k, whole 26-79 % (busiest head 1.4-1.6x its
+#: than the loop with sdpa and eager at 8k, 16-36 % at 16k, 35-73 % at 32k, whole 26-139 % (busiest head 1.4-1.6x its
 #: layer's mean: padding copies more than two saved calls cost), at 2k within -1.3..+2.3 % of it (noise);
 #: so the CPU backends keep the loop. flex
 #: reads one padded block per layer (it read the layer whole before; compiled flex recompiles for every
