@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -44,6 +45,10 @@ def test_ruler_records_score_every_method_on_lm_evals_own_samples(tmp_path):
     tokenizer = tiny_tokenizer()
     samples = bench_ruler.samples(tokenizer, ["niah_single_1"], [512], 2)
     assert [(s.task, s.length, s.index) for s in samples] == [("niah_single_1", 512, 0), ("niah_single_1", 512, 1)]
+    random.seed(5)
+    again = bench_ruler.samples(tokenizer, ["niah_single_1"], [512], 2)  # lm-eval's seeds, whatever came before
+    assert [(s.context, s.question) for s in again] == [(s.context, s.question) for s in samples]
+    assert random.random() == random.Random(5).random()  # the caller's random state is left as it was
     for sample in samples:  # RULER's metric, through lm-eval's process_results
         assert sample.score(f"it is {sample.answers[0]}.") == 1.0 and sample.score("it is 11.") == 0.0
         assert sample.answers[0] not in sample.question and sample.answers[0] in sample.context
