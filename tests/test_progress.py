@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 from tiny_models import text_file, tiny_llama, tiny_tokenizer
+from tqdm.auto import tqdm
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.runtime import session as session_module
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
 
@@ -21,15 +23,26 @@ def _counts(err: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) \[", err)]
 
 
-def test_the_bar_counts_tokens_per_segment_up_to_the_known_total(tmp_path, capsys):
+class _RecordedBar(tqdm):
+    """tqdm that keeps every update it was given (what it prints is throttled by time)."""
+
+    updates: list[int] = []
+
+    def update(self, n=1):
+        _RecordedBar.updates.append(n)
+        return super().update(n)
+
+
+def test_the_bar_counts_tokens_per_segment_up_to_the_known_total(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(session_module, "tqdm", _RecordedBar)
+    _RecordedBar.updates = []
     session = _session()
     read = session.ingest(text_file(tmp_path, words=400))
     err = capsys.readouterr().err
-    counts = _counts(err)
     assert "tok" in err and "B/s" not in err  # tokens, not bytes
-    assert counts[-1] == (read, read)  # the total was known before reading, and reached
-    steps = sorted({done for done, _ in counts})
-    assert len(steps) >= read // 32 // 2  # it moved with the segments, not once per 64 KiB piece
+    assert _counts(err)[-1] == (read, read)  # the total was known before reading, and reached
+    assert sum(_RecordedBar.updates) == read
+    assert _RecordedBar.updates[:-1] == [32] * (len(_RecordedBar.updates) - 1)  # one update per segment read
 
 
 def test_a_string_gets_the_same_token_bar(capsys):
