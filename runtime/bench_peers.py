@@ -36,7 +36,7 @@ INSTALL = (
     "which nugget2d is tested on; to keep the installed transformers instead: "
     "pip install --no-deps kvpress==0.5.5 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' termcolor)"
 )
-SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored here by ppl, recall_ppl and ruler"
+SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored by ppl, recall_ppl and ruler"
 NOTES = {
     "compression_ratio": "kvpress compression_ratio = 1 - ratio (fraction removed), applied to the prefilled context",
     "cache_bytes": "bytes of the K/V tensors stored in the DynamicCache after the compressed prefill, all layers",
