@@ -28,7 +28,6 @@ from nugget2d.compress import Nugget2DConfig
 from nugget2d.runtime.bench_common import CacheShape, configurations, parse_list
 from nugget2d.runtime.bench_quality import QualityOptions, run_quality
 from nugget2d.runtime.loading import load_nugget2d
-from nugget2d.runtime.models import resolve_model_dir
 
 
 def server_flags(shape: CacheShape) -> list[str]:
@@ -66,8 +65,8 @@ def wait_until_up(port: int, process: subprocess.Popen, timeout: float = 600) ->
     raise RuntimeError(f"nugget2d serve did not answer on port {port} within {timeout} s")
 
 
-def lm_eval_answers(args, shape: CacheShape, tokenizer_dir: str, out: Path) -> dict[int, dict]:
-    """Run lm-eval's CLI against a server with ``shape``'s flags; ``{doc index: {answer, score}}``."""
+def lm_eval_answers(args, shape: CacheShape, tokenizer_dir: str, out: Path) -> dict[tuple[str, int], dict]:
+    """Run lm-eval's CLI against a server with ``shape``'s flags; ``{(task, doc id): {answer, score}}``."""
     command = [sys.executable, "-m", "nugget2d.runtime.cli", "serve", "--port", str(args.port)]
     command += ["--model", args.model] if args.model else []
     command += ["--adapter", args.adapter] if args.adapter else []
@@ -93,15 +92,12 @@ def lm_eval_answers(args, shape: CacheShape, tokenizer_dir: str, out: Path) -> d
         server.terminate()
         server.wait(timeout=60)
     answers = {}
-    for path in sorted(out.rglob("samples_*.jsonl")):
+    for path in out.rglob("samples_*.jsonl"):  # samples_<task>_<time>.jsonl
+        task = path.stem.removeprefix("samples_").rsplit("_", 1)[0]
         for line in path.read_text().splitlines():
             sample = json.loads(line)
-            score = sample[str(shape.context)]
-            answers[(sample["doc"].get("index", sample["doc_id"]), path.name)] = {
-                "answer": sample["resps"][0][0],
-                "score": score,
-            }
-    return {key[0]: value for key, value in answers.items()}
+            answers[task, sample["doc_id"]] = {"answer": sample["resps"][0][0], "score": sample[str(shape.context)]}
+    return answers
 
 
 def main() -> int:
@@ -126,9 +122,7 @@ def main() -> int:
     methods, contexts = parse_list(args.methods, str, "methods"), parse_list(args.contexts, int, "contexts")
     results = []
     with tempfile.TemporaryDirectory(prefix="ruler-tokenizer-") as tokenizer_dir:
-        tokenizer.save_pretrained(tokenizer_dir)  # lm-eval loads the tokenizer by name or path
-        if args.model is None:
-            tokenizer_dir = str(resolve_model_dir(None))
+        tokenizer.save_pretrained(tokenizer_dir)  # lm-eval loads the tokenizer by path, as the bench does
         for method, ratio, context in configurations(methods, [args.ratio], contexts):
             options = QualityOptions(
                 methods=[method],
@@ -145,8 +139,8 @@ def main() -> int:
             (bench,) = record["records"]
             shape = options.shape((method, ratio, context), args.raw_tail + args.new_tokens)
             served = lm_eval_answers(args, shape, tokenizer_dir, out / f"{method}-{context}" / "lm_eval")
-            bench_answers = [answer["answer"] for answer in bench["ruler_answers"]]
-            same = sum(served[i]["answer"].strip() == bench_answers[i].strip() for i in range(len(bench_answers)))
+            pairs = [(a["answer"], served[a["task"], a["index"]]["answer"]) for a in bench["ruler_answers"]]
+            same = sum(mine.strip() == theirs.strip() for mine, theirs in pairs)
             results.append(
                 {
                     "method": method,
@@ -155,11 +149,9 @@ def main() -> int:
                     "bench_score": bench["ruler_score"],
                     "server_score": sum(v["score"] for v in served.values()) / len(served),
                     "same_answers": same,
-                    "samples": len(bench_answers),
+                    "samples": len(pairs),
                     "server_flags": server_flags(shape) + ["--compress-threshold", str(args.raw_tail)],
-                    "answers": [
-                        {"bench": bench_answers[i], "server": served[i]["answer"]} for i in range(len(bench_answers))
-                    ],
+                    "answers": [{"bench": mine, "server": theirs} for mine, theirs in pairs],
                 }
             )
             print(json.dumps({k: v for k, v in results[-1].items() if k != "answers"}), flush=True)
