@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_peers import check_peers, is_peer
+from .bench_plots import plot_quality, plot_speed
 from .cache_policies import OBSERVATION_WINDOW, POLICIES
 from .session import StreamSettings
 from .texts import bundled_text, read_text_file
@@ -50,8 +52,6 @@ def parse_list(text: str, kind: type, name: str) -> list:
 def check_methods(methods: list[str], peers: bool = False) -> list[str]:
     """The methods, validated: ``ValueError`` for an unknown one. ``kvpress:<Press>`` methods only where
     ``peers`` (``bench quality``), and only with kvpress installed (checked here, before any model loads)."""
-    from .bench_peers import check_peers, is_peer
-
     for method in methods:
         if is_peer(method) and not peers:
             raise ValueError(f"{method}: kvpress presses are measured by `nugget2d bench quality` only")
@@ -246,8 +246,6 @@ def median(values: list[float]) -> float:
 def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
     """Join the records of several ``speed.json`` (or several ``quality.json``) files of one kind into
     ``out_dir`` (machine details of each run kept under ``runs``), and plot them; return the JSON path."""
-    from .bench_plots import plot_quality, plot_speed
-
     loaded = []
     for path in map(Path, paths):
         path = (

@@ -19,9 +19,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 import transformers
 
+from nugget2d.compress import BACKENDS
+from nugget2d.compress.attention import implementation_name
 from nugget2d.compress.hf_compat import CACHE_RENAMED_IN, major_minor
 
+from .bench_recall import recall_passage
 from .chat import ChatFormat
+from .models import load_model, resolve_model_dir
 from .session import start_ids, token_log_probs
 
 PREFIX = "kvpress:"
@@ -89,9 +93,6 @@ def _kvpress(method: str = "kvpress:"):
     check_transformers(method, transformers.__version__)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from nugget2d.compress import BACKENDS
-    from nugget2d.compress.attention import implementation_name
-
     # Importing kvpress wraps every registered attention function (for its head-wise masks) in a local
     # override that passes ``dropout`` positionally where nugget2d's backends take ``scaling``: drop
     # the overrides of nugget2d's backends (transformers' own, which the presses use, stay wrapped).
@@ -107,8 +108,6 @@ class PressRunner:
     """The base model as a plain HF model (loaded once) and the presses run on it."""
 
     def __init__(self, model_name: str | None, dtype: torch.dtype | None = None, device=None) -> None:
-        from .models import load_model, resolve_model_dir
-
         self.kvpress = _kvpress()
         logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)  # its cost warning, once per window
         self.model, self.tokenizer = load_model(model_name, dtype=dtype, device=device)
@@ -129,8 +128,6 @@ class PressRunner:
         """Like :func:`~nugget2d.runtime.bench_quality.perplexities` for a press: NLL sums and counts of
         the continuation (``ppl``) and of the repeated passage (``recall_ppl``), plus the cache kept and
         the prefill times with and without the press."""
-        from .bench_quality import RECALL_LEAD
-
         start = start_ids(self.tokenizer, ChatFormat.plain())  # what opens the bench's (chat=False) sessions
         prefill = start + window[: context - 1]
         _, before = self._prefill(prefill, None)
@@ -147,7 +144,7 @@ class PressRunner:
                 for layer in cache.layers:  # back to the compressed context (the bench forks its session here)
                     layer.keys, layer.values = layer.keys[:, :, :stored], layer.values[:, :, :stored]
             if "recall_ppl" in options.metrics:
-                repeat = window[RECALL_LEAD : RECALL_LEAD + options.repeat]
+                repeat = recall_passage(window, options.repeat)
                 nll = -self._score(cache, [window[context - 1], *repeat], len(prefill))
                 result["recall_ppl"] = (float(nll.sum()), int(nll.numel()))
         return result

@@ -47,6 +47,7 @@ from .bench_common import (
     write_results,
 )
 from .bench_plots import plot_quality
+from .bench_recall import RECALL_LEAD, recall_passage
 from .cache_policies import OBSERVATION_WINDOW
 from .chat import ChatFormat
 from .generation import GenerationSettings
@@ -54,7 +55,6 @@ from .session import POSITIONS, StreamingSession
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
 DEFAULT_METRICS = ("ppl", "recall_ppl", "bleu", "qa")
-RECALL_LEAD = 16
 COLORS = ("blue", "red", "green", "yellow", "black", "white", "silver", "golden")
 QA_NEW_TOKENS = 16
 
@@ -178,7 +178,7 @@ def perplexities(model, tokenizer, shape: CacheShape, window: list[int], options
         nll = -session.fork().score_ids(scored, room=room)
         result["ppl"] = (float(nll.sum()), int(nll.numel()))
     if "recall_ppl" in options.metrics:
-        repeat = window[RECALL_LEAD : RECALL_LEAD + options.repeat]
+        repeat = recall_passage(window, options.repeat)
         nll = -session.score_ids([window[context - 1], *repeat], room=room)
         result["recall_ppl"] = (float(nll.sum()), int(nll.numel()))
     return result
