@@ -18,10 +18,11 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import transformers
+from packaging.version import Version
 
 from nugget2d.compress import BACKENDS
 from nugget2d.compress.attention import implementation_name
-from nugget2d.compress.hf_compat import CACHE_RENAMED_IN, major_minor
+from nugget2d.compress.hf_compat import CACHE_RENAMED_IN
 
 from .bench_recall import recall_passage
 from .chat import ChatFormat
@@ -77,8 +78,8 @@ def check_peers(methods: list[str]) -> None:
 
 def check_transformers(method: str, installed: str) -> None:
     """``ValueError`` if transformers ``installed`` is one kvpress 0.5.5 cannot run on: from 5.24 a model
-    passes its cache as ``cache``, and kvpress's hooks look for ``past_key_values``."""
-    if major_minor(installed) >= CACHE_RENAMED_IN:
+    passes its cache as ``cache`` (5.24's pre-releases too), and kvpress's hooks look for ``past_key_values``."""
+    if Version(installed).release[:2] >= CACHE_RENAMED_IN:
         raise ValueError(
             f"{method}: kvpress 0.5.5 reads the KV cache as `past_key_values`, which transformers {installed} "
             "renamed; run the kvpress methods beside transformers 5.23: pip install 'transformers<5.24'"

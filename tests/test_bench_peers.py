@@ -51,6 +51,13 @@ def test_a_transformers_kvpress_cannot_run_on_is_named_with_the_fix():
     bench_peers.check_transformers("kvpress:SnapKV", "5.23.0")
     with pytest.raises(ValueError, match=r"transformers 5.24.0 renamed.*pip install 'transformers<5.24'"):
         bench_peers.check_transformers("kvpress:SnapKV", "5.24.0")
+    for installed in ("5.23.1", "5.2.0", "4.57.0.dev0", "5.23.0+cpu"):
+        bench_peers.check_transformers("kvpress:SnapKV", installed)
+    for installed in ("5.24.0.dev0", "5.24.0rc1", "5.25.0", "6.0.0"):  # 5.24's pre-releases count as 5.24
+        with pytest.raises(ValueError, match=f"transformers {installed} renamed"):
+            bench_peers.check_transformers("kvpress:SnapKV", installed)
+    with pytest.raises(ValueError, match="Invalid version"):
+        bench_peers.check_transformers("kvpress:SnapKV", "five")
 
 
 # --- with kvpress installed -----------------------------------------------------------------------------
