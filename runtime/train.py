@@ -169,7 +169,9 @@ def _free_port() -> int:
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
-    """AdamW schedule of the paper: linear warm-up, then cosine decay to 0."""
+    """AdamW schedule of the paper: linear warm-up, then cosine decay to 0. The first step already
+    trains at ``lr / warmup``: ``transformers.get_cosine_schedule_with_warmup`` starts at 0 and runs one
+    step behind through the warm-up (equal after it), so it would change every run's rates."""
 
     def factor(step: int) -> float:
         if step < warmup:
