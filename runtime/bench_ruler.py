@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-#: RULER tasks whose samples lm-eval generates offline (repeated-sentence, needle and word-list haystacks).
-TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
+#: RULER tasks whose samples lm-eval generates offline (repeated-sentence, needle and word-list haystacks),
+#: by lm-eval's task names.
+TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 #: RULER tasks that read Paul Graham's essays or SQuAD/HotpotQA, which lm-eval downloads.
 NEEDS_DOWNLOAD = (
     "niah_single_2",
@@ -37,9 +38,17 @@ NEEDS_DOWNLOAD = (
     "niah_multikey_1",
     "niah_multivalue",
     "niah_multiquery",
-    "qa_squad",
-    "qa_hotpot",
+    "ruler_qa_squad",
+    "ruler_qa_hotpot",
 )
+#: RULER's own short names for the tasks lm-eval registers with a ``ruler_`` prefix.
+ALIASES = {
+    "vt": "ruler_vt",
+    "cwe": "ruler_cwe",
+    "fwe": "ruler_fwe",
+    "qa_squad": "ruler_qa_squad",
+    "qa_hotpot": "ruler_qa_hotpot",
+}
 INSTALL = "pip install 'nugget2d[eval]'"
 
 
@@ -72,7 +81,9 @@ class RulerSample:
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
-    """The tasks, validated before any model loads: known, generated offline, and lm-eval importable."""
+    """The tasks by lm-eval's names (RULER's short names ``vt``, ``cwe``, ``fwe`` accepted), validated before
+    any model loads: known, generated offline, and lm-eval importable."""
+    tasks = [lm_eval_name(task) for task in tasks]
     for task in tasks:
         if task in NEEDS_DOWNLOAD:
             raise ValueError(
@@ -83,6 +94,11 @@ def check_tasks(tasks: list[str]) -> list[str]:
             raise ValueError(f"unknown RULER task {task!r}; choose from {list(TASKS)}")
     _lm_eval_tasks()
     return tasks
+
+
+def lm_eval_name(task: str) -> str:
+    """The name lm-eval registers ``task`` under (``vt`` is ``ruler_vt``); other names unchanged."""
+    return ALIASES.get(task, task)
 
 
 def samples(tokenizer, tasks: list[str], lengths: list[int], limit: int) -> list[RulerSample]:
@@ -97,7 +113,7 @@ def samples(tokenizer, tasks: list[str], lengths: list[int], limit: int) -> list
         for length in lengths:
             manager = lm_eval_tasks.TaskManager(metadata={"tokenizer": directory, "max_seq_lengths": [length]})
             with _lm_eval_seeds():
-                loaded = manager.load(tasks)["tasks"]
+                loaded = manager.load([lm_eval_name(task) for task in tasks])["tasks"]
             for name, task in loaded.items():
                 task.build_all_requests(limit=limit, rank=0, world_size=1)
                 for index, instance in enumerate(task.instances):

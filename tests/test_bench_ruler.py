@@ -31,6 +31,22 @@ def test_tasks_that_need_downloads_or_do_not_exist_are_refused_by_name():
         QualityOptions(methods=["full"], ratios=[0.1], contexts=[512], metrics=["ruler"], ruler_tasks=["niah_single_9"])
 
 
+def test_rulers_short_names_are_lm_evals_ruler_prefixed_tasks():
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra: pip install 'nugget2d[eval]'")
+    import lm_eval.tasks
+
+    assert bench_ruler.check_tasks(["vt", "cwe", "fwe", "niah_single_1"]) == [
+        "ruler_vt",
+        "ruler_cwe",
+        "ruler_fwe",
+        "niah_single_1",
+    ]
+    with pytest.raises(ValueError, match="ruler_qa_squad reads a data set"):
+        bench_ruler.check_tasks(["qa_squad"])
+    registered = lm_eval.tasks.TaskManager().all_tasks
+    assert set(bench_ruler.TASKS) | set(bench_ruler.NEEDS_DOWNLOAD) <= set(registered)  # lm-eval's own names
+
+
 def test_without_lm_eval_the_ruler_metric_names_the_extra_before_any_model_loads(monkeypatch, tiny_model_dir, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     args = ["bench", "quality", "--model", str(tiny_model_dir), "--metrics", "ruler", "--out", "unused"]
