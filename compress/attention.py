@@ -1,4 +1,4 @@
-"""Attention with a per-key additive bias: ``softmax(q kᵀ · scale + b) v`` (DESIGN §5).
+"""Attention with a per-key additive bias: ``softmax(q kᵀ · scale + b) v`` (docs/design.md).
 
 One operation, four backends, each registered in transformers' ``AttentionInterface`` as
 ``nugget2d_<backend>`` so the stock model code calls it. The bias ``b`` has shape

@@ -21,7 +21,7 @@ BIAS_MODES = ("straight_through", "plain")  # how a nugget's score enters attent
 
 @dataclass
 class Nugget2DConfig:
-    """Hyper-parameters of the method (DESIGN §1) plus the base model the adapter belongs to.
+    """Hyper-parameters of the method (docs/design.md) plus the base model the adapter belongs to.
 
     * ``ratio`` — fraction of a segment's tokens kept as nuggets, ``0 < ratio <= 1``.
     * ``scorer_layer`` — λ: the scorer reads the hidden states after this many layers; the encoder
@@ -33,10 +33,10 @@ class Nugget2DConfig:
     * ``positions`` — ``original``: nuggets keep their text positions (paper default, texts inside the
       native window); ``cache``: a token's position is the number of cache entries before it.
     * ``decoder_adapter`` — whether the decoder LoRA reads the nuggets; ``False`` lets the unmodified
-      base model read them (DESIGN §9: the frozen reader).
+      base model read them (docs/design.md: the frozen reader).
     * ``allocation`` — what the scorer scores: ``token`` (one score per token: every layer and head
       keeps the same nuggets) or ``head`` (one score per token, layer and KV head: the budget is
-      spread unevenly over layers and heads, DESIGN §4). A ``head`` scorer also serves token-level
+      spread unevenly over layers and heads, docs/design.md). A ``head`` scorer also serves token-level
       caches (the mean of its scores).
     """
 

@@ -4,24 +4,14 @@ name the installed version uses."""
 
 from __future__ import annotations
 
-import re
-
 import transformers
+from packaging.version import Version
 from transformers.cache_utils import Cache
-
-
-def major_minor(version: str) -> tuple[int, int]:
-    """``(major, minor)`` of a version string such as ``5.24.0`` or ``5.25.0.dev0``."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    if found is None:
-        raise ValueError(f"not a version number: {version!r}")
-    return int(found.group(1)), int(found.group(2))
-
 
 #: The transformers release whose models take (and return) the KV cache as ``cache``.
 CACHE_RENAMED_IN = (5, 24)
 #: The keyword under which a model's ``forward`` takes (and its output returns) the KV cache.
-CACHE_ARGUMENT = "cache" if major_minor(transformers.__version__) >= CACHE_RENAMED_IN else "past_key_values"
+CACHE_ARGUMENT = "cache" if Version(transformers.__version__).release[:2] >= CACHE_RENAMED_IN else "past_key_values"
 
 
 def returned_cache(output) -> Cache:

@@ -1,4 +1,4 @@
-"""``Nugget2DModel``: a frozen decoder LM plus scorer and two LoRA adapters (DESIGN §1).
+"""``Nugget2DModel``: a frozen decoder LM plus scorer and two LoRA adapters (docs/design.md).
 
 ``compress`` runs the encoder adapter over a text, scores its tokens, and keeps the selected
 tokens' keys and values at every layer as nuggets in a :class:`NuggetCache`; ``forward`` decodes
@@ -25,6 +25,7 @@ from .attention import implementation_name
 from .cache import NuggetCache
 from .config import Nugget2DConfig
 from .hf_compat import CACHE_ARGUMENT
+from .policies import PerHeadBudget
 from .scorer import Scorer
 from .selection import nugget_count, select_threshold, select_topk
 
@@ -116,7 +117,7 @@ class Nugget2DModel(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, base_model: PreTrainedModel | None = None, attention: str = "sdpa"
     ) -> Nugget2DModel:
-        """Restore an adapter directory (DESIGN §6) onto ``base_model``.
+        """Restore an adapter directory (docs/design.md) onto ``base_model``.
 
         Without ``base_model`` the config's ``base_model`` must be a local model directory.
         Refuses a base model whose fingerprint differs from the one the adapter was saved with.
@@ -230,7 +231,7 @@ class Nugget2DModel(nn.Module):
         cache = self.new_cache() if cache is None else cache
         cache.observer = observer
         try:
-            self._run(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
+            self.forward_pass(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
         finally:
             cache.observer = None
         return cache
@@ -261,15 +262,17 @@ class Nugget2DModel(nn.Module):
         tail: int = 0,
         ratio: float | None = None,
         observed: list[torch.Tensor] | None = None,
+        per_head: PerHeadBudget | None = None,
     ) -> NuggetCache:
         """Turn the ``mask.shape[1]`` entries encoded before the cache's last ``tail`` into nuggets
         (``mask`` marks the real ones), the ``tail`` staying raw: what a session does when its raw
-        window was read over the whole text before the text before it is compressed. ``observed`` (per
-        layer ``(B, KV heads, entries)``, the attention the last queries paid) votes beside the scorer
-        in a per-head cache, as in a session (:meth:`NuggetCache.keep_top_entries`)."""
+        window was read over the whole text before the text before it is compressed. In a per-head
+        cache ``per_head`` (default: :class:`~nugget2d.compress.policies.PerHeadBudget`'s defaults, as a
+        session's) spreads them, ``observed`` (per layer ``(B, KV heads, entries)``, the attention the
+        last queries paid) voting beside the scorer."""
         ratio = self.config.ratio if ratio is None else ratio
         if cache.allocation == "head":
-            return self._compress_per_head(cache, mask, ratio, tail, observed)
+            return self._compress_per_head(cache, mask, ratio, tail, observed, per_head or PerHeadBudget())
         new, length = mask.shape[1], cache.get_seq_length()
         old = length - tail - new
         indices, valid = self.select(cache.layers[0].scores[:, old : old + new], mask, ratio)
@@ -297,16 +300,23 @@ class Nugget2DModel(nn.Module):
         cache: NuggetCache,
         mask: torch.Tensor,
         ratio: float,
-        tail: int = 0,
-        observed: list[torch.Tensor] | None = None,
+        tail: int,
+        observed: list[torch.Tensor] | None,
+        per_head: PerHeadBudget,
     ) -> NuggetCache:
         """The ``n`` entries before the last ``tail`` compete across layers and heads for
         ``ceil(n·r) · layers · kv_heads`` entries (per row, ``n`` its real tokens)."""
         added = torch.tensor([nugget_count(int(n), ratio) for n in mask.sum(dim=1).tolist()], device=mask.device)
         before = cache.nugget_counts().to(mask.device)
         entries = added * self.num_layers * self.num_kv_heads
-        cache.keep_top_entries(
-            entries, self.rotary_emb, tail=tail, pool=mask.shape[1], bias_mode=self.config.bias_mode, observed=observed
+        per_head.keep(
+            cache,
+            entries,
+            self.rotary_emb,
+            tail=tail,
+            pool=mask.shape[1],
+            bias_mode=self.config.bias_mode,
+            observed=observed,
         )
         cache.nugget_span = before + added
         return self._renumbered(cache)
@@ -333,7 +343,7 @@ class Nugget2DModel(nn.Module):
         input_ids, mask = self._inputs(input_ids, attention_mask)
         cache = self.new_cache() if nuggets is None else nuggets.fork()
         adapter = DECODER if self.config.decoder_adapter else None
-        return self._run(cache, input_ids, mask, adapter, self.base, labels=labels)
+        return self.forward_pass(cache, input_ids, mask, adapter, self.base, labels=labels)
 
     def use_adapter(self, adapter: str | None) -> None:
         """Make ``adapter`` (or the frozen model, ``None``) run in the next passes. Without gradients an
@@ -342,23 +352,32 @@ class Nugget2DModel(nn.Module):
             adapter = None
         activate(self._lora_layers, adapter)
 
-    def _run(self, cache: NuggetCache, input_ids, mask, adapter: str | None, module: nn.Module, **extra):
-        """One pass of ``module`` (the LM or its decoder body) over ``input_ids``, appending them to
-        ``cache`` with their positions, padding and scorer scores."""
+    def forward_pass(
+        self,
+        cache: NuggetCache,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        adapter: str | None,
+        module: nn.Module,
+        score: bool = True,
+        **extra,
+    ):
+        """The one forward-pass protocol over a nugget cache: ``module`` (the LM or its decoder body) with
+        ``adapter`` (None: the frozen model) reads ``input_ids`` ``(B, n)`` (``mask`` marks real tokens)
+        over ``cache`` and appends them with their positions and padding, and with ``score`` their
+        scorer scores. Every pass — encoding, decoding, training's teacher, importance — runs here."""
         cache.check_model(self.fingerprint)
         self.use_adapter(adapter)
         positions = self.next_positions(cache, mask)
         cache.begin_step(positions, mask)
+        if score:
+            extra["output_hidden_states"] = True
         out = module(
-            input_ids=input_ids,
-            position_ids=positions,
-            **{CACHE_ARGUMENT: cache},
-            use_cache=True,
-            output_hidden_states=True,
-            nugget_cache=cache,
+            input_ids=input_ids, position_ids=positions, **{CACHE_ARGUMENT: cache}, use_cache=True, nugget_cache=cache,
             **extra,
-        )
-        cache.set_scores(self.scorer(out.hidden_states[self.config.scorer_layer]))
+        )  # fmt: skip
+        if score:
+            cache.set_scores(self.scorer(out.hidden_states[self.config.scorer_layer]))
         return out
 
     def _inputs(

@@ -1,4 +1,4 @@
-"""Moving rotated keys to new positions: RoPE rotations compose, R(p + δ) = R(δ) R(p) (DESIGN §4).
+"""Moving rotated keys to new positions: RoPE rotations compose, R(p + δ) = R(δ) R(p) (docs/design.md).
 
 Exact for the rotary schemes whose frequencies do not depend on the sequence length (default,
 linear, llama3, yarn); ``dynamic`` and ``longrope`` re-derive frequencies from the length seen

@@ -1,5 +1,5 @@
 """The nugget scorer: an MLP over the layer-λ hidden states that scores each token, either once
-(token-level nuggets) or once per (layer, KV head) (per-head budgets, DESIGN §4)."""
+(token-level nuggets) or once per (layer, KV head) (per-head budgets, docs/design.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 
 class Scorer(nn.Module):
-    """``Linear(h, h) -> ReLU -> Linear(h, outputs)`` over hidden states (DESIGN §1).
+    """``Linear(h, h) -> ReLU -> Linear(h, outputs)`` over hidden states (docs/design.md).
 
     ``heads=None`` gives one score per token; ``heads=(layers, kv_heads)`` gives one per token and
     (layer, KV head), so the cache can spend its budget unevenly across layers and heads.

@@ -1,4 +1,4 @@
-"""``nugget2d qa`` / ``nugget2d summarize``: batch jobs over JSONL on Ray Data (DESIGN §7).
+"""``nugget2d qa`` / ``nugget2d summarize``: batch jobs over JSONL on Ray Data (docs/design.md).
 
 The driver locks the output (one writer per file), checks the input once (bad lines become error
 rows), works out which documents the output already holds, then Ray Data reads the lines still to

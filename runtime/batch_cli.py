@@ -28,7 +28,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0)
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="e.g. 1 to put each model on a GPU")
-    add_cache_arguments(parser, positions=False)
+    add_cache_arguments(parser, exclude=("positions",))
     add_sampling_arguments(parser, max_new_tokens=64 if task == "qa" else 256)
     if task == "summarize":
         parser.add_argument(
@@ -42,14 +42,14 @@ def run_job(args: argparse.Namespace, task: str) -> int:
     """Run a batch job from parsed flags; print a one-line report on stderr."""
     from .batch import IncompleteJobError, run_batch_job
     from .batch_worker import SUMMARY_PROMPT, JobSettings
-    from .cli_options import generation_settings, stream_settings
+    from .cli_options import cache_config, generation_settings
 
     settings = JobSettings(
         task=task,
         model=args.model,
         adapter=args.adapter,
         attention=args.attention,
-        stream=stream_settings(args),
+        stream=cache_config(args),
         generation=generation_settings(args),
         chat=not args.no_chat,
         prompt=getattr(args, "prompt", None) or SUMMARY_PROMPT,

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-from nugget2d.compress import Nugget2DConfig
-
 from .batch_io import Request, document_file, error_row
 from .generation import GenerationSettings
 from .session import StreamingSession, StreamSettings
@@ -56,7 +54,7 @@ class DocumentWorker:
         self.settings = settings
         torch.manual_seed(0)  # without an adapter the scorer is freshly initialised: the same in every actor
         self.model, self.tokenizer = load_nugget2d(
-            settings.model, settings.adapter, Nugget2DConfig(ratio=settings.stream.ratio), settings.attention
+            settings.model, settings.adapter, attention=settings.attention, ratio=settings.stream.ratio
         )
 
     def run(self, request: Request) -> DocumentResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .bench_common import READINGS
-from .cli_options import add_model_arguments, add_observation_window_argument
+from .cli_options import add_cache_arguments, add_model_arguments
 from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compressing methods compress while streaming the context (memory bounded by the budget) or once "
         "it is read whole with full attention (as kvpress presses do; memory grows with the context)",
     )
-    add_observation_window_argument(quality)
+    add_cache_arguments(quality, only=("observation_window",))
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")

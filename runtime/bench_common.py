@@ -1,5 +1,5 @@
 """What both benchmarks share: methods and their cache shapes, input texts, machine details, the
-untrained-adapter notice, and writing results (DESIGN §8).
+untrained-adapter notice, and writing results (docs/design.md).
 
 A method is a cache policy of :class:`~nugget2d.runtime.session.StreamingSession` (``full`` is a
 session whose budget never binds). Every compressing method at ratio ``r`` over a context of
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from nugget2d.compress.policies import check_policy
+
 from .bench_peers import check_peers, is_peer
 from .bench_plots import plot_quality, plot_speed
-from .cache_policies import OBSERVATION_WINDOW, POLICIES
-from .session import StreamSettings
+from .cache_config import CacheConfig
 from .texts import bundled_text, read_text_file
 
-METHODS = ("full", *POLICIES)
 SINKS = 4
 FULL_SEGMENT = 256
 #: How compressing methods read a context (:attr:`CacheShape.reading`).
@@ -55,8 +55,11 @@ def check_methods(methods: list[str], peers: bool = False) -> list[str]:
     for method in methods:
         if is_peer(method) and not peers:
             raise ValueError(f"{method}: kvpress presses are measured by `nugget2d bench quality` only")
-        if not is_peer(method) and method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)} or kvpress:<Press>")
+        if not is_peer(method):
+            try:
+                check_policy(method)
+            except ValueError as err:
+                raise ValueError(f"unknown method {method!r}: {err}") from None
     check_peers(methods)
     return methods
 
@@ -96,11 +99,9 @@ class CacheShape:
     context: int
     reserve: int
     recent_share: float = 0.25  # of the history, kept raw (the rest after 4 sinks: kept entries)
-    positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
+    positions: str = "auto"  # how compressing methods number their cache (CacheConfig.positions)
     reading: str = "stream"  # "whole": the context is read with full attention, then compressed (as presses do)
-    observation_window: int = (
-        OBSERVATION_WINDOW  # per-head caches: recent queries whose attention votes (StreamSettings)
-    )
+    observation_window: int = CacheConfig.observation_window  # per-head caches: recent queries whose attention votes
 
     @property
     def history(self) -> int:
@@ -114,17 +115,17 @@ class CacheShape:
         """Entries that hold all a session reads: the context, ``reserve`` and 64 of slack for start tokens."""
         return self.context + self.reserve + 64
 
-    def settings(self) -> StreamSettings:
-        """The :class:`StreamSettings` of this configuration; ``ValueError`` if ``ratio·context`` is too small."""
+    def settings(self) -> CacheConfig:
+        """The :class:`CacheConfig` of this configuration; ``ValueError`` if ``ratio·context`` is too small."""
         if self.method == "full":
             recent = self.everything  # nothing ever leaves
-            return StreamSettings(
+            return CacheConfig(
                 ratio=1.0,
                 budget=SINKS + recent + FULL_SEGMENT + 1,
                 recent=recent,
                 segment=FULL_SEGMENT,
                 sinks=SINKS,
-                policy="streaming",  # the unmodified model's K/V, none ever dropped
+                policy="full",  # the unmodified model's K/V, none ever dropped
             )
         history = self.history
         quarter = history // 4
@@ -135,7 +136,7 @@ class CacheShape:
                 f"{SINKS} sinks, a raw window of {self.recent_share:.0%} and kept entries; use a longer context, "
                 "a larger ratio or a smaller --recent-share"
             )
-        return StreamSettings(
+        return CacheConfig(
             ratio=self.ratio,
             budget=history + self.reserve,
             recent=recent,

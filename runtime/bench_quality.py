@@ -1,4 +1,4 @@
-"""``nugget2d bench quality``: what each method keeps, at the same cache budget (DESIGN §8).
+"""``nugget2d bench quality``: what each method keeps, at the same cache budget (docs/design.md).
 
 * ``ppl`` — continuation perplexity: read ``context`` tokens of a text, then score the next
   ``continuation`` (256) tokens teacher-forced over the cache.
@@ -9,7 +9,7 @@
   token; sacrebleu corpus BLEU (0–1) against the text.
 * ``qa_accuracy`` — a fact ("The secret code of the blue door is 4821.") planted at controlled
   depths of a ``context``-token text; the question goes through the chat template after the text;
-  correct when the answer contains the code. (DESIGN §8: the default 135M model cannot answer this
+  correct when the answer contains the code. (docs/design.md: the default 135M model cannot answer this
   at length even with full KV.)
 * ``ruler`` — RULER tasks as lm-eval generates and scores them (:mod:`~nugget2d.runtime.bench_ruler`),
   at each context length; the question is read after the context is compressed. The cache is sized
@@ -48,7 +48,7 @@ from .bench_common import (
 )
 from .bench_plots import plot_quality
 from .bench_recall import RECALL_LEAD, recall_passage
-from .cache_policies import OBSERVATION_WINDOW
+from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings
 from .session import POSITIONS, StreamingSession
@@ -82,11 +82,9 @@ class QualityOptions:
     seed: int = 0
     inputs: list[str] = field(default_factory=list)
     recent_share: float = 0.25  # of each compressing method's history kept raw (the budget split)
-    positions: str = "auto"  # how compressing methods number their cache (StreamSettings.positions)
+    positions: str = "auto"  # how compressing methods number their cache (CacheConfig.positions)
     reading: str = "stream"  # compress while streaming, or after reading the whole context (CacheShape.reading)
-    observation_window: int = (
-        OBSERVATION_WINDOW  # per-head caches: recent queries whose attention votes beside the scorer
-    )
+    observation_window: int = CacheConfig.observation_window  # per-head caches: the last queries' attention votes
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)

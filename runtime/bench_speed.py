@@ -1,5 +1,5 @@
 """``nugget2d bench speed``: prefill time, per-token decode time, cache size and peak memory of every
-method at the same cache budget, measured interleaved and repeated in one run (DESIGN §8).
+method at the same cache budget, measured interleaved and repeated in one run (docs/design.md).
 
 Each configuration is one :class:`StreamingSession` that reads ``context`` tokens, then answers a
 short prompt with exactly ``decode_tokens + 1`` greedy tokens through the one generation loop

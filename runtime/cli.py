@@ -19,8 +19,8 @@ from .cli_options import (
     add_cache_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    cache_config,
     generation_settings,
-    stream_settings,
 )
 
 # --- demo ----------------------------------------------------------------------------------------
@@ -97,13 +97,13 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from .texts import check_text_file
 
-    stream, sampling = stream_settings(args), generation_settings(args)
+    stream, sampling = cache_config(args), generation_settings(args)
     source = _stdin_chunks() if args.input == "-" else check_text_file(args.input)
 
     from .loading import load_nugget2d
     from .session import StreamingSession
 
-    model, tokenizer = load_nugget2d(args.model, args.adapter, Nugget2DConfig(ratio=args.ratio), args.attention)
+    model, tokenizer = load_nugget2d(args.model, args.adapter, attention=args.attention, ratio=stream.ratio)
     session = StreamingSession(model, tokenizer, stream, chat=not args.no_chat, progress=not args.quiet)
     session.prompt_ids(args.prompt, sampling)  # refuse a prompt that cannot fit before reading the text
     session.ingest(source)

@@ -1,4 +1,4 @@
-"""How much each context K/V matters to the frozen model, per (layer, KV head, token) (DESIGN §9.2).
+"""How much each context K/V matters to the frozen model, per (layer, KV head, token) (docs/design.md).
 
 KVzip's signal: teacher-force the frozen model on ``[context, repeat instruction, context again]``
 and give every context key/value, at each layer and KV head, the largest attention probability any
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
-from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 
 #: The instruction between the context and its copy (KVzip's repeat prompt).
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
@@ -58,18 +57,8 @@ def frozen_forward(
     in a row, are skipped); the decoder body's output, or the LM's with ``lm_head``."""
     cache = plain_cache(model) if cache is None else cache
     mask = mask.to(device=input_ids.device, dtype=torch.bool)
-    positions = model.next_positions(cache, mask)
-    model.use_adapter(None)
-    cache.begin_step(positions, mask)
     module = model.base if lm_head else model.base.get_decoder()
-    return module(
-        input_ids=input_ids,
-        position_ids=positions,
-        use_cache=True,
-        nugget_cache=cache,
-        **{CACHE_ARGUMENT: cache},
-        **kwargs,
-    )
+    return model.forward_pass(cache, input_ids, mask, None, module, score=False, **kwargs)
 
 
 @torch.no_grad()

@@ -36,12 +36,14 @@ def load_nugget2d(
     adapter: str | None = None,
     config: Nugget2DConfig | None = None,
     attention: str = "sdpa",
+    ratio: float | None = None,
 ) -> tuple[Nugget2DModel, PreTrainedTokenizerBase]:
     """Load the base model (default: the embedded one) and wrap it.
 
     ``adapter`` is an adapter directory; None (or ``"default"``) takes the adapter shipped in the
     package when it was trained for this base model; ``"none"`` builds a fresh (untrained) scorer and
-    zero-initialised LoRA from ``config`` (seeded: the same weights in every run). The result is in
+    zero-initialised LoRA from ``config`` (default: the defaults, at ``ratio`` when given; seeded: the same
+    weights in every run); a trained adapter brings its own config. The result is in
     eval mode; ``model.adapter_source`` says which adapter it carries.
     """
     base, tokenizer = load_model(model)
@@ -53,7 +55,8 @@ def load_nugget2d(
     if adapter == "none":
         with torch.random.fork_rng(devices=[]):  # the same untrained scorer in every run, the caller's RNG untouched
             torch.manual_seed(UNTRAINED_SEED)
-            nugget_model = Nugget2DModel.from_base(base, config or Nugget2DConfig(), attention=attention)
+            config = config or Nugget2DConfig(**({} if ratio is None else {"ratio": ratio}))
+            nugget_model = Nugget2DModel.from_base(base, config, attention=attention)
     else:
         path = Path(adapter)
         if not path.is_dir():

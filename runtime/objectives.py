@@ -2,7 +2,7 @@
 
 * :class:`NuggetObjective` — the cache a session would hold for the context, then the reader's
   loss on the target: cross-entropy, KL to the frozen model reading the full raw text (KV-Distill,
-  DESIGN §9.3), or both.
+  docs/design.md), or both.
 * :class:`ScorerObjective` — the scorer alone, fitted by a listwise ranking loss to the frozen
   model's per-(layer, KV head, token) importance (:mod:`.importance`), so one budget can be spent
   across layers and heads on its top entries.
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
+from nugget2d.compress.policies import PerHeadBudget
 
-from .cache_policies import HeadAttentionReceived
 from .importance import Importance, frozen_forward, kv_importance
 
 LOSSES = ("ce", "kl", "ce+kl")
@@ -84,7 +84,7 @@ class NuggetObjective(nn.Module):
         recent_mask: torch.Tensor | None = None,
     ) -> NuggetCache:
         """[raw sinks | nuggets of the context | raw recent], as a streaming session holds it
-        (DESIGN §4): the recent tokens are read over the whole context, then the context is compressed
+        (docs/design.md): the recent tokens are read over the whole context, then the context is compressed
         (in a per-head cache with the recent queries' attention voting beside the scorer, as a session's
         default observation does); without sinks and recent, the nuggets alone. With the config's
         ``positions="cache"`` the entries are renumbered after, keys re-rotated, as a session does."""
@@ -92,10 +92,11 @@ class NuggetObjective(nn.Module):
         if recent is None:
             return self.model.compress(context, context_mask, cache=cache)
         cache = self.model.encode(context, context_mask, cache=cache)
-        observer = HeadAttentionReceived() if cache.allocation == "head" else None
+        per_head = PerHeadBudget()  # as a session with the default cache configuration spreads a per-head cache
+        observer = per_head.observer() if cache.allocation == "head" else None
         cache = self.model.encode(recent, recent_mask, cache=cache, allow_empty_rows=True, observer=observer)
-        observed = None if observer is None else observer.layers(len(cache.layers))
-        return self.model.keep_nuggets(cache, context_mask, tail=recent.shape[1], observed=observed)
+        observed = per_head.after_read(cache, observer, recent.shape[1])
+        return self.model.keep_nuggets(cache, context_mask, tail=recent.shape[1], observed=observed, per_head=per_head)
 
 
 def full_context_kl(

@@ -1,14 +1,14 @@
-"""A streaming session: read a text of any length into a bounded nugget cache, then ask about it.
+"""A streaming session: read a text of any length into a bounded cache, then ask about it.
 
-The cache has three parts inside one budget (DESIGN §4): the first ``sinks`` tokens raw, nuggets
-of the far past, and the last ``recent`` tokens raw. Text is encoded ``segment`` tokens at a
-time by the encoder adapter, attending to the cache so far; as tokens leave the raw window the
-scorer's top ``ceil(n·ratio)`` of them stay as nuggets. When the nuggets outgrow their room the
-lowest-scoring are evicted, or the oldest are selected again (``overflow="recompress"``). With
-``positions="cache"`` a token's position is the number of entries before it and moved keys are
-re-rotated, so no position ever reaches the model's native window; ``original`` keeps text
-positions (texts inside the window); ``auto`` keeps text positions in a per-head cache until the
-text outgrows the window, then renumbers it as ``cache`` (token-level caches: ``cache`` throughout).
+The cache has three parts inside one budget (``docs/design.md``): the first ``sinks`` tokens raw,
+entries kept by the cache policy from the far past, and the last ``recent`` tokens raw. Text is read
+``segment`` tokens at a time (by the encoder adapter when the policy asks for it), attending to the
+cache so far; as tokens leave the raw window the policy keeps ``ceil(n·ratio)`` of them
+(:mod:`nugget2d.compress.policies`), and :class:`~nugget2d.runtime.cache_budget.BudgetKeeping` keeps
+the whole inside the budget. With ``positions="cache"`` a token's position is the number of entries
+before it and moved keys are re-rotated, so no position ever reaches the model's native window;
+``original`` keeps text positions (texts inside the window); ``auto`` keeps text positions in a
+per-head cache until the text outgrows the window, then renumbers it as ``cache``.
 """
 
 from __future__ import annotations
@@ -17,163 +17,55 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from nugget2d.compress import Nugget2DModel, NuggetCache, nugget_count
-from nugget2d.compress.config import check_ratio
+from nugget2d.compress import Nugget2DModel, NuggetCache
 from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import check_rerotatable
 
-from .cache_policies import (
-    OBSERVATION_WINDOW,
-    AttentionReceived,
-    HeadAttentionReceived,
-    accumulate_attention,
-    check_policy,
-    pool_groups,
-    topk_in_order,
-)
+from .cache_budget import BudgetKeeping
+from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings, Scoring, TextDeltas, TokenStream, token_log_probs
 from .resources import peak_rss_bytes
+from .session_stats import SessionStats
 from .texts import file_chunks, token_chunks
 
-#: How a session numbers its cache (:attr:`StreamSettings.positions`).
-POSITIONS = ("auto", "cache", "original")
+#: The name cache configurations had before :class:`CacheConfig` (same fields, same validation).
+StreamSettings = CacheConfig
+__all__ = ["POSITIONS", "CacheConfig", "SessionStats", "StreamSettings", "StreamingSession", "start_ids"]
 
 
-@dataclass
-class StreamSettings:
-    """The cache's shape: total ``budget`` of entries, of which ``sinks`` first tokens and the
-    ``recent`` last tokens stay raw; text is read ``segment`` tokens at a time. ``policy`` decides
-    what the tokens leaving the raw window become (:mod:`~nugget2d.runtime.cache_policies`):
-    nuggets (``nugget2d``), nothing (``streaming``), top tokens by attention received (``snapkv``)
-    or mean-pooled groups (``compressive``). ``allocation`` spreads the nuggets' budget per token
-    (every layer and head keeps the same tokens) or per (layer, KV head) by a per-head scorer;
-    ``auto`` takes ``head`` when the adapter's scorer scores heads, ``token`` otherwise.
-    In a per-head cache the attention that the last ``observation_window`` queries of each segment read
-    give every entry votes beside the scorer on what stays: an entry's worth is the better of its two
-    percentiles (SnapKV's signal serves continuation, the scorer's far recall); 0: the scorer alone.
-    ``read_budget`` (``None``: ``budget``) is how many entries the cache may hold while reading: a text
-    that fits is read with full attention and compressed into ``budget`` only when asked (how the
-    Nugget2D paper encodes and how KV presses prefill); memory then peaks at ``read_budget``."""
-
-    ratio: float = 0.1
-    budget: int = 2048
-    recent: int = 512
-    segment: int = 256
-    sinks: int = 4
-    overflow: Literal["evict", "recompress"] = "evict"
-    positions: Literal["auto", "cache", "original"] = "auto"
-    policy: Literal["nugget2d", "streaming", "snapkv", "compressive"] = "nugget2d"
-    allocation: Literal["auto", "token", "head"] = "auto"
-    observation_window: int = OBSERVATION_WINDOW
-    read_budget: int | None = None
-
-    @property
-    def read_capacity(self) -> int:
-        """Entries the cache may hold while reading: ``read_budget``, never below ``budget``."""
-        return max(self.budget, self.read_budget or 0)
-
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        check_policy(self.policy)
-        for name in ("budget", "segment"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("recent", "sinks", "observation_window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.overflow not in ("evict", "recompress"):
-            raise ValueError(f"overflow must be 'evict' or 'recompress', got {self.overflow!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
-        if self.allocation not in ("auto", "token", "head"):
-            raise ValueError(f"allocation must be 'auto', 'token' or 'head', got {self.allocation!r}")
-        if self.allocation == "head" and (self.policy != "nugget2d" or self.overflow != "evict"):
-            raise ValueError(
-                "allocation='head' spreads the nugget2d scorer's per-head scores, evicting the lowest: it needs "
-                "policy='nugget2d' and overflow='evict'"
-            )
-        if self.read_budget is not None and self.read_budget < self.budget:
-            raise ValueError(
-                f"read_budget ({self.read_budget}) cannot be below budget ({self.budget}): it is what the cache may "
-                "hold while reading; raise --read-budget or leave it out"
-            )
-        floor = self.sinks + self.recent + self.segment
-        if self.read_capacity <= floor:
-            name = "read_budget" if self.read_capacity > self.budget else "budget"
-            raise ValueError(
-                f"{name} ({self.read_capacity}) must exceed sinks + recent + segment ({self.sinks} + {self.recent} + "
-                f"{self.segment} = {floor}) to leave room for nuggets; raise --budget or lower --recent/--segment"
-            )
-        if self.budget <= self.sinks + self.recent:
-            raise ValueError(
-                f"budget ({self.budget}) must exceed sinks + recent ({self.sinks} + {self.recent}) to leave room for "
-                "nuggets; raise --budget or lower --recent"
-            )
-
-
-@dataclass
-class SessionStats:
-    """Counters a caller reports: sizes in tokens and bytes, rates, peak memory."""
-
-    tokens_ingested: int = 0
-    encoder_calls: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    ingest_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    cache_tokens: int = 0
-    nugget_tokens: int = 0
-    cache_bytes: int = 0
-    full_kv_bytes: int = 0
-    peak_rss_bytes: int = 0
-
-    @property
-    def ingest_tokens_per_s(self) -> float:
-        return self.tokens_ingested / self.ingest_seconds if self.ingest_seconds else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        """All counters plus the derived rates, JSON-ready."""
-        data = asdict(self)
-        data.update(ingest_tokens_per_s=self.ingest_tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s)
-        return data
-
-
-class StreamingSession:
+class StreamingSession(BudgetKeeping):
     """One document (or stream) in a bounded nugget cache, asked any number of questions."""
 
     def __init__(
         self,
         model: Nugget2DModel,
         tokenizer,
-        settings: StreamSettings | None = None,
+        settings: CacheConfig | None = None,
         chat: bool = True,
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.settings = settings or StreamSettings()
+        #: the configuration with the adapter's ratio and the allocation filled in
+        self.settings = (settings or CacheConfig()).for_model(model)
+        #: what stays of the text leaving the raw window (``settings.policy``, per head when so allocated)
+        self.policy = self.settings.make_policy()
         if self.settings.positions != "original":
             check_rerotatable(model.rotary_emb)
         self.window = int(model.base.config.max_position_embeddings)
         self.format = ChatFormat.from_tokenizer(tokenizer) if chat else ChatFormat.plain()
         self.progress = progress
-        allocation = self._allocation(model)
+        allocation = self.settings.allocation
         self.cache = model.new_cache(positions=self._first_positions(allocation), allocation=allocation)
         #: per layer ``(B, Hkv, entries)``: the attention the last segment's last queries gave each entry
         #: (per-head caches with an observation window), until the cache next changes
@@ -198,16 +90,6 @@ class StreamingSession:
         if self.settings.positions != "auto":
             return self.settings.positions
         return "original" if allocation == "head" else "cache"
-
-    def _allocation(self, model: Nugget2DModel) -> str:
-        """The cache's allocation: ``auto`` is ``head`` for a per-head scorer under the nugget2d policy
-        with eviction, ``token`` otherwise."""
-        chosen = self.settings.allocation
-        if chosen != "auto":
-            return chosen
-        settings = self.settings
-        fits = settings.policy == "nugget2d" and settings.overflow == "evict"
-        return "head" if model.scorer.heads is not None and fits else "token"
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -273,29 +155,21 @@ class StreamingSession:
         # text stays whole until the next segment would overflow it, then shrinks into the budget.
         if settings.read_budget is None or held + len(ids) > settings.read_capacity:
             self._make_room(max(0, len(ids) - (settings.read_capacity - settings.budget)), keep_raw=settings.recent)
-        observer = self._observer()
-        # the encoder adapter writes nugget2d's cache; the other policies, baselines of the unmodified
-        # model, keep its own K/V
-        frozen = settings.policy != "nugget2d"
+        observer = self.policy.observer()
+        # policies that keep no nuggets (the baselines of the unmodified model) keep its own K/V
         self.model.encode(
-            torch.tensor([ids], device=self.model.device), cache=self.cache, frozen=frozen, observer=observer
+            torch.tensor([ids], device=self.model.device),
+            cache=self.cache,
+            frozen=not self.policy.reads_with_encoder,
+            observer=observer,
         )
-        if isinstance(observer, HeadAttentionReceived):
-            self.observed = observer.layers(len(self.cache.layers))
-        elif observer is not None:
-            accumulate_attention(self.cache, observer.total, len(ids))
+        if observer is not None:
+            record = self.policy.after_read(self.cache, observer, len(ids))
+            if record is not None:
+                self.observed = record
         self.stats.encoder_calls += 1
         self.stats.tokens_ingested += len(ids)
         self._append_raw(len(ids))
-
-    def _observer(self) -> AttentionReceived | HeadAttentionReceived | None:
-        """What watches the attention while a segment is read: the snapkv policy's running totals, a
-        per-head cache's last ``observation_window`` queries, or nothing."""
-        if self.settings.policy == "snapkv":
-            return AttentionReceived()
-        if self.allocation == "head" and self.settings.observation_window:
-            return HeadAttentionReceived(self.settings.observation_window)
-        return None
 
     def _append_raw(self, count: int) -> None:
         """Count ``count`` entries just appended: the stream's first tokens fill the sinks."""
@@ -404,109 +278,6 @@ class StreamingSession:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.decode_seconds += time.perf_counter() - started
         self._refresh_stats()
-
-    # --- keeping the cache inside its budget -------------------------------------------------------
-
-    def _raw_when_asked(self, needed: int) -> int:
-        """Raw entries that stay raw before ``needed`` tokens are fed: the ``recent`` window, fewer if the
-        budget is short; the rest of the last segment is compressed, so what a question reads does not
-        depend on where the text's last segment ended (at 2k this beat keeping ``recent + segment``
-        raw on both bench metrics, ``benchmarks/reading/README.md``)."""
-        settings = self.settings
-        return min(self.raw, settings.recent, settings.budget - settings.sinks - needed)
-
-    def _make_room(self, incoming: int, keep_raw: int) -> None:
-        """Compress raw tokens beyond ``keep_raw`` into nuggets, then shrink the nuggets until
-        ``incoming`` more entries fit the budget."""
-        keep_raw = max(0, keep_raw)
-        scores = self.cache.layers[0].scores
-        if scores is None:
-            return
-        if self.settings.policy == "streaming":  # nothing is kept, so the raw window takes all the room
-            keep_raw = max(keep_raw, self.settings.budget - self.sinks - incoming)
-        if self.allocation == "head":
-            self._make_room_per_head(incoming, keep_raw)
-            return
-        scores = scores[0]
-        start = self.sinks + self.nuggets
-        leaving = self.raw - keep_raw if self.raw > keep_raw else 0
-        keep = list(range(self.sinks))
-        nuggets = list(range(self.sinks, start))
-        converted = self._choose(list(range(start, start + leaving)), scores) if leaving else []
-        raw = list(range(start + leaving, start + self.raw))
-        over = len(keep) + len(nuggets) + len(converted) + len(raw) + incoming - self.settings.budget
-        all_nuggets = self._shrink(nuggets + converted, scores, max(over, 0))
-        if len(all_nuggets) == len(nuggets) and not leaving:
-            return  # nothing moves
-        index = torch.tensor([keep + all_nuggets + raw], device=self.model.device)
-        self.cache.retain(index)
-        if self.settings.policy == "nugget2d":  # the baselines keep plain K/V: no score bias
-            self.cache.convert(
-                torch.isin(index, torch.tensor(converted, dtype=torch.long, device=index.device)),
-                self.model.config.bias_mode,
-            )
-        if self.cache.position_mode == "cache":
-            self.cache.reposition(self.model.rotary_emb)
-        self.nuggets, self.raw = len(all_nuggets), len(raw)
-
-    def _make_room_per_head(self, incoming: int, keep_raw: int) -> None:
-        """:meth:`_make_room` for a per-head cache: the same token-level budget, but the nuggets' entries
-        (old ones and ``ceil(n·r)`` per leaving token block, times layers × KV heads) go to the
-        highest-scoring (layer, head, token) triples; the lowest are evicted."""
-        leaving = max(self.raw - keep_raw, 0)
-        raw = self.raw - leaving
-        wanted = self.nuggets + (nugget_count(leaving, self.settings.ratio) if leaving else 0)
-        room = self.settings.budget - self.sinks - raw - incoming
-        nuggets = max(0, min(wanted, room))
-        if nuggets == self.nuggets and not leaving:
-            return  # nothing moves
-        entries = nuggets * self.model.num_layers * self.model.num_kv_heads
-        keep = torch.tensor([entries], device=self.model.device)
-        observed, self.observed = self.observed, None  # it describes the entries before this change
-        self.cache.keep_top_entries(
-            keep,
-            self.model.rotary_emb,
-            tail=raw,
-            lead=self.sinks,
-            bias_mode=self.model.config.bias_mode,
-            observed=observed,
-        )
-        self.cache.nugget_span = torch.tensor([nuggets], device=self.model.device)
-        if self.cache.position_mode == "cache":
-            self.cache.reposition(self.model.rotary_emb)
-        self.nuggets, self.raw = nuggets, raw
-
-    def _choose(self, indices: list[int], scores: torch.Tensor) -> list[int]:
-        """Which of the consecutive cache entries ``indices`` stay, by the policy: the scorer's
-        selection (nugget2d), none (streaming), the top ``ceil(n·r)`` by attention received (snapkv),
-        or one mean-pooled entry per group of ``ceil(n·r)`` groups, pooled in place (compressive)."""
-        policy, ratio = self.settings.policy, self.settings.ratio
-        if policy == "streaming":
-            return []
-        if policy == "compressive":
-            return pool_groups(self.cache, indices, nugget_count(len(indices), ratio), self.model.rotary_emb)
-        if policy == "snapkv":
-            return [indices[i] for i in topk_in_order(scores[indices], nugget_count(len(indices), ratio))]
-        chosen, _ = self.model.select(scores[indices][None], ratio=ratio)
-        return [indices[int(i)] for i in chosen[0]]
-
-    def _shrink(self, nuggets: list[int], scores: torch.Tensor, remove: int) -> list[int]:
-        """Drop ``remove`` of the ``nuggets`` (cache indices, text order): the lowest-scoring, the
-        oldest for ``compressive`` (evict), or by choosing among the oldest again at the ratio (recompress)."""
-        remove = min(remove, len(nuggets))
-        if remove <= 0:
-            return nuggets
-        ratio = self.settings.ratio
-        if self.settings.overflow == "recompress" and ratio < 1:
-            block = min(len(nuggets), math.ceil(remove / (1 - ratio)))
-            while block < len(nuggets) and block - nugget_count(block, ratio) < remove:
-                block += 1
-            if block - nugget_count(block, ratio) >= remove:
-                return self._choose(nuggets[:block], scores) + nuggets[block:]
-        if self.settings.policy == "compressive":
-            return nuggets[remove:]
-        order = scores[nuggets].argsort(descending=True)[: len(nuggets) - remove]
-        return sorted(nuggets[int(i)] for i in order)
 
     def _check_original_positions(self, incoming: int) -> None:
         """Before ``incoming`` tokens: with text positions past the model's window, ``auto`` renumbers the

@@ -1,4 +1,4 @@
-"""``nugget2d train``: one training loop on a DeepSpeed engine (DESIGN §6).
+"""``nugget2d train``: one training loop on a DeepSpeed engine (docs/design.md).
 
 Read top to bottom: configuration, data, model, engine, loop, checkpoints. Run as
 ``nugget2d train ...`` (one process) or ``deepspeed --module nugget2d.runtime.train ...``.
@@ -51,7 +51,7 @@ class TrainConfig:
     batch_size: int = 4
     segment_size: int = 128
     target_size: int = 64
-    recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of DESIGN §9); 0 = nuggets only
+    recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of docs/design.md); 0 = nuggets only
     sinks: int = 0  # first tokens kept raw when recent > 0
     positions: str = "cache"  # how the reader numbers the cache: as sessions do ("cache") or text positions
     lr: float = 1e-4

@@ -24,7 +24,7 @@ MAX_DOCUMENT_TOKENS = 2048  # longer JSONL documents are cut here (one compressi
 @dataclass(frozen=True)
 class Shape:
     """How examples are cut from text: ``segment`` tokens compressed per example, ``target`` tokens
-    learned; with ``recent`` > 0 the hybrid cache of DESIGN §9 — ``sinks`` first tokens and the last
+    learned; with ``recent`` > 0 the hybrid cache of docs/design.md — ``sinks`` first tokens and the last
     ``recent`` tokens before the target stay raw beside the nuggets."""
 
     segment: int = 128

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's endpoints, documents, health and metrics (DESIGN §7).
+"""The FastAPI app: OpenAI's endpoints, documents, health and metrics (docs/design.md).
 
 Request handlers only check and translate; all model work is a job on the :class:`Engine`'s
 worker thread, so the event loop stays free while the model runs.
@@ -214,11 +214,10 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
 def load_model(config: ServerConfig) -> tuple:
     """``(model, tokenizer)`` as the config names them; ``ValueError`` if the cache budget would
     take positions past the model's native window."""
-    from nugget2d.compress import Nugget2DConfig
     from nugget2d.runtime.loading import load_nugget2d
 
     shape = config.stream
-    model, tokenizer = load_nugget2d(config.model, config.adapter, Nugget2DConfig(ratio=shape.ratio), config.attention)
+    model, tokenizer = load_nugget2d(config.model, config.adapter, attention=config.attention, ratio=shape.ratio)
     window = int(model.base.config.max_position_embeddings)
     if shape.budget > window:
         raise ValueError(f"--budget ({shape.budget}) exceeds the model's native window ({window}); lower it")

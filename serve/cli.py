@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nugget2d.runtime.cli_options import add_cache_arguments, add_model_arguments, stream_settings
+from nugget2d.runtime.cli_options import add_cache_arguments, add_model_arguments, cache_config
 
 #: Where each key is read from when neither its flag nor its file flag is given.
 KEY_ENVIRONMENT = {"api_key": "NUGGET2D_API_KEY", "metrics_key": "NUGGET2D_METRICS_KEY"}
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keys.add_argument("--api-key-file", type=Path, default=None, help="read the API key from this file")
     keys.add_argument("--metrics-key", default=None, help="a key that opens only /metrics and /health's details")
     keys.add_argument("--metrics-key-file", type=Path, default=None, help="read the metrics key from this file")
-    cache = add_cache_arguments(parser, "cache (documents and long prompts)", positions=False)
+    cache = add_cache_arguments(parser, "cache (documents and long prompts)", exclude=("positions",))
     cache.add_argument(
         "--compress-threshold",
         type=int,
@@ -70,7 +70,7 @@ def config_from(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         api_key=_key(args, "api_key"),
         metrics_key=_key(args, "metrics_key"),
-        stream=stream_settings(args),
+        stream=cache_config(args),
         compress_threshold=args.compress_threshold,
         max_tokens_cap=args.max_tokens_cap,
         max_body_bytes=int(args.max_body_mb * 2**20),

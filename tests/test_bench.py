@@ -12,11 +12,11 @@ from transformers import DynamicCache
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
 from nugget2d.compress.hf_compat import returned_cache
+from nugget2d.compress.policies import group_bounds
 from nugget2d.compress.rope import rerotate
 from nugget2d.runtime.bench_common import CacheShape, configurations
 from nugget2d.runtime.bench_quality import QualityOptions, run_quality
 from nugget2d.runtime.bench_speed import IDEAL, SpeedOptions, compare, run_speed, strided, unmodified
-from nugget2d.runtime.cache_policies import group_bounds
 from nugget2d.runtime.cli import main
 from nugget2d.runtime.generation import GenerationSettings, TokenStream
 from nugget2d.runtime.session import StreamingSession, StreamSettings

@@ -1,4 +1,4 @@
-"""Per-head budgets (DESIGN §4): each (layer, KV head) keeps its own nuggets inside the token budget."""
+"""Per-head budgets (docs/design.md): each (layer, KV head) keeps its own nuggets inside the token budget."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch import nn
 
 from nugget2d.compress import MASKED, Nugget2DConfig, Nugget2DModel, NuggetCache, biased_attention
 from nugget2d.compress import attention as attention_module
-from nugget2d.compress import cache as cache_module
 from nugget2d.compress.attention import extra_column_attention, head_buckets, per_head_attention, sdpa_kernel
 from nugget2d.compress.hf_compat import returned_cache
+from nugget2d.compress.policies import AttentionReceived, HeadAttentionReceived, PerHeadBudget
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
 SHAPE = StreamSettings(budget=64, recent=16, segment=16, sinks=2)
@@ -132,16 +132,16 @@ def test_every_read_of_ragged_heads_equals_eager_head_by_head(monkeypatch, backe
     torch.testing.assert_close(model(following, nuggets=returned_cache(out)).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("reserve", [cache_module.SCORER_RESERVE, 2, 0])
-def test_per_head_budgets_store_only_the_entries_in_use(monkeypatch, reserve):
+@pytest.mark.parametrize("reserve", [PerHeadBudget.scorer_first, 2, 0])
+def test_per_head_budgets_store_only_the_entries_in_use(reserve):
     """Streamed far past the budget: the K/V pairs stored are exactly the entries in use, as many as a
     token-level cache of the same entries holds; ``nbytes`` counts every stored tensor; layers differ
     in length — whether the scorer's reserve takes the whole budget (the shipped size, for this tiny
     model), part of it, or none."""
-    monkeypatch.setattr(cache_module, "SCORER_RESERVE", reserve)
     model = _model()
     session = StreamingSession(model, tiny_tokenizer(), SHAPE, chat=False)
-    assert session.allocation == "head"
+    assert session.allocation == "head" and session.policy == PerHeadBudget()
+    session.policy = PerHeadBudget(scorer_first=reserve)
     text = _text()
     heads = model.num_layers * model.num_kv_heads
     pair = 2 * model.base.config.head_dim * 4  # fp32 key + value of one (layer, head, entry)
@@ -176,7 +176,7 @@ def test_a_head_without_candidates_stores_nothing_and_reads_the_same(tmp_path, b
         if index == 0:
             layer.scores[:, 0] = torch.arange(20.0)
             layer.bias[:, 0] = 0.0
-    cache.keep_top_entries(torch.tensor([10]), model.rotary_emb, pool=20)  # 5 slots opened; head 0 takes all 10
+    PerHeadBudget().keep(cache, torch.tensor([10]), model.rotary_emb, pool=20)  # 5 slots opened; head 0 takes all 10
     first = cache.layers[0]
     assert first.packed and first.get_seq_length() == 10 and int(cache.stored_entries()[0]) == 10
     pair = 2 * model.base.config.head_dim * 4
@@ -241,7 +241,7 @@ def test_a_per_head_session_saves_and_answers_the_same(tmp_path):
 def test_per_head_budgets_need_a_per_head_scorer_and_the_nugget2d_policy():
     with pytest.raises(ValueError, match="per-head scorer|scores every"):
         StreamingSession(_model("token"), tiny_tokenizer(), StreamSettings(**{**vars(SHAPE), "allocation": "head"}))
-    with pytest.raises(ValueError, match="policy='nugget2d'"):
+    with pytest.raises(ValueError, match="policy that scores heads"):
         StreamSettings(budget=64, recent=16, segment=16, allocation="head", policy="snapkv")
     token = StreamingSession(
         _model(), tiny_tokenizer(), StreamSettings(budget=64, recent=16, segment=16, policy="snapkv")
@@ -266,14 +266,14 @@ def test_compress_spreads_a_batch_over_heads_and_renumbers_it():
 
 
 @pytest.mark.parametrize("head_slots", [None, 1.0])
-def test_a_layers_share_goes_to_its_best_head_entries_or_fills_every_head(monkeypatch, head_slots):
+def test_a_layers_share_goes_to_its_best_head_entries_or_fills_every_head(head_slots):
     """Layer 0's head 0 scores 100 … 119, its head 1 0 … 19; no other layer has candidates. A budget of
     8 entries opens 4 slots (2 KV heads), all in layer 0 for head 0's scores. Uncapped (the default),
     the layer's 8 entries go to its best (head, entry) pairs: head 0 keeps 112 … 119, head 1 nothing,
     and the layer is read 8 long for head 0, stored packed. With a cap of 1 both heads fill the 4
-    slots with their own best: head 1 keeps 16 … 19 though head 0's fifth best outscores them (before
+    slots with their own best: head 1 keeps 16 … 19 though head 0's fifth best outscores them.
     2026-11-30 it kept nothing and its 4 slots were stored empty). No room: every nugget goes."""
-    monkeypatch.setattr(cache_module, "HEAD_SLOTS", head_slots)
+    rule = PerHeadBudget(head_cap=head_slots)
     model = _model()
     heads, layers = model.num_kv_heads, model.num_layers
     cache = model.encode(torch.tensor([_text(20)]), cache=model.new_cache(positions="cache"))
@@ -283,7 +283,7 @@ def test_a_layers_share_goes_to_its_best_head_entries_or_fills_every_head(monkey
         if index == 0:
             layer.bias[:] = 0.0
             layer.scores[:, 0], layer.scores[:, 1] = torch.arange(100.0, 120.0), torch.arange(20.0)
-    cache.keep_top_entries(torch.tensor([8]), model.rotary_emb, pool=20)
+    rule.keep(cache, torch.tensor([8]), model.rotary_emb, pool=20)
     first = cache.layers[0]
     assert int(cache.stored_entries()[0]) == 8
     if head_slots is None:
@@ -295,7 +295,7 @@ def test_a_layers_share_goes_to_its_best_head_entries_or_fills_every_head(monkey
         assert first.scores[0, 1].tolist() == [16.0, 17.0, 18.0, 19.0]
         assert not first.packed
         assert [layer.get_seq_length() for layer in cache.layers] == [4] + [0] * (layers - 1)
-    cache.keep_top_entries(torch.tensor([0]), model.rotary_emb, lead=0)
+    rule.keep(cache, torch.tensor([0]), model.rotary_emb, lead=0)
     assert [layer.get_seq_length() for layer in cache.layers] == [0] * layers
 
 
@@ -310,7 +310,7 @@ def test_with_text_positions_each_head_keeps_its_own_keys_unmoved():
     for layer, own in zip(cache.layers, scores):
         layer.scores = own.clone()
         keys.append(layer.keys.clone())
-    cache.keep_top_entries(torch.tensor([8 * heads * layers]), model.rotary_emb, pool=40)
+    PerHeadBudget().keep(cache, torch.tensor([8 * heads * layers]), model.rotary_emb, pool=40)
     kept = 0
     for layer, before, own in zip(cache.layers, keys, scores):
         for head in range(heads):
@@ -360,8 +360,6 @@ def test_auto_positions_keep_text_positions_until_the_window_then_renumber_exact
 def test_the_last_queries_attention_is_recorded_per_kv_head():
     """``HeadAttentionReceived`` holds, per KV head, the softmax attention of the last ``window`` causal
     queries summed over them and the head's query heads: what :class:`AttentionReceived` sums over all."""
-    from nugget2d.runtime.cache_policies import AttentionReceived, HeadAttentionReceived
-
     generator = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 4, 6, 8, generator=generator), torch.randn(1, 2, 10, 8, generator=generator)
     per_head, total = HeadAttentionReceived(window=3), AttentionReceived(window=3)
@@ -381,12 +379,12 @@ def test_the_last_queries_attention_is_recorded_per_kv_head():
 
 
 @pytest.mark.parametrize("reserve", [0, 2])
-def test_entries_the_last_queries_read_stay_beside_the_scorer_best(monkeypatch, reserve):
+def test_entries_the_last_queries_read_stay_beside_the_scorer_best(reserve):
     """Layer 0's head 0 holds 20 candidates scored 0 … 19; the recent queries read entry 0 most. With
     their attention voting, entry 0 (the scorer's worst) stays with the scorer's best; without, it goes.
     A scorer reserve as large as the budget (2 tokens' worth: 16 entries of the tiny model's 4 layers ×
     2 heads) gives every entry to the scorer's best, votes or not."""
-    monkeypatch.setattr(cache_module, "SCORER_RESERVE", reserve)
+    rule = PerHeadBudget(scorer_first=reserve)
     model = _model()
     heads = model.num_kv_heads
     kept = {}
@@ -402,7 +400,7 @@ def test_entries_the_last_queries_read_stay_beside_the_scorer_best(monkeypatch, 
                 layer.bias[:, 0] = 0.0
                 seen[:, 0] = torch.linspace(1.0, 0.0, 20)
             observed.append(seen)
-        cache.keep_top_entries(torch.tensor([12]), model.rotary_emb, pool=20, observed=observed if voting else None)
+        rule.keep(cache, torch.tensor([12]), model.rotary_emb, pool=20, observed=observed if voting else None)
         layer = cache.layers[0]
         kept[voting] = layer.positions[0, 0, layer.bias[0, 0] > MASKED / 2].tolist()
     assert kept[False] == list(range(8, 20))  # head 0 takes the layer's whole share of 12
@@ -411,10 +409,10 @@ def test_entries_the_last_queries_read_stay_beside_the_scorer_best(monkeypatch, 
     else:
         assert 0 in kept[True] and 19 in kept[True] and len(kept[True]) == 12
     with pytest.raises(ValueError, match="one value per"):
-        cache.keep_top_entries(torch.tensor([heads]), model.rotary_emb, pool=2, observed=[torch.zeros(1, 1, 3)])
+        rule.keep(cache, torch.tensor([heads]), model.rotary_emb, pool=2, observed=[torch.zeros(1, 1, 3)])
 
 
-def test_the_scorer_reserve_takes_the_best_scores_anywhere_and_the_slot_rule_the_rest():
+def test_the_scores_first_take_the_best_anywhere_and_the_per_layer_split_the_rest():
     """Two layers of 2 heads, 6 candidates each. Layer A's head 0 scores best (9, 8) but is worth
     little to the slot rule; layer B's head 0 is worth most (0.9 … 0.4). Keeping 6 with 2 reserved:
     A's head 0 keeps its two best scores, and the 4 left open 2 slots of layer B, whose best pairs are
@@ -422,12 +420,12 @@ def test_the_scorer_reserve_takes_the_best_scores_anywhere_and_the_slot_rule_the
     scores = [torch.zeros(1, 2, 6), torch.ones(1, 2, 6)]
     scores[0][0, 0, :2] = torch.tensor([9.0, 8.0])
     worth = [torch.full((1, 2, 6), 0.1), torch.stack([torch.linspace(0.9, 0.4, 6), torch.linspace(0.35, 0.1, 6)])[None]]
-    picks = cache_module.reserve_then_share(scores, worth, torch.tensor([6]), 2)
+    picks = PerHeadBudget().score_first_then_split(scores, worth, torch.tensor([6]), 2)
     assert picks[0][0, 0].nonzero().flatten().tolist() == [0, 1] and not picks[0][0, 1].any()
     assert picks[1][0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3] and not picks[1][0, 1].any()
-    unreserved = cache_module.reserve_then_share(scores, worth, torch.tensor([6]), 0)
+    unreserved = PerHeadBudget().score_first_then_split(scores, worth, torch.tensor([6]), 0)
     assert not unreserved[0].any() and unreserved[1][0, 0].all()
-    one = cache_module.reserve_then_share(scores, worth, torch.tensor([1]), 2)
+    one = PerHeadBudget().score_first_then_split(scores, worth, torch.tensor([1]), 2)
     assert one[0][0, 0].nonzero().flatten().tolist() == [0] and sum(int(p.sum()) for p in one) == 1
 
 

@@ -1,4 +1,4 @@
-"""The scorer objective (issue 11) and the KL loss (DESIGN §9.3): KV importance from the frozen
+"""The scorer objective (issue 11) and the KL loss (docs/design.md): KV importance from the frozen
 model, the ranking loss and its metrics, training the scorer alone, and KL to the full context."""
 
 from __future__ import annotations
