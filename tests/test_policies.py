@@ -51,10 +51,8 @@ def _ids(count: int) -> list[int]:
 
 def test_a_policy_in_one_file_runs_in_a_session_and_keeps_what_it_chose():
     model = _model()
-    session = StreamingSession(
-        model, tiny_tokenizer(), CacheConfig(ratio=0.5, budget=64, recent=8, segment=8, sinks=2, policy="every-other", positions="original"),
-        chat=False,
-    )  # fmt: skip
+    config = CacheConfig(ratio=0.5, budget=64, recent=8, segment=8, sinks=2, policy="every-other", positions="original")
+    session = StreamingSession(model, tiny_tokenizer(), config, chat=False)
     assert isinstance(session.policy, EveryOther) and session.allocation == "token"
     session.ingest_ids(_ids(40))
     kept = session.cache.layers[0].positions[0, 2 : 2 + session.nuggets].tolist()
