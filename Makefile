@@ -59,10 +59,15 @@ HELDOUT := $(wildcard benchmarks/data/test/*.txt)
 # The shipped adapter; `make bench ADAPTER=none` measures the untrained one.
 ADAPTER ?= default
 METHODS := full,nugget2d,streaming,snapkv,compressive
+SPEED := --methods full,ideal,nugget2d --ratios 0.1
 
 bench: install
-	for spec in 1024:2 2048:2 4096:2 8192:1 16384:1 32768:1; do \
-		$(BENCH) speed --adapter $(ADAPTER) --contexts $${spec%:*} --ratios 0.1 --repeats $${spec#*:} --out benchmarks/speed/c$${spec%:*}; \
+	$(BENCH) speed --adapter $(ADAPTER) $(SPEED) --contexts 2048 --repeats 2 --decode-tokens 32 --threads 1,2 \
+		--out benchmarks/speed/c2048
+	for spec in 8192:2:16 16384:1:16 32768:1:8; do \
+		set -- $$(echo $$spec | tr : ' '); \
+		$(BENCH) speed --adapter $(ADAPTER) $(SPEED) --contexts $$1 --repeats $$2 --decode-tokens $$3 \
+			--out benchmarks/speed/c$$1; \
 	done
 	$(BENCH) merge benchmarks/speed/c* --out benchmarks/speed
 	for context in 2048 8192; do \
