@@ -146,7 +146,8 @@ class CacheConfig:
         unset; a different one is used as asked, with a note) and ``allocation`` (``auto``: ``head`` for a
         per-head scorer under the nugget2d policy with eviction, ``token`` otherwise)."""
         trained = model.config.ratio
-        if self.ratio is not None and self.ratio != trained and model.adapter_source != "untrained":
+        uses_scorer = policy_class(self.policy).reads_with_encoder
+        if uses_scorer and self.ratio is not None and self.ratio != trained and model.adapter_source != "untrained":
             _log.warning("note: the adapter was trained at ratio %s; this cache keeps %s as asked", trained, self.ratio)
         allocation = self.allocation
         if allocation == "auto":
