@@ -42,7 +42,8 @@ class CacheConfig:
     beside the scorer. ``positions``: numbered by cache entry (any length), by text position (texts inside
     the model's window), or ``auto`` (text positions for per-head caches until the text outgrows the
     window). ``overflow``: when kept entries outgrow the budget, evict the lowest-scoring or re-select
-    the oldest at the ratio."""
+    the oldest at the ratio. ``lookback``: tokens of the text read raw again for each question, chosen
+    for it and dropped after (:mod:`nugget2d.runtime.lookback`; 0 = off)."""
 
     ratio: float | None = field(
         default=None, **_flag("fraction of the text leaving the raw window that is kept (default: the adapter's)")
@@ -90,6 +91,13 @@ class CacheConfig:
     read_budget: int | None = field(
         default=None, **_flag("entries the cache may hold while reading (default: --budget); memory peaks here")
     )
+    lookback: int = field(
+        default=0,
+        **_flag(
+            "tokens of the text read raw again before each answer, chosen for the question, dropped after "
+            "(0: off; needs the session's token ids)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.ratio is not None:
@@ -103,7 +111,7 @@ class CacheConfig:
         for name in ("budget", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("recent", "sinks", "observation_window"):
+        for name in ("recent", "sinks", "observation_window", "lookback"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, choices in (("overflow", OVERFLOWS), ("positions", POSITIONS), ("allocation", ALLOCATIONS)):

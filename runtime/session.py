@@ -19,6 +19,7 @@ import functools
 import json
 import sys
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,7 @@ from .cache_budget import BudgetKeeping
 from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings, Scoring, TextDeltas, TokenStream, token_log_probs
+from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
 from .resources import peak_rss_bytes
 from .session_stats import SessionStats
 from .texts import file_chunks, token_chunks
@@ -77,6 +79,12 @@ class StreamingSession(BudgetKeeping):
         self._progress_bar = None  # while ingest() shows progress: advanced by every segment encoded
         self.turns = 0
         self.stats = SessionStats()
+        #: every token id the cache has read, in order (index = text position); None for a session saved
+        #: before sessions kept them (look-back is then unavailable)
+        self.token_ids: array | None = array("i")
+        #: what a question reads back by default (``settings.lookback`` tokens; :mod:`.lookback`)
+        self.look_back = LookBack(self.settings.lookback)
+        self.lookback_stats = LookBackStats()
 
     @property
     def allocation(self) -> str:
@@ -170,6 +178,11 @@ class StreamingSession(BudgetKeeping):
         self.stats.encoder_calls += 1
         self.stats.tokens_ingested += len(ids)
         self._append_raw(len(ids))
+        self._note_read(ids)
+
+    def _note_read(self, ids: list[int]) -> None:
+        if self.token_ids is not None:
+            self.token_ids.extend(ids)
 
     def _append_raw(self, count: int) -> None:
         """Count ``count`` entries just appended: the stream's first tokens fill the sinks."""
@@ -179,12 +192,15 @@ class StreamingSession(BudgetKeeping):
 
     # --- asking ----------------------------------------------------------------------------------
 
-    def ask(self, question: str, settings: GenerationSettings | None = None) -> Iterator[str]:
-        """Stream the answer to ``question`` as text pieces; the exchange stays in the session."""
+    def ask(
+        self, question: str, settings: GenerationSettings | None = None, lookback: int | LookBack | None = None
+    ) -> Iterator[str]:
+        """Stream the answer to ``question`` as text pieces; the exchange stays in the session (with
+        look-back it does not: see :meth:`ask_ids`)."""
         settings = settings or GenerationSettings()
         prompt = self.prompt_ids(question, settings)
         deltas = TextDeltas(self.tokenizer, settings.stop)
-        for token in self.ask_ids(prompt, settings):
+        for token in self.ask_ids(prompt, settings, lookback=lookback, question=question):
             piece = deltas.push(token)
             if piece:
                 yield piece
@@ -211,11 +227,27 @@ class StreamingSession(BudgetKeeping):
             )
 
     def ask_ids(
-        self, prompt_ids: Iterable[int], settings: GenerationSettings | None = None, scoring: Scoring | None = None
+        self,
+        prompt_ids: Iterable[int],
+        settings: GenerationSettings | None = None,
+        scoring: Scoring | None = None,
+        lookback: int | LookBack | None = None,
+        question: str | None = None,
     ) -> Iterator[int]:
         """Stream new token ids after ``prompt_ids``; closing the iterator early keeps the session usable.
-        A ``scoring`` records the log-probabilities of the new tokens (and of ``prompt_ids`` when it asks)."""
+        A ``scoring`` records the log-probabilities of the new tokens (and of ``prompt_ids`` when it asks).
+
+        ``lookback`` (tokens, or a :class:`~nugget2d.runtime.lookback.LookBack`; default
+        :attr:`look_back`, from ``settings.lookback``): passages chosen for this question are read raw
+        before it, and the turn is answered on a copy, so the session (its cache, pending tokens and turn
+        count) stays as it was before the question. ``question``: its text, for the BM25 selector (the
+        prompt's decoded text otherwise). ``ValueError`` for a negative look-back, or a look-back on a
+        session saved without token ids."""
         settings = settings or GenerationSettings()
+        look = self._look_back(lookback)
+        if look.tokens:
+            yield from ask_looking_back(self, [int(t) for t in prompt_ids], settings, scoring, look, question)
+            return
         self.ingest_ids([], final=True)
         prompt = self.pending + [int(t) for t in prompt_ids]
         self._check_fits(len(prompt), settings)
@@ -227,7 +259,11 @@ class StreamingSession(BudgetKeeping):
         finally:
             self.turns += 1
             self.stats.generated_tokens += len(stream.generated)
-            self._close_turn(stream.cache, stream.unfed, len(prompt), started)
+            self._close_turn(stream.cache, stream.unfed, len(prompt), started, prompt + stream.generated)
+
+    def _look_back(self, lookback: int | LookBack | None) -> LookBack:
+        """The look-back of one question: the session's, ``lookback`` tokens of it, or as given."""
+        return resolve(self.look_back, lookback, self.token_ids is not None)
 
     def _eos_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -258,7 +294,7 @@ class StreamingSession(BudgetKeeping):
         with torch.no_grad():
             out = self.model(torch.tensor([prompt], device=self.model.device), nuggets=self.cache)
         scored = token_log_probs(out.logits[0, len(self.pending) : -1], ids[1:])
-        self._close_turn(returned_cache(out), [], len(prompt), started)
+        self._close_turn(returned_cache(out), [], len(prompt), started, prompt)
         return scored
 
     def _open_turn(self, needed: int, fed: int | None = None) -> None:
@@ -268,13 +304,16 @@ class StreamingSession(BudgetKeeping):
         with torch.no_grad():
             self._make_room(needed, keep_raw=self._raw_when_asked(needed))
 
-    def _close_turn(self, cache: NuggetCache, pending: list[int], prompt_tokens: int, started: float) -> None:
-        """After a question or a scoring: adopt the ``cache`` it grew (its new entries count as raw), keep
-        the ids it left ``pending``, and count its time. The attention record is dropped: it described
-        the entries before the turn."""
+    def _close_turn(
+        self, cache: NuggetCache, pending: list[int], prompt_tokens: int, started: float, sent: list[int]
+    ) -> None:
+        """After a question or a scoring: adopt the ``cache`` it grew (its new entries, the first of the
+        ``sent`` ids, count as raw), keep the ids it left ``pending``, and count its time. The attention
+        record is dropped: it described the entries before the turn."""
         fed = cache.get_seq_length() - self.cache.get_seq_length()
         self.cache, self.pending, self.observed = cache, pending, None
         self._append_raw(fed)
+        self._note_read(sent[:fed])
         self.stats.prompt_tokens += prompt_tokens
         self.stats.decode_seconds += time.perf_counter() - started
         self._refresh_stats()
@@ -319,6 +358,8 @@ class StreamingSession(BudgetKeeping):
         twin.cache = self.cache.fork()
         twin.pending, twin._waiting = list(self.pending), list(self._waiting)
         twin.stats = dataclasses.replace(self.stats)
+        twin.token_ids = array("i", self.token_ids) if self.token_ids is not None else None
+        twin.lookback_stats = dataclasses.replace(self.lookback_stats, last_spans=list(self.lookback_stats.last_spans))
         return twin
 
     def save(self, directory: str | Path) -> Path:
@@ -327,6 +368,7 @@ class StreamingSession(BudgetKeeping):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.cache.save(directory / "cache.safetensors")
+        save_ids(self.token_ids, directory / IDS_FILE)
         observed = directory / "observed.safetensors"
         if self.observed is not None:
             save_file({str(i): seen.contiguous() for i, seen in enumerate(self.observed)}, observed)
@@ -362,6 +404,7 @@ class StreamingSession(BudgetKeeping):
             raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err
         session.cache = NuggetCache.load(directory / "cache.safetensors", device=model.device)
         session.cache.check_model(model.fingerprint)
+        session.token_ids = load_ids(directory / IDS_FILE, session.cache)
         observed = directory / "observed.safetensors"
         if observed.is_file():
             seen = load_file(observed, device=str(model.device))
