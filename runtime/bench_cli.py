@@ -73,6 +73,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "it is read whole with full attention (as kvpress presses do; memory grows with the context)",
     )
     add_cache_arguments(quality, only=("observation_window",))
+    quality.add_argument(
+        "--lookback",
+        default="0",
+        help="qa, ruler: tokens of the text read back raw before each answer, each a configuration of its own "
+        "(comma-separated; 0 = off)",
+    )
+    quality.add_argument(
+        "--lookback-selector",
+        default="hybrid",
+        help="how look-back chooses what to read: attention, bm25, hybrid, oracle (the span holding the answer); "
+        "comma-separated, each a configuration of its own",
+    )
+    quality.add_argument(
+        "--lookback-placement",
+        choices=("text", "after"),
+        default="after",
+        help="look-back spans after the cache's entries, or at their text positions (while the cache keeps them)",
+    )
+    quality.add_argument("--lookback-span", type=int, default=64, help="tokens per look-back window")
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
@@ -137,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
             positions=args.positions,
             reading=args.reading,
             observation_window=args.observation_window,
+            lookback=parse_list(args.lookback, int, "lookback"),
+            lookback_selectors=parse_list(args.lookback_selector, str, "lookback-selector"),
+            lookback_placement=args.lookback_placement,
+            lookback_span=args.lookback_span,
         )
         runner = run_quality
     from .loading import load_nugget2d

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import bench_peers, bench_ruler
+from . import bench_lookback, bench_peers, bench_ruler
 from .bench_common import (
     READINGS,
     CacheShape,
@@ -51,6 +51,7 @@ from .bench_recall import RECALL_LEAD, recall_passage
 from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings
+from .lookback import DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
 from .session import POSITIONS, StreamingSession
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
@@ -85,6 +86,10 @@ class QualityOptions:
     positions: str = "auto"  # how compressing methods number their cache (CacheConfig.positions)
     reading: str = "stream"  # compress while streaming, or after reading the whole context (CacheShape.reading)
     observation_window: int = CacheConfig.observation_window  # per-head caches: the last queries' attention votes
+    lookback: list[int] = field(default_factory=lambda: [0])  # qa, ruler: tokens read back per answer (0 = off)
+    lookback_selectors: list[str] = field(default_factory=lambda: [DEFAULT_SELECTOR])
+    lookback_placement: str = "after"  # look-back spans after the cache (measured better), or at their text positions
+    lookback_span: int = DEFAULT_SPAN
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)
@@ -97,6 +102,9 @@ class QualityOptions:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
         check_ratios(self.ratios)
+        bench_lookback.check_lookback_options(self.lookback, self.lookback_selectors, self.lookback_span)
+        if self.lookback_placement not in PLACEMENTS:
+            raise ValueError(f"lookback_placement must be one of {list(PLACEMENTS)}, got {self.lookback_placement!r}")
         for metric in self.metrics:
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
@@ -203,25 +211,49 @@ def plant(tokenizer, window: list[int], depth: float, fact: str) -> list[int]:
     return text[:at] + fact_ids + text[at:]
 
 
-def answer(model, tokenizer, shape: CacheShape, ids: list[int], question: str) -> tuple[str, tuple[int, int]]:
-    """The greedy answer to ``question`` (chat template) after reading ``ids``."""
+def answer(
+    model, tokenizer, shape: CacheShape, ids: list[int], question: str, options: QualityOptions, code: str
+) -> tuple[list[dict], tuple[int, int]]:
+    """The greedy answers to ``question`` (chat template) after reading ``ids``, one per look-back variant
+    of the method (:func:`~nugget2d.runtime.bench_lookback.answer_variants`)."""
     session = StreamingSession(model, tokenizer, shape.settings(), chat=True)
     session.ingest_ids(ids, final=True)
     settings = GenerationSettings(max_new_tokens=QA_NEW_TOKENS)
     prompt = session.prompt_ids(question, settings)
     held = held_for(session, len(prompt) + QA_NEW_TOKENS)
-    return "".join(session.ask(question, settings)), held
+    wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
+    results = bench_lookback.answer_variants(
+        session,
+        lambda fork, look: "".join(fork.ask(question, settings, lookback=look)),
+        wanted,
+        (code,),
+        options.lookback_placement,
+        options.lookback_span,
+    )
+    return results, held
 
 
-def ruler_answer(model, tokenizer, shape: CacheShape, split: tuple[list[int], list[int]], new_tokens: int) -> tuple:
-    """The greedy answer after a RULER prompt split into ``(context, tail)``: the context read (and
-    compressed) first, then the tail; with the cache entries (and bytes) holding the context then."""
+def ruler_answer(
+    model, tokenizer, shape: CacheShape, split: tuple[list[int], list[int]], options: QualityOptions, answers: tuple
+) -> tuple[list[dict], tuple[int, int]]:
+    """The greedy answers after a RULER prompt split into ``(context, tail)``, one per look-back variant:
+    the context read (and compressed) first, then the tail; with the cache entries (and bytes) holding
+    the context then."""
     context, tail = split
+    new_tokens = options.ruler_new_tokens
     session = StreamingSession(model, tokenizer, shape.settings(), chat=False)
     session.ingest_formatted(context, final=True)  # the prompt's ids carry the tokenizer's own start
     held = held_for(session, len(tail) + new_tokens)
-    out = list(session.ask_ids(tail, GenerationSettings(max_new_tokens=new_tokens)))
-    return tokenizer.decode(out, skip_special_tokens=True), held
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+
+    def ask(fork: StreamingSession, look) -> str:
+        return tokenizer.decode(list(fork.ask_ids(tail, settings, lookback=look)), skip_special_tokens=True)
+
+    wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
+    results = bench_lookback.answer_variants(
+        session, ask, wanted, tuple(answers), options.lookback_placement, options.lookback_span
+    )
+    return results, held
 
 
 def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, adapter: str | None = None) -> Path:
@@ -239,10 +271,16 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     peers = [method for method in options.methods if bench_peers.is_peer(method)]
     scored = peers and {"ppl", "recall_ppl", "ruler"} & set(options.metrics)
     runner = bench_peers.PressRunner.for_model(model) if scored else None
+
+    def slot(config: tuple, variant: tuple = (0, None)) -> tuple[dict, dict]:
+        """The record and sums of ``config`` answering with look-back ``variant``."""
+        key = (*config, *variant)
+        record = records.setdefault(key, {"method": config[0], "ratio": config[1], "context": config[2]})
+        return record, sums.setdefault(key, {})
+
     for kind, config, payload in tqdm(jobs, desc="bench quality", unit="sample", file=sys.stderr):
         shape = options.shape(config, payload["reserve"])
-        record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
-        acc = sums.setdefault(config, {})
+        record, acc = slot(config)
         if kind == "window" and bench_peers.is_peer(config[0]):
             result = runner.perplexities(*config[:2], payload["ids"], config[2], options)
             bench_peers.note(record, acc, result)
@@ -260,38 +298,50 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
             if bench_peers.is_peer(config[0]):
                 reply, sizes = runner.answer(config[0], config[1], payload["split"], options.ruler_new_tokens)
                 bench_peers.note(record, acc, sizes)
+                results = [{"variant": (0, None), "reply": reply}]
             else:
-                reply, held = ruler_answer(model, tokenizer, shape, payload["split"], options.ruler_new_tokens)
-                _note_size(record, shape, held)
-            score = sample.score(reply)
-            acc.setdefault("ruler", []).append((sample.task, score))
-            acc.setdefault("ruler_context", []).append(len(payload["split"][0]))
-            record.setdefault("ruler_answers", []).append(
-                {
-                    "task": sample.task,
-                    "index": sample.index,
-                    "expected": list(sample.answers),
-                    "answer": reply,
-                    "score": score,
-                }
-            )
+                results, held = ruler_answer(model, tokenizer, shape, payload["split"], options, sample.answers)
+            for result in results:
+                record, acc = slot(config, result["variant"])
+                if not bench_peers.is_peer(config[0]):
+                    _note_size(record, shape, held)
+                    bench_lookback.note_answer(record, acc, result)
+                score = sample.score(result["reply"])
+                acc.setdefault("ruler", []).append((sample.task, score))
+                acc.setdefault("ruler_context", []).append(len(payload["split"][0]))
+                record.setdefault("ruler_answers", []).append(
+                    {
+                        "task": sample.task,
+                        "index": sample.index,
+                        "expected": list(sample.answers),
+                        "answer": result["reply"],
+                        "score": score,
+                        **({"spans": result["spans"]} if result.get("spans") else {}),
+                    }
+                )
         elif kind == "autoencode":
             hypothesis, held = autoencode(model, tokenizer, shape, payload["ids"])
             _note_size(record, shape, held)
             acc.setdefault("bleu", []).append((hypothesis, tokenizer.decode(payload["ids"], skip_special_tokens=True)))
         else:
-            reply, held = answer(model, tokenizer, shape, payload["ids"], payload["question"])
-            _note_size(record, shape, held)
-            correct = payload["code"] in reply
-            acc.setdefault("qa", []).append((payload["depth"], correct))
-            record.setdefault("qa_examples", []).append(
-                {"depth": payload["depth"], "code": payload["code"], "answer": reply.strip()[:120]}
+            results, held = answer(
+                model, tokenizer, shape, payload["ids"], payload["question"], options, payload["code"]
             )
+            for result in results:
+                record, acc = slot(config, result["variant"])
+                _note_size(record, shape, held)
+                bench_lookback.note_answer(record, acc, result)
+                correct = payload["code"] in result["reply"]
+                acc.setdefault("qa", []).append((payload["depth"], correct))
+                record.setdefault("qa_examples", []).append(
+                    {"depth": payload["depth"], "code": payload["code"], "answer": result["reply"].strip()[:120]}
+                )
     for config in configurations(peers, options.ratios, options.contexts):
-        record = records.setdefault(config, {"method": config[0], "ratio": config[1], "context": config[2]})
-        bench_peers.finish(record, sums.get(config, {}), options.metrics)
+        record, acc = slot(config)
+        bench_peers.finish(record, acc, options.metrics)
     for config, record in records.items():
         acc = sums.get(config, {})
+        bench_lookback.finish(record, acc)
         for metric in ("ppl", "recall_ppl"):
             if metric in acc:
                 record[metric] = math.exp(acc[metric][0] / acc[metric][1])
@@ -321,7 +371,10 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     }
     if runner is not None:
         extra["kvpress"] = bench_peers.describe(runner)
-    ordered = sorted(records.values(), key=lambda r: (r["context"], r["method"], r["ratio"]))
+    ordered = sorted(
+        (r for r in records.values() if len(r) > 3),  # a variant that answered nothing has no record
+        key=lambda r: (r["context"], r["method"], r["ratio"], r.get("lookback", 0), r.get("lookback_selector", "")),
+    )
     path = write_results(out_dir, "quality", machine_info(model, adapter), ordered, extra)
     state = "untrained adapter" if adapter in (None, "", "none") else f"adapter {Path(adapter).name}"
     plot_quality(ordered, Path(out_dir) / "quality.png", title=f"{Path(str(model.config.base_model)).name}, {state}")

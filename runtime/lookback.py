@@ -9,8 +9,10 @@ look-back ``N`` (:attr:`CacheConfig.lookback <nugget2d.runtime.cache_config.Cach
    the question and each window's text (``bm25``, the ``bm25s`` library), by both (``hybrid``: each
    score over its maximum, summed), or, in benchmarks, by whether a window holds the answer (``oracle``);
 2. the best windows up to ``N`` tokens are merged into spans and read raw, in text order, into a
-   temporary fork of the cache: at their own text positions while the cache is numbered by text
-   position (``placement="text"``), else as a block after the cache's entries (``"after"``);
+   temporary fork of the cache: as a block after the cache's entries, just before the question
+   (``placement="after"``, the default: it answered best, ``benchmarks/lookback/``), or at their own
+   text positions while the cache is numbered by text position (``"text"``; the spans then also see
+   the later text as if it came before them);
 3. the question is read over that fork and answered; the fork is dropped, so the session's cache is
    the one it held before the question.
 
@@ -63,7 +65,7 @@ class LookBack:
     tokens: int = 0
     selector: str = DEFAULT_SELECTOR
     span: int = DEFAULT_SPAN
-    placement: str = "text"
+    placement: str = "after"
     answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -1,0 +1,93 @@
+"""Look-back in ``bench quality``: each question asked of one read session with every look-back variant.
+
+A variant is ``(tokens, selector)``; ``(0, None)`` is the session as it answers without look-back. The
+context is read once per sample and every variant answers on a fork of that session (look-back leaves
+the session's cache as it was, and a plain answer changes only the fork), so the variants differ only
+in what they read back. Each answer is timed (from the question to the last token: making room,
+choosing and reading spans, reading the question, generating), with the largest cache it read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .lookback import DEFAULT_SPAN, LookBack
+from .lookback_select import SELECTORS
+from .session import StreamingSession
+
+Variant = tuple[int, str | None]
+
+
+def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int) -> None:
+    """``ValueError`` for a negative look-back, an unknown selector or a span below 2 tokens."""
+    for tokens in lookbacks:
+        if tokens < 0:
+            raise ValueError(f"every --lookback must be >= 0 tokens (0 = off), got {tokens}")
+    for name in selectors:
+        if name not in SELECTORS:
+            raise ValueError(f"unknown look-back selector {name!r}; choose from {list(SELECTORS)}")
+    if span < 2:
+        raise ValueError(f"the look-back span must be >= 2 tokens, got {span}")
+
+
+def variants(method: str, lookbacks: list[int], selectors: list[str]) -> list[Variant]:
+    """The variants ``method`` answers with: without look-back when 0 is asked (and always for ``full``,
+    which keeps the whole text), then each look-back size with each selector."""
+    plain: list[Variant] = [(0, None)] if 0 in lookbacks or method == "full" else []
+    if method == "full":
+        return plain
+    return plain + [(tokens, name) for tokens in lookbacks if tokens > 0 for name in selectors]
+
+
+def answer_variants(
+    session: StreamingSession,
+    ask: Callable[[StreamingSession, LookBack], str],
+    wanted: list[Variant],
+    answers: tuple[str, ...],
+    placement: str = "after",
+    span: int = DEFAULT_SPAN,
+) -> list[dict]:
+    """Every variant's answer to one question of ``session`` (which has read the context): ``ask(fork,
+    look)`` answers on a fork; ``answers`` are what the oracle selector looks for. Per variant: the reply,
+    seconds, the largest cache bytes the answer read, tokens read back and the spans."""
+    results = []
+    for tokens, selector in wanted:
+        fork = session.fork()
+        look = LookBack(tokens)
+        if tokens:
+            look = LookBack(tokens, selector, span, placement, answers if selector == "oracle" else ())
+        started = time.perf_counter()
+        reply = ask(fork, look)
+        seconds = time.perf_counter() - started
+        stats = fork.lookback_stats
+        results.append(
+            {
+                "variant": (tokens, selector),
+                "reply": reply,
+                "seconds": seconds,
+                "peak_bytes": stats.peak_cache_bytes if tokens else fork.cache.nbytes,
+                "read_tokens": stats.tokens_read,
+                "spans": [list(s) for s in stats.last_spans] if tokens else [],
+            }
+        )
+    return results
+
+
+def note_answer(record: dict, acc: dict, result: dict) -> None:
+    """Add one answer's time, peak bytes and look-back to a record's sums."""
+    tokens, selector = result["variant"]
+    if tokens:
+        record.setdefault("lookback", tokens)
+        record.setdefault("lookback_selector", selector)
+    acc.setdefault("answer_seconds", []).append(result["seconds"])
+    acc.setdefault("peak_bytes", []).append(result["peak_bytes"])
+    acc.setdefault("read_tokens", []).append(result["read_tokens"])
+
+
+def finish(record: dict, acc: dict) -> None:
+    """Seconds per answer, peak cache bytes while answering and tokens read back per answer, from the sums."""
+    if "answer_seconds" in acc:
+        record["seconds_per_answer"] = sum(acc["answer_seconds"]) / len(acc["answer_seconds"])
+        record["peak_question_bytes"] = max(acc["peak_bytes"])
+        record["lookback_read_tokens"] = sum(acc["read_tokens"]) / len(acc["read_tokens"])

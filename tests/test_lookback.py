@@ -1,0 +1,170 @@
+"""Look-back (runtime/lookback.py): token ids kept, spans read for one answer and dropped after."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+
+from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.runtime import lookback as lookback_module
+from nugget2d.runtime.generation import GenerationSettings, TokenStream
+from nugget2d.runtime.lookback import IDS_FILE, LookBack
+from nugget2d.runtime.lookback_select import choose_spans, windows
+from nugget2d.runtime.session import CacheConfig, StreamingSession
+
+FACT = "the secret code is blue door"
+QUESTION = "what is the secret code ?"
+
+
+def _text(words: int = 400, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    picks = [WORDS[i] for i in torch.randint(0, 60, (words,), generator=generator).tolist()]
+    picks[100:106] = FACT.split()
+    return " ".join(picks)
+
+
+def _session(allocation: str = "head", positions: str = "auto", **settings) -> StreamingSession:
+    config = Nugget2DConfig(scorer_layer=1, allocation=allocation)
+    model = Nugget2DModel.from_base(tiny_llama(max_position_embeddings=1024), config).eval()
+    shape = dict(ratio=0.25, budget=160, recent=32, segment=32, allocation=allocation, positions=positions)
+    session = StreamingSession(model, tiny_tokenizer(), CacheConfig(**{**shape, **settings}), chat=False)
+    session.ingest(_text())
+    return session
+
+
+def _question(session: StreamingSession) -> list[int]:
+    return session.tokenizer(QUESTION, add_special_tokens=False).input_ids
+
+
+def _tensors(session: StreamingSession) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in layer.tensors().items()} for layer in session.cache.layers]
+
+
+def _same(before: list[dict], session: StreamingSession) -> bool:
+    after = [layer.tensors() for layer in session.cache.layers]
+    return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before, after))
+
+
+def test_lookback_zero_answers_as_before():
+    """Look-back 0 is today's path: the same tokens as a stream over the session's cache, the exchange kept."""
+    session = _session(lookback=0)
+    twin = session.fork()
+    prompt, settings = _question(session), GenerationSettings(max_new_tokens=6)
+    twin._open_turn(len(prompt) + settings.max_new_tokens)
+    expected = list(TokenStream(twin.model, twin.cache, prompt, settings, twin._eos_ids()))
+    assert list(session.ask_ids(prompt, settings)) == expected
+    assert session.turns == 1 and len(session.token_ids) == int(session.cache.seen_tokens[0])
+
+
+@pytest.mark.parametrize("allocation", ["token", "head"])
+@pytest.mark.parametrize("selector", ["attention", "bm25", "hybrid"])
+def test_the_cache_after_a_lookback_question_equals_the_one_before(allocation, selector):
+    session = _session(allocation, positions="original")
+    session.ingest_ids([], final=True)
+    before, ids, turns = _tensors(session), list(session.token_ids), session.turns
+    out = list(
+        session.ask_ids(_question(session), GenerationSettings(max_new_tokens=4), lookback=LookBack(64, selector))
+    )
+    assert out and session.lookback_stats.tokens_read > 0
+    assert _same(before, session) and list(session.token_ids) == ids and session.turns == turns
+    again = list(
+        session.ask_ids(_question(session), GenerationSettings(max_new_tokens=4), lookback=LookBack(64, selector))
+    )
+    assert again == out  # the next question starts from the same cache
+
+
+@pytest.mark.parametrize("placement", ["after", "text"])
+def test_oracle_spans_are_in_the_cache_while_answering_and_gone_after(monkeypatch, placement):
+    session = _session(positions="original")
+    session.ingest_ids([], final=True)
+    before = _tensors(session)
+    seen: list = []
+
+    class Watched(TokenStream):
+        def __init__(self, model, cache, *args, **kwargs):
+            seen.append((cache.get_seq_length(), cache.layers[0].positions.clone()))
+            super().__init__(model, cache, *args, **kwargs)
+
+    monkeypatch.setattr(lookback_module, "TokenStream", Watched)
+    look = LookBack(64, "oracle", span=16, placement=placement, answers=("blue door",))
+    list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=3), lookback=look))
+    spans = session.lookback_stats.last_spans
+    fact_at = list(session.token_ids).index(session.tokenizer.convert_tokens_to_ids("blue"))
+    assert spans and any(a <= fact_at < b for a, b in spans) and sum(b - a for a, b in spans) <= 64
+    length, positions = seen[0]
+    read = sum(b - a for a, b in spans)
+    twin = session.fork()
+    twin._open_turn(len(_question(session)) + 3)
+    assert length == twin.cache.get_seq_length() + read  # the spans, raw, on top of the cache the question reads
+    tail = positions[0, -read:] if positions.dim() == 2 else positions[0, 0, -read:]
+    if placement == "text":
+        assert tail.tolist() == [p for a, b in spans for p in range(a, b)]
+    else:
+        seen_tokens = int(session.cache.seen_tokens[0])
+        assert tail.tolist() == list(range(seen_tokens, seen_tokens + read))
+    assert _same(before, session)
+
+
+def test_token_ids_survive_save_and_load(tmp_path):
+    session = _session()
+    list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=3)))
+    assert len(session.token_ids) == int(session.cache.seen_tokens[0])
+    session.save(tmp_path / "s")
+    loaded = StreamingSession.load(tmp_path / "s", session.model, session.tokenizer)
+    assert list(loaded.token_ids) == list(session.token_ids)
+    look = LookBack(64, "bm25")
+    settings = GenerationSettings(max_new_tokens=4)
+    assert list(loaded.ask_ids(_question(session), settings, lookback=look)) == list(
+        session.ask_ids(_question(session), settings, lookback=look)
+    )
+
+
+def test_a_session_saved_without_ids_refuses_lookback_clearly(tmp_path):
+    session = _session()
+    session.save(tmp_path / "old")
+    (tmp_path / "old" / IDS_FILE).unlink()  # as sessions were saved before they kept their ids
+    old = StreamingSession.load(tmp_path / "old", session.model, session.tokenizer)
+    assert old.token_ids is None
+    with pytest.raises(ValueError, match="saved before sessions kept"):
+        list(old.ask_ids(_question(session), GenerationSettings(max_new_tokens=2), lookback=64))
+    assert list(old.ask_ids(_question(session), GenerationSettings(max_new_tokens=2)))  # look-back 0 still answers
+
+
+def test_bad_lookback_values_are_refused():
+    with pytest.raises(ValueError, match="lookback must be >= 0"):
+        CacheConfig(lookback=-1)
+    with pytest.raises(ValueError, match="lookback must be a whole number"):
+        LookBack(-5)
+    with pytest.raises(ValueError, match="selector must be one of"):
+        LookBack(64, "magic")
+    with pytest.raises(ValueError, match="oracle selector needs the answers"):
+        LookBack(64, "oracle")
+    session = _session()
+    with pytest.raises(ValueError, match="lookback must be a whole number"):
+        list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=2), lookback=-3))
+
+
+def test_attention_selector_needs_text_positions():
+    session = _session("token", positions="cache")
+    with pytest.raises(ValueError, match="use the bm25 selector"):
+        list(
+            session.ask_ids(
+                _question(session), GenerationSettings(max_new_tokens=2), lookback=LookBack(64, "attention")
+            )
+        )
+    out = list(
+        session.ask_ids(_question(session), GenerationSettings(max_new_tokens=2), lookback=LookBack(64, "hybrid"))
+    )
+    assert out and session.lookback_stats.tokens_read > 0  # hybrid falls back to BM25
+
+
+def test_spans_are_the_best_windows_within_the_budget_merged():
+    wins = windows(4, 100, 16)
+    assert wins[0] == (4, 20) and wins[-1][1] == 100 and all(b - a == 16 for a, b in wins)
+    scores = np.zeros(len(wins))
+    scores[[0, 1, 5]] = [3.0, 2.0, 1.0]
+    assert choose_spans(scores, wins, 24) == [(4, 28)]  # 0 and 1 overlap by half: 24 tokens
+    assert choose_spans(scores, wins, 40) == [(4, 28), (44, 60)]
+    assert choose_spans(np.zeros(len(wins)), wins, 40) == []  # nothing scores: nothing is read
