@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -112,6 +113,21 @@ def score_tokens(logits: torch.Tensor, targets: list[int], top: int = 0) -> list
     return [TokenScore(int(t), lp, alternatives) for t, lp, alternatives in zip(targets, chosen, best)]
 
 
+class StepBatcher(Protocol):
+    """What runs the decode passes of several :class:`TokenStream` s together
+    (:class:`~nugget2d.runtime.batched_decode.DecodeBatcher`)."""
+
+    def request(self, stream: TokenStream) -> None:
+        """Queue a pass reading ``stream.feeding`` over ``stream.cache``."""
+
+    def result(self, stream: TokenStream) -> torch.Tensor:
+        """The logits ``(1, vocab)`` of the pass run for ``stream`` (raises what the pass raised)."""
+
+    def leave(self, stream: TokenStream) -> bool:
+        """Take ``stream`` out of its batch, its own cache back in ``stream.cache``; True if its last
+        sampled token was fed."""
+
+
 class TokenStream:
     """Iterates over new token ids for one row, reading ``cache`` then ``prompt_ids``.
 
@@ -119,6 +135,11 @@ class TokenStream:
     has been fed to the model: :attr:`cache` always holds the prompt and the fed tokens, and
     :attr:`unfed` the tokens sampled but not yet in it. With a ``scoring``, log-probabilities are
     recorded into it as the tokens come (:class:`Scoring`).
+
+    The prompt is read by a pass of its own; with a ``batcher`` every later token is read by the
+    batcher's passes over several streams at once: the stream then yields ``None`` while its pass is
+    queued (run the batcher, then resume it). Solo or batched, each pass's logits go through
+    :meth:`take`, the one sampling step.
     """
 
     def __init__(
@@ -129,8 +150,10 @@ class TokenStream:
         settings: GenerationSettings,
         eos_token_ids: Iterable[int] = (),
         scoring: Scoring | None = None,
+        batcher: StepBatcher | None = None,
     ) -> None:
         self.model, self.cache, self.settings, self.scoring = model, cache, settings, scoring
+        self.batcher = batcher
         self.prompt = [int(t) for t in prompt_ids]
         if not self.prompt:
             raise ValueError("the prompt is empty: give at least one token to condition on")
@@ -138,38 +161,75 @@ class TokenStream:
         self.unfed: list[int] = []
         self.generated: list[int] = []
         self.finish_reason: str | None = None
+        self._passes = 0  # forward passes taken so far
+        self._history: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._processors = LogitsProcessorList()
+
+    @property
+    def feeding(self) -> list[int]:
+        """The ids the next pass reads: the prompt, then the last sampled token."""
+        return self.unfed if self._passes else self.prompt
+
+    @property
+    def done(self) -> bool:
+        """True once every pass the settings allow is taken (a stream also ends when :meth:`take` says so)."""
+        scoring = self.scoring
+        return self._passes >= max(self.settings.max_new_tokens, int(scoring is not None and scoring.prompt))
+
+    def _begin(self) -> None:
+        settings, device = self.settings, self.model.device
+        self._generator = (
+            torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
+        )
+        self._processors = settings.processors()
+        self._history = torch.tensor([self.prompt], device=device)
+        self.finish_reason, self._passes = "length", 0
+
+    def take(self, logits: torch.Tensor) -> int | None:
+        """The sampling step after a pass that read :attr:`feeding`: ``logits`` ``(fed, vocab)`` are that
+        pass's (the last row predicts). Returns the new token, or None when the stream ends here."""
+        settings, scoring = self.settings, self.scoring
+        first, self.unfed = self._passes == 0, []
+        self._passes += 1
+        if first and scoring is not None and scoring.prompt:
+            scoring.prompt_scores = score_tokens(logits[:-1], self.prompt[1:], scoring.top)
+            if settings.max_new_tokens == 0:
+                return None  # the prompt is fed and scored; nothing to generate
+        scores = self._processors(self._history, logits[-1:].float())
+        if settings.temperature > 0:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self._generator))
+        else:
+            token = int(scores.argmax(dim=-1))
+        if scoring is not None:
+            scoring.scores.extend(score_tokens(logits[-1:], [token], scoring.top))
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return None
+        self.unfed = [token]
+        self._history = torch.cat([self._history, self._history.new_tensor([[token]])], dim=1)
+        self.generated.append(token)
+        return token
 
     @torch.no_grad()
-    def __iter__(self) -> Iterator[int]:
-        settings, device = self.settings, self.model.device
-        generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
-        processors = settings.processors()
-        history = torch.tensor([self.prompt], device=device)
-        step = history
-        self.finish_reason = "length"
-        scoring = self.scoring
-        score_prompt = scoring is not None and scoring.prompt
-        for index in range(max(settings.max_new_tokens, int(score_prompt))):
-            out = self.model(step, nuggets=self.cache)
-            self.cache, self.unfed = returned_cache(out), []
-            if index == 0 and score_prompt:
-                scoring.prompt_scores = score_tokens(out.logits[0, :-1], self.prompt[1:], scoring.top)
-                if settings.max_new_tokens == 0:
-                    return  # the prompt is fed and scored; nothing to generate
-            scores = processors(history, out.logits[:, -1].float())
-            if settings.temperature > 0:
-                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
-            else:
-                token = int(scores.argmax(dim=-1))
-            if scoring is not None:
-                scoring.scores.extend(score_tokens(out.logits[0, -1:], [token], scoring.top))
-            if token in self.eos:
-                self.finish_reason = "stop"
-                return
-            self.unfed, step = [token], torch.tensor([[token]], device=device)
-            history = torch.cat([history, step], dim=1)
-            self.generated.append(token)
-            yield token
+    def __iter__(self) -> Iterator[int | None]:
+        self._begin()
+        try:
+            while not self.done:
+                if self.batcher is not None and self._passes:
+                    self.batcher.request(self)
+                    yield None  # queued: the batcher runs the pass before this stream resumes
+                    logits = self.batcher.result(self)
+                else:
+                    out = self.model(torch.tensor([self.feeding], device=self.model.device), nuggets=self.cache)
+                    self.cache, logits = returned_cache(out), out.logits[0]
+                token = self.take(logits)
+                if token is None:
+                    return
+                yield token
+        finally:
+            if self.batcher is not None and self.batcher.leave(self):
+                self.unfed = []
 
 
 class TextDeltas:

@@ -35,7 +35,7 @@ from nugget2d.compress.rope import check_rerotatable
 from .cache_budget import BudgetKeeping
 from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
-from .generation import GenerationSettings, Scoring, TextDeltas, TokenStream, token_log_probs
+from .generation import GenerationSettings, Scoring, StepBatcher, TextDeltas, TokenStream, token_log_probs
 from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
 from .resources import peak_rss_bytes
 from .session_stats import SessionStats
@@ -233,9 +233,12 @@ class StreamingSession(BudgetKeeping):
         scoring: Scoring | None = None,
         lookback: int | LookBack | None = None,
         question: str | None = None,
-    ) -> Iterator[int]:
+        batcher: StepBatcher | None = None,
+    ) -> Iterator[int | None]:
         """Stream new token ids after ``prompt_ids``; closing the iterator early keeps the session usable.
-        A ``scoring`` records the log-probabilities of the new tokens (and of ``prompt_ids`` when it asks).
+        A ``scoring`` records the log-probabilities of the new tokens (and of ``prompt_ids`` when it asks);
+        with a ``batcher`` they are decoded together with other streams', ``None`` yielded while a pass
+        waits (:class:`~nugget2d.runtime.generation.TokenStream`).
 
         ``lookback`` (tokens, or a :class:`~nugget2d.runtime.lookback.LookBack`; default
         :attr:`look_back`, from ``settings.lookback``): passages chosen for this question are read raw
@@ -252,7 +255,7 @@ class StreamingSession(BudgetKeeping):
         prompt = self.pending + [int(t) for t in prompt_ids]
         self._check_fits(len(prompt), settings)
         self._open_turn(len(prompt) + settings.max_new_tokens)
-        stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids(), scoring)
+        stream = TokenStream(self.model, self.cache, prompt, settings, self._eos_ids(), scoring, batcher)
         started = time.perf_counter()
         try:
             yield from stream

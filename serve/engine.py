@@ -1,9 +1,13 @@
 """The model worker: one thread owns the model and runs every job, so the event loop never waits on it.
 
 A job is a generator run in the worker. Up to ``slots`` jobs are active at once and advance in
-turn, one ``next()`` each (one token, or one segment of text to compress), so many streams make
+turn, one unit of work each (one token, or one segment of text to compress), so many streams make
 progress together; the rest wait in a bounded queue. What a job yields goes to its asyncio queue
-(``None`` is a tick that sends nothing). A cancelled job is closed at its next turn, which frees
+(``None`` is a tick that sends nothing). With a decode batcher
+(:class:`~nugget2d.runtime.batched_decode.DecodeBatcher`) a job's turn runs until its next tick (its
+text so far sent, its next token's pass queued), and after every round of turns the batcher runs the
+queued passes: the next token of every decoding job in one forward pass. Without one, a turn is one
+``next()`` and each job runs its own passes. A cancelled job is closed at its next turn, which frees
 its slot. At shutdown (:meth:`Engine.drain`) the waiting jobs are refused at once with a 503,
 while the running ones may finish.
 """
@@ -22,6 +26,8 @@ from .metrics import Metrics
 
 _ITEM, _END, _ERROR = "item", "end", "error"
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait: a slot frees as soon as any running answer ends
+#: Items one turn may send before its job yields a tick (a bound: a job's turn normally ends at its tick).
+TURN_ITEMS = 64
 
 
 class Job:
@@ -65,10 +71,12 @@ class Job:
 
 
 class Engine:
-    """Runs jobs on one worker thread, interleaving up to ``slots`` of them."""
+    """Runs jobs on one worker thread, interleaving up to ``slots`` of them; a ``batcher`` (set before
+    :meth:`start`) runs their queued decode passes after every round."""
 
-    def __init__(self, slots: int, max_queue: int, timeout_s: float, metrics: Metrics) -> None:
+    def __init__(self, slots: int, max_queue: int, timeout_s: float, metrics: Metrics, batcher=None) -> None:
         self.slots, self.max_queue, self.timeout_s, self.metrics = slots, max_queue, timeout_s, metrics
+        self.batcher = batcher
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.wake = threading.Condition()
@@ -145,6 +153,8 @@ class Engine:
                     with self.wake:
                         self.active.remove(job)
                         self._report()
+            if self.batcher is not None:
+                self.batcher.run()  # never raises: a failed pass fails its jobs when they resume
         with self.wake:
             left, self.active = [*self.active, *self.waiting], []
             self.waiting.clear()
@@ -153,24 +163,26 @@ class Engine:
             self._close(job)
 
     def _step(self, job: Job) -> bool:
-        """Advance ``job`` by one item; False once it is finished."""
+        """Give ``job`` its turn: one item, or with a batcher items up to its next tick; False once it is finished."""
         if job.cancelled.is_set():
             self._close(job)
             return False
         if time.monotonic() > job.deadline:
             self._close(job, _timed_out())
             return False
-        try:
-            if job.iterator is None:
-                job.iterator = iter(job.factory())
-            item = next(job.iterator)
-        except StopIteration:
-            job._send(_END, None)
-            return False
-        except Exception as err:  # delivered to the request, which turns it into an error response
-            job._send(_ERROR, err)
-            return False
-        if item is not None:
+        for _ in range(TURN_ITEMS if self.batcher is not None else 1):
+            try:
+                if job.iterator is None:
+                    job.iterator = iter(job.factory())
+                item = next(job.iterator)
+            except StopIteration:
+                job._send(_END, None)
+                return False
+            except Exception as err:  # delivered to the request, which turns it into an error response
+                job._send(_ERROR, err)
+                return False
+            if item is None:
+                break
             job._send(_ITEM, item)
         return True
 

@@ -35,6 +35,12 @@ class Metrics:
         self.documents_in_memory = Gauge("nugget2d_documents_in_memory", "documents held in memory", registry=r)
         self.queue_depth = Gauge("nugget2d_queue_depth", "requests waiting for the model worker", registry=r)
         self.active = Gauge("nugget2d_active_generations", "requests the model worker is running now", registry=r)
+        self.decode_batch_rows = Histogram(
+            "nugget2d_decode_batch_rows",
+            "answers decoded by one forward pass (batched decoding)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")),
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

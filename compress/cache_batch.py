@@ -1,0 +1,127 @@
+"""Several one-row nugget caches read as one batch, and each row's cache taken back after.
+
+Batched decoding (``nugget2d.runtime.batched_decode``) stacks the caches of concurrent requests into
+one :class:`NuggetCache` whose rows are padded on the left with masked slots (bias
+:data:`~nugget2d.compress.attention.MASKED`, zero K/V) to the longest row, runs every decode step of
+the batch as one forward pass over it, and gives each request back its own cache as if it had decoded
+alone: its cache before the batch with the batch's new entries of its row appended
+(:func:`unstack_row`). Only the public API of :class:`NuggetCache` and :class:`NuggetLayer` is used.
+
+Per-head (packed) rows: the stacked layer is packed again (:meth:`NuggetLayer.pack`), so each row and
+head reads only its entries in use and none of the padding; ``dense=True`` keeps it dense instead
+(masked slots read and discarded by one kernel call per layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .attention import MASKED
+from .cache import NuggetCache
+from .cache_layer import NuggetLayer
+
+
+def batch_key(cache: object) -> tuple | None:
+    """What caches must share to be stacked into one batch (None: not a one-row nugget cache, decoded alone)."""
+    if not isinstance(cache, NuggetCache) or cache.batch_size != 1:
+        return None
+    keys = cache.layers[0].stored_kv()[0]
+    return (cache.model_fingerprint, cache.position_mode, cache.allocation, len(cache.layers), keys.dtype, keys.device)
+
+
+def stack_caches(caches: Sequence[NuggetCache], dense: bool = False) -> NuggetCache:
+    """One cache whose row ``i`` reads as ``caches[i]`` (each one row, all of one :func:`batch_key`),
+    left-padded with masked slots to the longest. A layer packed in any of them is packed in the stack
+    unless ``dense``. The given caches are left as they are."""
+    keys = {batch_key(cache) for cache in caches}
+    if not caches or None in keys or len(keys) != 1:
+        raise ValueError("stack_caches takes one or more one-row nugget caches of one model, position mode and dtype")
+    first = caches[0]
+    stacked = NuggetCache(len(first.layers), first.model_fingerprint, first.position_mode, first.allocation)
+    stacked.layers = [
+        _stack_layers([cache.layers[index] for cache in caches], dense) for index in range(len(first.layers))
+    ]
+    stacked.seen_tokens = torch.cat([_seen(cache) for cache in caches])
+    if any(cache.nugget_span is not None for cache in caches):
+        # rows never compressed per head count their nuggets as nugget_counts() does without a span
+        stacked.nugget_span = torch.cat([cache.nugget_counts().to(stacked.seen_tokens.device) for cache in caches])
+    return stacked
+
+
+def unstack_row(stacked: NuggetCache, row: int, source: NuggetCache, appended: int) -> NuggetCache:
+    """Row ``row``'s own cache: ``source`` (the cache stacked as that row) with the ``appended`` entries
+    the batch's passes added to the row since it was stacked; ``source`` is left as it is."""
+    own = source.fork()
+    if appended == 0:
+        return own
+    for layer, batch in zip(own.layers, stacked.layers):
+        keys, values = _last_kv(batch, appended)
+        positions = batch.positions[row : row + 1, ..., -appended:]
+        if positions.dim() == 3:  # appended tokens sit at one position in every head
+            positions = positions[:, 0]
+        layer.append(keys[row : row + 1], values[row : row + 1], batch.bias[row : row + 1, :1, -appended:], positions)
+        new = batch.scores[row : row + 1, ..., -appended:]
+        old = layer.scores[..., :-appended]
+        if new.dim() == 3 and old.dim() == 2:  # as set_scores widens a token-scored layer to per-head scores
+            old = old[:, None, :].expand(-1, new.shape[1], -1)
+        layer.scores = torch.cat([old, new], dim=-1)
+    own.seen_tokens = stacked.seen_tokens[row : row + 1].clone()
+    return own
+
+
+def _seen(cache: NuggetCache) -> torch.Tensor:
+    if cache.seen_tokens is not None:
+        return cache.seen_tokens
+    return torch.zeros(1, dtype=torch.long, device=cache.layers[0].device)
+
+
+def _last_kv(layer: NuggetLayer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``count`` keys and values of ``layer`` ``(B, Hkv, count, D)``, without rebuilding a
+    packed layer: they are among the entries appended since it was packed (``stored_kv()``'s first two)."""
+    tail_keys, tail_values = layer.stored_kv()[:2]
+    if tail_keys.shape[2] < count:  # never in a stack: it is packed before its first pass
+        keys, values = layer.keys, layer.values
+        return keys[:, :, -count:], values[:, :, -count:]
+    return tail_keys[:, :, -count:], tail_values[:, :, -count:]
+
+
+def _left_pad(tensor: torch.Tensor, pad: int, value: float | bool, entries: int = -1) -> torch.Tensor:
+    """``tensor`` with ``pad`` slots of ``value`` before its entries (dimension ``entries``)."""
+    if pad == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[entries] = pad
+    return torch.cat([tensor.new_full(shape, value), tensor], dim=entries)
+
+
+def _stack_layers(layers: list[NuggetLayer], dense: bool) -> NuggetLayer:
+    """One layer of the stack: every row's entries, dense, left-padded with masked slots."""
+    heads = layers[0].kv_heads
+    longest = max(layer.get_seq_length() for layer in layers)
+    bias_heads = heads if any(layer.bias.shape[1] > 1 for layer in layers) else 1
+    head_positions = any(layer.positions.dim() == 3 for layer in layers)
+    head_scores = any(layer.scores.dim() == 3 for layer in layers)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("keys", "values", "bias", "pos", "nug", "scores")}
+    for layer in layers:
+        pad = longest - layer.get_seq_length()
+        parts["keys"].append(_left_pad(layer.keys, pad, 0, entries=-2))
+        parts["values"].append(_left_pad(layer.values, pad, 0, entries=-2))
+        parts["bias"].append(_left_pad(layer.bias.expand(-1, bias_heads, -1), pad, MASKED))
+        positions = layer.positions
+        if head_positions and positions.dim() == 2:
+            positions = positions[:, None, :].expand(-1, heads, -1)
+        parts["pos"].append(_left_pad(positions, pad, 0))
+        parts["nug"].append(_left_pad(layer.is_nugget, pad, False))
+        scores = layer.scores
+        if head_scores and scores.dim() == 2:
+            scores = scores[:, None, :].expand(-1, heads, -1)
+        parts["scores"].append(_left_pad(scores, pad, 0))
+    stacked = NuggetLayer()
+    cat = {name: torch.cat(tensors) for name, tensors in parts.items()}
+    stacked.append(cat["keys"], cat["values"], cat["bias"], cat["pos"])
+    stacked.is_nugget, stacked.scores = cat["nug"], cat["scores"]
+    if not dense and any(layer.packed for layer in layers):
+        stacked.pack()
+    return stacked
