@@ -116,7 +116,8 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
         limit = body.max_completion_tokens or body.max_tokens or config.max_tokens_cap
         settings = generation_settings(body, limit, config)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        ask = Ask(settings, messages=messages, document=_document(body, ctx()), logprobs=logprobs)
+        document = _document(body, ctx())
+        ask = Ask(settings, messages=messages, document=document, logprobs=logprobs, lookback=body.lookback)
         return await _respond(request, body, [ask], chat=True)
 
     @app.post("/v1/completions")
@@ -142,7 +143,14 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
         )
         settings, document = generation_settings(body, limit, config), _document(body, ctx())
         asks = [
-            Ask(settings, prompt=prompt, document=document, echo=body.echo, logprobs=body.logprobs)
+            Ask(
+                settings,
+                prompt=prompt,
+                document=document,
+                echo=body.echo,
+                logprobs=body.logprobs,
+                lookback=body.lookback,
+            )
             for prompt in prompts
         ]
         return await _respond(request, body, asks, chat=False)

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--timeout", type=float, default=300, help="seconds a request may wait and run")
     limits.add_argument("--slots", type=int, default=8, help="requests the model worker interleaves")
     limits.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    limits.add_argument(
+        "--max-lookback",
+        type=int,
+        default=1024,
+        help="largest lookback (tokens read back before an answer) a request may ask for (0: look-back off)",
+    )
     ray = parser.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", help="deploy the app with Ray Serve instead of one uvicorn process")
     ray.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each loads the model)")
@@ -77,6 +83,7 @@ def config_from(args: argparse.Namespace):
         timeout_s=args.timeout,
         slots=args.slots,
         max_queue=args.max_queue,
+        max_lookback=args.max_lookback,
         documents_dir=args.documents_dir or default_documents_dir(),
         document_memory_bytes=int(args.document_memory_mb * 2**20),
         max_documents=args.max_documents,

@@ -31,6 +31,7 @@ class ServerConfig:
     timeout_s: float = 300.0
     slots: int = 8
     max_queue: int = 64
+    max_lookback: int = 1024  # the largest look-back (tokens) a request may ask for; 0: look-back off
     documents_dir: Path = field(default_factory=default_documents_dir)
     document_memory_bytes: int = 2**30
     max_documents: int | None = None  # then 507
@@ -48,6 +49,13 @@ class ServerConfig:
         for name in ("api_key", "metrics_key"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ValueError(f"the {name.replace('_', ' ')} is empty")
+        if self.max_lookback < 0:
+            raise ValueError(f"max-lookback must be >= 0 (0: look-back off), got {self.max_lookback}")
+        if self.stream.lookback > self.max_lookback:
+            raise ValueError(
+                f"--lookback ({self.stream.lookback}) exceeds --max-lookback ({self.max_lookback}); raise the cap or "
+                "lower the default"
+            )
         if self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue}")
         if self.timeout_s <= 0:

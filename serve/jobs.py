@@ -48,6 +48,7 @@ class Ask:
     document: str | None = None
     echo: bool = False
     logprobs: int | None = None
+    lookback: int | None = None  # tokens read back before answering (None: the server's default)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Plan:
     session: StreamingSession
     context: list[int]
     ids: list[int]
+    lookback: int = 0
 
 
 def answers(ctx: Context, asks: list[Ask]) -> Iterator[str | Finished | None]:
@@ -130,7 +132,27 @@ def _plan(ctx: Context, ask: Ask) -> _Plan:
         session._check_fits(len(session.pending) + len(ids), ask.settings)
     except ValueError as err:  # the prompt and max_tokens do not fit the cache budget
         raise APIError(400, str(err), param="max_tokens") from None
-    return _Plan(session, context, ids)
+    return _Plan(session, context, ids, _lookback(ctx, ask, session))
+
+
+def _lookback(ctx: Context, ask: Ask, session: StreamingSession) -> int:
+    """The look-back of ``ask`` (the server's default when unset); ``APIError`` 400 above the server's cap
+    or for a document stored before documents kept their token ids."""
+    tokens = ctx.config.stream.lookback if ask.lookback is None else ask.lookback
+    if tokens > ctx.config.max_lookback:
+        raise APIError(
+            400,
+            f"lookback {tokens} exceeds this server's limit of {ctx.config.max_lookback} tokens (--max-lookback)",
+            param="lookback",
+        )
+    if tokens and session.token_ids is None:
+        raise APIError(
+            400,
+            f"the document {ask.document} was stored before documents kept their token ids, which look-back "
+            "needs; upload it again or ask with lookback 0",
+            param="lookback",
+        )
+    return tokens
 
 
 def _answer(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished | None]:
@@ -156,7 +178,7 @@ def _generate(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished]:
     if shown:
         yield shown
     deltas = TextDeltas(ctx.tokenizer, settings.stop)
-    tokens = session.ask_ids(ids, settings, scoring)
+    tokens = session.ask_ids(ids, settings, scoring, lookback=plan.lookback)
     count = 0
     ctx.metrics.prompt_tokens.inc(len(ids) + compressed)
     try:

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI endpoints, as pydantic models (unknown fields are ignored).
 
 nugget2d's own fields ride along as extra body fields: ``documents`` (ids from
-``POST /v1/documents`` whose nugget caches the request reads), ``top_k`` and
-``repetition_penalty``. Every number is bounded here, so a value the model cannot take is a 422
+``POST /v1/documents`` whose nugget caches the request reads), ``top_k``,
+``repetition_penalty`` and ``lookback`` (tokens of the text read raw again before answering, at most
+the server's ``--max-lookback``). Every number is bounded here, so a value the model cannot take is a 422
 naming its field (floats must be finite: JSON's ``Infinity``/``NaN`` are refused).
 """
 
@@ -60,6 +61,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     documents: list[str] = Field(default_factory=list)
+    lookback: int | None = Field(None, ge=0)  # tokens read back before answering (server default if unset)
 
     def stops(self) -> tuple[str, ...]:
         """The stop strings as a tuple (OpenAI accepts one string or a list of up to 4)."""

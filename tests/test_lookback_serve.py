@@ -1,0 +1,75 @@
+"""Look-back through the server: documents keep their token ids, ``lookback`` per request, capped."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from serve_helpers import MODEL, TEXT, http, save_chat_model, serve_in_process, upload
+
+from nugget2d.runtime.lookback import IDS_FILE
+from nugget2d.runtime.session import StreamingSession, StreamSettings
+from nugget2d.serve import cli
+from nugget2d.serve.app import load_model
+from nugget2d.serve.config import ServerConfig
+
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "who had the book ?"}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_chat_model(tmp_path_factory.mktemp("lookback-model"))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir) -> tuple:
+    return load_model(_config(model_dir, Path("unused")))
+
+
+def _config(model_dir: Path, documents: Path, **overrides) -> ServerConfig:
+    stream = StreamSettings(ratio=0.25, budget=512, recent=64, segment=64)
+    return ServerConfig(
+        model=str(model_dir), stream=stream, compress_threshold=128, max_tokens_cap=64, documents_dir=documents,
+        document_memory_bytes=1, **overrides,  # every request reads its document from disk
+    )  # fmt: skip
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_documents_keep_their_ids_and_requests_look_back_within_the_cap(model_dir, loaded, tmp_path):
+    documents = tmp_path / "documents"
+    with serve_in_process(_config(model_dir, documents, max_lookback=128), loaded) as url:
+        doc = upload(url, TEXT * 20, headers={}).json()["id"]
+        session = StreamingSession.load(documents / doc, *loaded)
+        assert session.token_ids is not None and len(session.token_ids) == int(session.cache.seen_tokens[0])
+        body = {**ASK, "documents": [doc], "temperature": 0}
+        plain = http.post(url + "/v1/chat/completions", json=body)
+        looked = http.post(url + "/v1/chat/completions", json={**body, "lookback": 128})
+        assert plain.status_code == looked.status_code == 200
+        assert http.post(url + "/v1/chat/completions", json=body).json()["choices"] == plain.json()["choices"]
+        long_prompt = {"model": MODEL, "prompt": TEXT * 12 + "who had", "max_tokens": 2, "lookback": 64}
+        assert http.post(url + "/v1/completions", json=long_prompt).status_code == 200  # a compressed prompt
+
+        too_much = _error(http.post(url + "/v1/chat/completions", json={**body, "lookback": 129}), 400)
+        assert too_much["param"] == "lookback" and "--max-lookback" in too_much["message"]
+        negative = http.post(url + "/v1/chat/completions", json={**body, "lookback": -1})
+        assert negative.status_code == 422 and "lookback" in negative.text
+
+        (documents / doc / IDS_FILE).unlink()  # as documents were stored before they kept their ids
+        old = _error(http.post(url + "/v1/chat/completions", json={**body, "lookback": 64}), 400)
+        assert "upload it again" in old["message"] and old["param"] == "lookback"
+        assert http.post(url + "/v1/chat/completions", json=body).status_code == 200  # without look-back: fine
+
+
+def test_the_default_lookback_cannot_pass_the_cap(model_dir):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    with pytest.raises(ValueError, match="exceeds --max-lookback"):
+        cli.config_from(parser.parse_args(["--lookback", "256", "--max-lookback", "128"]))
+    with pytest.raises(ValueError, match="max-lookback must be >= 0"):
+        cli.config_from(parser.parse_args(["--max-lookback", "-1"]))
+    assert cli.config_from(parser.parse_args(["--lookback", "64"])).stream.lookback == 64
