@@ -3,7 +3,10 @@
 One operation, four backends, each registered in transformers' ``AttentionInterface`` as
 ``nugget2d_<backend>`` so the stock model code calls it. The bias ``b`` has shape
 ``(batch, 1 | kv_heads, keys)``: the score of a nugget key, 0 for a raw token, :data:`MASKED` for
-a padding slot. Causal attention is bottom-right aligned: the queries are the last ``Q`` keys.
+a padding slot. Causal attention is bottom-right aligned: the queries are the last ``Q`` keys. As
+transformers' own backends do, they honour the module's ``scaling`` (Gemma's ``query_pre_attn_scalar``),
+a layer's ``sliding_window`` (a query sees the keys less than that many places back) and ``softcap``
+(``softcap · tanh(logits / softcap)`` before the bias, Gemma 2).
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ def biased_attention(
     scaling: float | None = None,
     causal: bool = True,
     backend: str = "sdpa",
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scaling + bias) v`` with grouped-query heads; returns ``(B, Hq, Q, D)``.
 
     ``query`` is ``(B, Hq, Q, D)``, ``key``/``value`` ``(B, Hkv, K, D)`` with ``Hq`` a multiple of
-    ``Hkv``, ``bias`` ``(B, 1 | Hkv, K)`` or None. ``scaling`` defaults to ``D ** -0.5``.
+    ``Hkv``, ``bias`` ``(B, 1 | Hkv, K)`` or None. ``scaling`` defaults to ``D ** -0.5``; ``window``
+    (a sliding-window layer's) hides the keys ``window`` or more places before a query; ``softcap``
+    caps the logits as ``softcap · tanh(logits / softcap)`` before the bias is added.
     """
     if backend not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -49,7 +56,7 @@ def biased_attention(
         scaling = query.shape[-1] ** -0.5
     if bias is None:
         bias = key.new_zeros(key.shape[0], 1, key.shape[2], dtype=torch.float32)
-    return _IMPLEMENTATIONS[backend](query, key, value, bias, scaling, causal)
+    return _IMPLEMENTATIONS[backend](query, key, value, bias, scaling, causal, window, softcap)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -63,38 +70,52 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         raise ValueError(f"bias must be (B, 1 or {k.shape[1]}, {k.shape[2]}), got {tuple(bias.shape)}")
 
 
-def _causal_bias(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """``(Q, K)`` float: 0 where key j is visible to query i (j <= K - Q + i), :data:`MASKED` elsewhere."""
+def _causal_bias(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """``(Q, K)`` float: 0 where key j is visible to query i (j <= K - Q + i, and K - Q + i - j < ``window``
+    when given), :data:`MASKED` elsewhere."""
     rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     cols = torch.arange(k_len, device=device)[None, :]
-    return torch.where(cols <= rows, 0.0, MASKED)
+    visible = cols <= rows
+    if window is not None:
+        visible = visible & (rows - cols < window)
+    return torch.where(visible, 0.0, MASKED)
 
 
-def _logit_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Dense additive mask ``(B, 1 | Hq, Q, K)``: key bias per query head plus the causal part."""
+def _masks_keys(q_len: int, k_len: int, causal: bool, window: int | None) -> bool:
+    """Whether the causal or window part hides any key (a single query is the last key: causally it
+    sees every key; a window hides keys only past its width)."""
+    return (causal and q_len > 1) or (window is not None and k_len > window)
+
+
+def _logit_bias(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, causal: bool, window: int | None = None):
+    """Dense additive mask ``(B, 1 | Hq, Q, K)``: key bias per query head plus the causal (and window) part."""
     groups = q.shape[1] // k.shape[1]
     per_head = bias if bias.shape[1] == 1 else bias.repeat_interleave(groups, dim=1)
     dense = per_head[:, :, None, :].float()
-    if causal and q.shape[2] > 1:  # a single query is the last key: it sees every key
-        dense = dense + _causal_bias(q.shape[2], k.shape[2], q.device)
+    if _masks_keys(q.shape[2], k.shape[2], causal, window):
+        dense = dense + _causal_bias(q.shape[2], k.shape[2], q.device, window)
     return dense
 
 
-def _eager(q, k, v, bias, scaling, causal):
-    dense_bias = _logit_bias(q, k, bias, causal)
+def _eager(q, k, v, bias, scaling, causal, window=None, softcap=None):
+    dense_bias = _logit_bias(q, k, bias, causal, window)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scaling + dense_bias
-    weights = torch.softmax(logits, dim=-1).to(v.dtype)
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    weights = torch.softmax(logits + dense_bias, dim=-1).to(v.dtype)
     return torch.matmul(weights, v)
 
 
-def _sdpa(q, k, v, bias, scaling, causal):
-    mask = _logit_bias(q, k, bias, causal).to(q.dtype)
+def _sdpa(q, k, v, bias, scaling, causal, window=None, softcap=None):
+    if softcap is not None:  # SDPA has no logit cap: the reference computes it
+        return _eager(q, k, v, bias, scaling, causal, window, softcap)
+    mask = _logit_bias(q, k, bias, causal, window).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _flex(q, k, v, bias, scaling, causal):
+def _flex(q, k, v, bias, scaling, causal, window=None, softcap=None):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as err:  # torch < 2.5
@@ -106,14 +127,22 @@ def _flex(q, k, v, bias, scaling, causal):
 
     def add_bias(score, b, h, q_idx, kv_idx):
         head = h // groups if per_kv_head else 0
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
         return score + table[b, head, kv_idx]
 
     block_mask = None
-    if causal:
+    if causal and window is not None:
+
+        def visible(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx + offset) & (q_idx + offset - kv_idx < window)
+
+    elif causal:
 
         def visible(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
+    if causal:
         block_mask = create_block_mask(visible, None, None, q.shape[2], k.shape[2], device=q.device)
     if q.is_cuda:
         return _compiled_flex()(
@@ -131,12 +160,13 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def extra_column_attention(q, k, v, bias, scaling, causal, kernel: Kernel) -> torch.Tensor:
+def extra_column_attention(q, k, v, bias, scaling, causal, kernel: Kernel, window: int | None = None) -> torch.Tensor:
     """The flash-attention trick: carry the bias in one extra head-dim column.
 
     ``q' = [q, 1]``, ``k' = [k, b / scaling]``, ``v' = [v, 0]``, zero-padded to a multiple of 8, so
     ``q'·k' · scaling = q·k · scaling + b``. ``kernel(q', k', v', causal=, scale=)`` is any attention
-    kernel without bias (flash-attn on GPU; :func:`sdpa_kernel` on CPU in tests); output is sliced.
+    kernel without bias (flash-attn on GPU; :func:`sdpa_kernel` on CPU in tests), given ``window`` when
+    the layer slides; output is sliced.
     """
     head_dim = q.shape[-1]
     padded = -(-(head_dim + 1) // 8) * 8
@@ -147,16 +177,18 @@ def extra_column_attention(q, k, v, bias, scaling, causal, kernel: Kernel) -> to
     q2 = torch.cat([q, q.new_ones(*q.shape[:3], 1), q.new_zeros(*q.shape[:3], extra)], dim=-1)
     k2 = torch.cat([k, column, k.new_zeros(batch, kv_heads, k_len, extra)], dim=-1)
     v2 = torch.cat([v, v.new_zeros(batch, kv_heads, k_len, padded - head_dim)], dim=-1)
-    return kernel(q2, k2, v2, causal=causal, scale=scaling)[..., :head_dim]
+    extra_args = {} if window is None else {"window": window}
+    return kernel(q2, k2, v2, causal=causal, scale=scaling, **extra_args)[..., :head_dim]
 
 
-def sdpa_kernel(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+def sdpa_kernel(q, k, v, *, causal: bool, scale: float, window: int | None = None) -> torch.Tensor:
     """Bias-free attention with bottom-right causal alignment (what flash-attn computes), via SDPA."""
-    mask = _causal_bias(q.shape[2], k.shape[2], q.device).to(q.dtype) if causal else None
+    masked = causal or window is not None
+    mask = _causal_bias(q.shape[2], k.shape[2], q.device, window).to(q.dtype) if masked else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def flash_attn_kernel(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
+def flash_attn_kernel(q, k, v, *, causal: bool, scale: float, window: int | None = None) -> torch.Tensor:
     """flash-attn 2's ``flash_attn_func`` on ``(B, H, S, D)`` tensors (CUDA, fp16/bf16)."""
     try:
         from flash_attn import flash_attn_func
@@ -167,12 +199,20 @@ def flash_attn_kernel(q, k, v, *, causal: bool, scale: float) -> torch.Tensor:
         ) from err
     if not q.is_cuda:
         raise RuntimeError("the flash_attn backend runs on CUDA tensors only; use backend='sdpa' on CPU")
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
+    sides = (-1, -1) if window is None else (window - 1, 0)  # flash-attn's (left, right) reach; -1: unbounded
+    out = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal, window_size=sides
+    )
     return out.transpose(1, 2)
 
 
-def _flash(q, k, v, bias, scaling, causal):
-    return extra_column_attention(q, k, v, bias, scaling, causal, kernel=flash_attn_kernel)
+def _flash(q, k, v, bias, scaling, causal, window=None, softcap=None):
+    if softcap is not None:
+        raise ValueError(
+            "the flash_attn backend carries the nugget bias in an extra head dimension, which a logit softcap "
+            "would distort; use backend='sdpa', 'eager' or 'flex' for models with attention softcapping"
+        )
+    return extra_column_attention(q, k, v, bias, scaling, causal, kernel=flash_attn_kernel, window=window)
 
 
 _IMPLEMENTATIONS = {"eager": _eager, "sdpa": _sdpa, "flex": _flex, "flash_attn": _flash}
@@ -191,6 +231,7 @@ def per_head_attention(
     *,
     scaling: float | None = None,
     backend: str = "sdpa",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """:func:`biased_attention` where each row and KV head reads its own keys, as many as it has:
     ``heads[b][h]`` is ``(keys (n, D), values (n, D), bias (n,))`` and ``query`` ``(B, Hq, Q, D)`` (its
@@ -210,6 +251,8 @@ def per_head_attention(
                 bias[None, None],
                 scaling,
                 True,
+                None,
+                softcap,
             )
             for head, (keys, values, bias) in enumerate(per_head)
         ]
@@ -260,6 +303,7 @@ def bucketed_attention(
     *,
     scaling: float | None = None,
     backend: str = "sdpa",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """:func:`per_head_attention` over a packed ``layer`` (a :class:`~nugget2d.compress.cache.NuggetLayer`)
     with one kernel call per group of KV heads (:func:`head_buckets`), each over its heads padded to the
@@ -269,41 +313,53 @@ def bucketed_attention(
     groups_of = query.view(batch, kv_heads, query_heads // kv_heads, length, dim)
     if len(groups) == 1 and len(groups[0]) == kv_heads:
         keys, values, bias = layer.padded_heads(groups[0])
-        return biased_attention(query, keys, values, bias, scaling=scaling, causal=True, backend=backend)
+        return biased_attention(
+            query, keys, values, bias, scaling=scaling, causal=True, backend=backend, softcap=softcap
+        )
     out = torch.empty_like(groups_of)
     for heads in groups:
         keys, values, bias = layer.padded_heads(heads)
         picked = list(heads)
         part = groups_of[:, picked].reshape(batch, -1, length, dim)
-        read = biased_attention(part, keys, values, bias, scaling=scaling, causal=True, backend=backend)
+        read = biased_attention(
+            part, keys, values, bias, scaling=scaling, causal=True, backend=backend, softcap=softcap
+        )
         out[:, picked] = read.view(batch, len(heads), -1, length, dim)
     return out.view(batch, query_heads, length, dim)
 
 
-def read_packed(query: torch.Tensor, layer, *, scaling: float | None, backend: str) -> torch.Tensor:
+def read_packed(
+    query: torch.Tensor, layer, *, scaling: float | None, backend: str, softcap: float | None = None
+) -> torch.Tensor:
     """Attention of ``query`` over a packed layer, read as :data:`HEAD_READS` says for ``backend``."""
     how = HEAD_READS[backend]
     if how == "loop":
-        return per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend)
+        return per_head_attention(query, layer.head_entries(), scaling=scaling, backend=backend, softcap=softcap)
     if how == "buckets":
         groups = head_buckets(layer.head_lengths(), CALL_COST[backend])
-        return bucketed_attention(query, layer, groups, scaling=scaling, backend=backend)
-    return biased_attention(query, layer.keys, layer.values, layer.bias, scaling=scaling, causal=True, backend=backend)
+        return bucketed_attention(query, layer, groups, scaling=scaling, backend=backend, softcap=softcap)
+    return biased_attention(
+        query, layer.keys, layer.values, layer.bias, scaling=scaling, causal=True, backend=backend, softcap=softcap
+    )
 
 
 def _interface(backend: str) -> Callable:
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # The nugget cache (passed by Nugget2DModel) holds the bias of every key, new tokens included.
         cache = kwargs.get("nugget_cache")
+        window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
         bias = cache.attention_bias(module.layer_idx) if cache is not None else None
         layer = cache.layers[module.layer_idx] if cache is not None else None
-        observer = getattr(cache, "observer", None)
+        # a sliding-window layer's entries are never chosen among: nobody needs to watch its attention
+        observer = getattr(cache, "observer", None) if window is None else None
         packed = layer is not None and layer.packed  # then the cache handed over only the entries appended since
         if packed:
-            out = read_packed(query, layer, scaling=scaling, backend=backend)
+            out = read_packed(query, layer, scaling=scaling, backend=backend, softcap=softcap)
             key = layer.keys if observer is not None else key  # the observer reads every slot
         else:
-            out = biased_attention(query, key, value, bias, scaling=scaling, causal=True, backend=backend)
+            out = biased_attention(
+                query, key, value, bias, scaling=scaling, causal=True, backend=backend, window=window, softcap=softcap
+            )
         if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
             observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)
         return out.transpose(1, 2).contiguous(), None

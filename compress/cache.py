@@ -7,9 +7,14 @@ position each key was rotated at ``(B, N)`` (``(B, Hkv, N)`` in a per-head cache
 positions, whose heads keep their own entries where they were), and which entries are nuggets ``(B, N)``.
 
 A forward pass over the cache is bracketed by :meth:`NuggetCache.begin_step`, which tells the
-cache the positions and padding of the tokens about to be appended; transformers' attention
-layers then call :meth:`update` as with any cache, and the registered attention backends read
-the bias of every key through :meth:`attention_bias`.
+cache the positions and padding of the tokens about to be appended, and :meth:`NuggetCache.end_step`;
+transformers' attention layers call :meth:`update` as with any cache, and the registered attention
+backends read the bias of every key through :meth:`attention_bias`.
+
+Layers have types (``windows``, from the model's ``layer_types``): a sliding-window layer keeps its
+window of raw entries and nothing else (:meth:`NuggetLayer.trim`); what a policy keeps, retains,
+converts or spreads per head concerns the global layers (:attr:`NuggetCache.compressed_layers`) only,
+and counts (:meth:`entry_counts`, the next token's cache position) are read on the first of them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from transformers.cache_utils import Cache
 
 from .attention import MASKED
 from .cache_layer import NuggetLayer, nugget_bias
-from .rope import rerotate
+from .rope import Rotary, layer_rotary, rerotate
 
 _FORMAT = "nugget2d-cache"
 _VERSION = "1"
@@ -34,9 +39,17 @@ class NuggetCache(Cache):
     """Nuggets and raw tokens of every layer, with the bias and position of each entry."""
 
     def __init__(
-        self, num_layers: int, model_fingerprint: str = "", positions: str = "original", allocation: str = "token"
+        self,
+        num_layers: int,
+        model_fingerprint: str = "",
+        positions: str = "original",
+        allocation: str = "token",
+        windows: list[int | None] | None = None,
     ) -> None:
-        super().__init__(layers=[NuggetLayer() for _ in range(num_layers)])
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} layer windows given for {num_layers} layers")
+        super().__init__(layers=[NuggetLayer(window) for window in windows])
         if positions not in ("original", "cache"):
             raise ValueError(f"positions must be 'original' or 'cache', got {positions!r}")
         if allocation not in ("token", "head"):
@@ -56,6 +69,25 @@ class NuggetCache(Cache):
         self.nugget_span: torch.Tensor | None = None
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # --- layer types ---------------------------------------------------------------------------
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: a global layer)."""
+        return [layer.window for layer in self.layers]
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        """Indices of the global layers: those whose entries a policy keeps, compresses and evicts."""
+        return [index for index, layer in enumerate(self.layers) if not layer.sliding]
+
+    @property
+    def main_layer(self) -> NuggetLayer:
+        """The layer the cache's parts are counted on: the first global one (the first layer when every
+        layer slides, and then there is nothing to compress)."""
+        compressed = self.compressed_layers
+        return self.layers[compressed[0] if compressed else 0]
+
     # --- the forward-pass protocol -------------------------------------------------------------
 
     def begin_step(self, positions: torch.Tensor, token_mask: torch.Tensor) -> None:
@@ -64,6 +96,11 @@ class NuggetCache(Cache):
         self._step = (bias, positions)
         counted = token_mask.sum(dim=1)
         self.seen_tokens = counted if self.seen_tokens is None else self.seen_tokens + counted
+
+    def end_step(self) -> None:
+        """After a forward pass: sliding-window layers drop what no later token can see."""
+        for layer in self.layers:
+            layer.trim()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Append this step's keys/values at ``layer_idx``; return all keys and values of that layer —
@@ -79,6 +116,12 @@ class NuggetCache(Cache):
         if layer.packed:
             return layer._keys, layer._values
         return layer.keys, layer.values
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        """Entries per head at ``layer_idx`` (default: the first global layer, :attr:`main_layer`; a
+        sliding-window layer holds its window only)."""
+        layer = self.main_layer if layer_idx is None else self.layers[layer_idx]
+        return layer.get_seq_length()
 
     def attention_bias(self, layer_idx: int) -> torch.Tensor:
         """Additive bias ``(B, 1, N)`` of every key at ``layer_idx``, this step's tokens included."""
@@ -108,7 +151,7 @@ class NuggetCache(Cache):
     def retain(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep entries ``index`` ``(B, M)`` of every row in that order; slots where ``valid`` is
         False become padding (never attended to)."""
-        for layer in self.layers:
+        for layer in self._compressed():
             layer.gather(index)
             if valid is not None:
                 layer.bias = layer.bias.masked_fill(~valid[:, None, :], MASKED)
@@ -116,7 +159,7 @@ class NuggetCache(Cache):
     def convert(self, mask: torch.Tensor, bias_mode: str) -> None:
         """Turn the entries where ``mask`` ``(B, N)`` is True into nuggets: their attention bias
         becomes their score (``plain``) or ``s - stopgrad(s)`` (``straight_through``)."""
-        for layer in self.layers:
+        for layer in self._compressed():
             bias = nugget_bias(layer.scores, bias_mode)[:, None, :]
             layer.bias = torch.where(mask[:, None, :], bias, layer.bias)
             layer.is_nugget = layer.is_nugget | mask
@@ -125,10 +168,10 @@ class NuggetCache(Cache):
         self, *, tail: int = 0, lead: int | None = None, pool: int | None = None
     ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
         """The entries a per-head selection chooses among — after the first ``lead`` entries, or the last
-        ``pool`` before the last ``tail`` — per layer: their span ``(start, stop)`` and scores
-        ``(B, Hkv, stop - start)`` (-inf where an entry is padding)."""
+        ``pool`` before the last ``tail`` — per global layer (:attr:`compressed_layers`): their span
+        ``(start, stop)`` and scores ``(B, Hkv, stop - start)`` (-inf where an entry is padding)."""
         bounds, pools = [], []
-        for layer in self.layers:
+        for layer in self._compressed():
             length, heads = layer.get_seq_length(), layer.kv_heads
             start = lead if lead is not None else length - tail - pool
             bounds.append((start, length - tail))
@@ -142,15 +185,16 @@ class NuggetCache(Cache):
         bounds: list[tuple[int, int]],
         chosen: list[torch.Tensor],
         bias_mode: str,
-        rotary_emb: torch.nn.Module | None,
+        rotary_emb: Rotary | None,
     ) -> None:
-        """Per layer, replace entries ``bounds[i]`` by the ``chosen[i]`` ``(B, Hkv, stop - start)`` ones, as
-        nuggets: each head's in text order, slots a head does not use masked, only the pairs in use stored.
-        With ``rotary_emb`` (cache positions) a slot's keys are re-rotated to one position; without it
-        (text positions) each keeps its own."""
-        for layer, (start, stop), picked in zip(self.layers, bounds, chosen):
-            _regroup_layer(layer, start, stop, picked, bias_mode, rotary_emb)
-            layer.pack()
+        """Per global layer (as :meth:`candidates` lists them), replace entries ``bounds[i]`` by the ``chosen[i]``
+        ``(B, Hkv, stop - start)`` ones, as nuggets: each head's in text order, slots a head does not use
+        masked, only the pairs in use stored. With ``rotary_emb`` (cache positions; one or one per layer)
+        a slot's keys are re-rotated to one position; without it (text positions) each keeps its own."""
+        for index, (start, stop), picked in zip(self.compressed_layers, bounds, chosen):
+            rotary = None if rotary_emb is None else layer_rotary(rotary_emb, index)
+            _regroup_layer(self.layers[index], start, stop, picked, bias_mode, rotary)
+            self.layers[index].pack()
 
     def keep_top_entries(self, *args, **kwargs) -> None:
         """Moved: the per-head rule is a policy now."""
@@ -159,40 +203,62 @@ class NuggetCache(Cache):
             "rotary_emb, ...); its tuning constants are that wrapper's fields"
         )
 
-    def reposition(self, rotary_emb: torch.nn.Module) -> None:
+    def reposition(self, rotary_emb: Rotary) -> None:
         """Renumber each row's real entries 0, 1, 2, ... and re-rotate their keys to match, so the
         next token's position is the number of entries before it (docs/design.md). In a per-head cache the
         nugget slots of each layer are spread evenly over :attr:`nugget_span` positions, so every
-        layer numbers the raw tokens after them alike."""
-        for layer in self.layers:
-            valid = (layer.bias > MASKED / 2).any(dim=1)
-            nuggets = layer.is_nugget & valid
-            raw = valid & ~nuggets
-            raw_before = raw.long().cumsum(dim=1) - raw.long()
-            nuggets_before = nuggets.long().cumsum(dim=1) - nuggets.long()
-            slots = nuggets.sum(dim=1, keepdim=True)
-            span = slots if self.nugget_span is None else self.nugget_span[:, None].to(slots.device)
-            target = raw_before + nuggets_before * span // slots.clamp(min=1)
-            delta = (target[:, None, :] if layer.positions.dim() == 3 else target) - layer.positions
-            if bool((delta != 0).any()):
-                packed = layer.packed
-                layer.keys = rerotate(layer.keys, delta, rotary_emb)
-                if packed:
-                    layer.pack()
-            layer.positions = target
+        layer numbers the raw tokens after them alike. A sliding-window layer's entries (the last tokens)
+        are numbered to end just before the next token, keeping their distances to it. ``rotary_emb``:
+        one rotary for all layers, or one per layer (each layer re-rotated with its own)."""
+        for index in self.compressed_layers:
+            self._reposition_layer(self.layers[index], layer_rotary(rotary_emb, index))
+        following = self.entry_counts() if self.batch_size else None
+        for index, layer in enumerate(self.layers):
+            if layer.sliding and layer.is_initialized:
+                length = layer.get_seq_length()
+                steps = torch.arange(length, device=layer.positions.device) - length
+                target = following.to(layer.positions.device)[:, None] + steps
+                delta = target - layer.positions
+                if bool((delta != 0).any()):
+                    layer.keys = rerotate(layer.keys, delta, layer_rotary(rotary_emb, index))
+                layer.positions = target
+
+    def _compressed(self) -> list[NuggetLayer]:
+        return [self.layers[index] for index in self.compressed_layers]
+
+    def _reposition_layer(self, layer: NuggetLayer, rotary_emb: torch.nn.Module) -> None:
+        """:meth:`reposition` of one global layer."""
+        if not layer.is_initialized:
+            return
+        valid = (layer.bias > MASKED / 2).any(dim=1)
+        nuggets = layer.is_nugget & valid
+        raw = valid & ~nuggets
+        raw_before = raw.long().cumsum(dim=1) - raw.long()
+        nuggets_before = nuggets.long().cumsum(dim=1) - nuggets.long()
+        slots = nuggets.sum(dim=1, keepdim=True)
+        span = slots if self.nugget_span is None else self.nugget_span[:, None].to(slots.device)
+        target = raw_before + nuggets_before * span // slots.clamp(min=1)
+        delta = (target[:, None, :] if layer.positions.dim() == 3 else target) - layer.positions
+        if bool((delta != 0).any()):
+            packed = layer.packed
+            layer.keys = rerotate(layer.keys, delta, rotary_emb)
+            if packed:
+                layer.pack()
+        layer.positions = target
 
     # --- sizes ---------------------------------------------------------------------------------
 
     @property
     def batch_size(self) -> int:
         """Rows in the cache (0 when empty)."""
-        first = self.layers[0]
+        first = self.main_layer
         return first.bias.shape[0] if first.is_initialized else 0
 
     def entry_counts(self) -> torch.Tensor:
         """Real (non-padding) entries per row, ``(B,)``, counting the nuggets of a per-head cache as
-        their token-equivalent :attr:`nugget_span` (so this is also the next token's cache position)."""
-        layer = self.layers[0]
+        their token-equivalent :attr:`nugget_span` (so this is also the next token's cache position); counted
+        on the first global layer (:attr:`main_layer`)."""
+        layer = self.main_layer
         if layer.bias is None:
             return torch.zeros(0, dtype=torch.long)
         valid = (layer.bias > MASKED / 2).any(dim=1)
@@ -200,7 +266,7 @@ class NuggetCache(Cache):
 
     def nugget_counts(self) -> torch.Tensor:
         """Nugget entries per row, ``(B,)`` (token-equivalents in a per-head cache)."""
-        layer = self.layers[0]
+        layer = self.main_layer
         if layer.bias is None:
             return torch.zeros(0, dtype=torch.long)
         if self.nugget_span is not None:
@@ -209,7 +275,8 @@ class NuggetCache(Cache):
 
     def stored_entries(self) -> torch.Tensor:
         """K/V pairs in use per row, ``(B,)``, over every layer and KV head (masked slots excluded):
-        ``entry_counts() · layers · kv_heads`` whether the budget is spread per token or per head."""
+        ``entry_counts() · layers · kv_heads`` whether the budget is spread per token or per head (plus
+        what sliding-window layers hold beyond that, or minus what they hold less)."""
         total = torch.zeros(self.batch_size, dtype=torch.long)
         for layer in self.layers:
             if layer.is_initialized:
@@ -219,7 +286,7 @@ class NuggetCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of everything stored: K/V (only those in use once packed), bias, positions and flags
-        of every layer."""
+        of every layer, each as its type stores them (a sliding-window layer: its window)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
 
     def kv_nbytes(self) -> int:
@@ -230,7 +297,7 @@ class NuggetCache(Cache):
 
     def fork(self, detach: bool = False) -> NuggetCache:
         """A cache sharing these tensors; what is appended to the fork does not change this one."""
-        twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode, self.allocation)
+        twin = NuggetCache(len(self.layers), self.model_fingerprint, self.position_mode, self.allocation, self.windows)
         twin.layers = [layer.copy(detach) for layer in self.layers]
         twin.seen_tokens, twin.nugget_span = self.seen_tokens, self.nugget_span
         return twin
@@ -256,6 +323,7 @@ class NuggetCache(Cache):
             "num_layers": json.dumps(len(self.layers)),
             "position_mode": self.position_mode,
             "allocation": self.allocation,
+            "windows": json.dumps(self.windows),
         }
         path = Path(path)
         save_file(tensors, str(path), metadata=metadata)
@@ -281,6 +349,7 @@ class NuggetCache(Cache):
             metadata.get("model_fingerprint", ""),
             metadata.get("position_mode", "original"),
             metadata.get("allocation", "token"),
+            json.loads(metadata.get("windows", "null")),
         )
         tensors = load_file(str(path), device=str(device))
         cache.seen_tokens = tensors.pop("seen_tokens", None)

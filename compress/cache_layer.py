@@ -28,9 +28,15 @@ class NuggetLayer(DynamicLayer):
     nothing, and reading ``keys`` rebuilds them as zeros (never attended to), with the entries
     appended since after them.
     Assigning ``keys`` or ``values`` unpacks the layer. Hand-rolled because transformers' layers
-    store dense K/V only."""
+    store dense K/V only.
 
-    def __init__(self) -> None:
+    A sliding-window layer (``window``: the model's ``sliding_window``) holds raw entries only, never
+    compressed: after each forward pass (:meth:`trim`) the last ``window - 1`` of them, what the next
+    token reads besides itself, as transformers' sliding-window cache layers keep."""
+
+    def __init__(self, window: int | None = None) -> None:
+        #: The layer's sliding window (None: a global layer, whose entries a policy compresses).
+        self.window = window
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         #: After :meth:`pack`: (keys in use ``(M, D)``, values in use ``(M, D)``, in use ``(B, Hkv, S)``)
@@ -83,9 +89,25 @@ class NuggetLayer(DynamicLayer):
             self._keys, self._values, self._packed = self._whole(0), self._whole(1), None
             self._head_slots = self._padding = None
 
+    @property
+    def sliding(self) -> bool:
+        """Whether this is a sliding-window layer (raw entries only, never compressed)."""
+        return self.window is not None
+
+    def trim(self) -> None:
+        """Keep a sliding-window layer's last ``window - 1`` entries (what the next query reads besides
+        itself); a global layer stays as it is."""
+        if self.window is None or not self.is_initialized or self.get_seq_length() < self.window:
+            return
+        keep = slice(-(self.window - 1), None) if self.window > 1 else slice(0, 0)
+        self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
+        self.bias, self.is_nugget = self.bias[..., keep], self.is_nugget[:, keep]
+        self.positions, self.scores = self.positions[..., keep], self.scores[..., keep]
+
     def pack(self) -> None:
-        """Store only the K/V pairs in use (bias not masked); a layer without masked slots stays as it is."""
-        if not self.is_initialized or self.bias is None:
+        """Store only the K/V pairs in use (bias not masked); a layer without masked slots, or a
+        sliding-window one, stays as it is."""
+        if not self.is_initialized or self.bias is None or self.window is not None:
             return
         in_use = (self.bias > MASKED / 2).expand(-1, self.kv_heads, -1)
         if bool(in_use.all()):
@@ -285,7 +307,7 @@ class NuggetLayer(DynamicLayer):
         def share(value):
             return value.detach() if detach and value is not None else value
 
-        twin = NuggetLayer()
+        twin = NuggetLayer(self.window)
         twin._keys, twin._values = share(self._keys), share(self._values)
         twin._packed = tuple(share(t) for t in self._packed) if self._packed is not None else None
         if self._head_slots is not None:

@@ -3,7 +3,9 @@
 ``compress`` runs the encoder adapter over a text, scores its tokens, and keeps the selected
 tokens' keys and values at every layer as nuggets in a :class:`NuggetCache`; ``forward`` decodes
 over such a cache. Any Hugging Face decoder with rotary positions and the attention interface
-works (Llama, Mistral, Qwen2/3, SmolLM, ...).
+works (Llama, Mistral, Qwen2/3, SmolLM, Gemma 3, ...). Models that mix layer types (Gemma 3's
+sliding-window and global layers, Mistral's sliding window) keep a sliding-window layer's window raw
+and compress the global layers' entries, each layer re-rotated with its own RoPE.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .cache import NuggetCache
 from .config import Nugget2DConfig
 from .hf_compat import CACHE_ARGUMENT
 from .policies import PerHeadBudget
+from .rope import Rotary, layer_rotaries
 from .scorer import Scorer
 from .selection import nugget_count, select_threshold, select_topk
 
@@ -72,6 +75,26 @@ def check_architecture(model: PreTrainedModel) -> None:
         )
 
 
+def layer_windows(model: PreTrainedModel) -> list[int | None]:
+    """Each decoder layer's sliding window, None for a global layer: the attention module's own
+    ``sliding_window`` (Gemma 3, Qwen2/3), else ``config.layer_types``, else the config's one window for
+    every layer (Mistral)."""
+    config = model.config
+    layers = getattr(model.get_decoder(), "layers", None) or []
+    types = getattr(config, "layer_types", None)
+    windows = []
+    for index in range(config.num_hidden_layers):
+        attention = getattr(layers[index], "self_attn", None) if index < len(layers) else None
+        if attention is not None and hasattr(attention, "sliding_window"):
+            window = attention.sliding_window
+        elif types is not None:
+            window = config.sliding_window if types[index] == "sliding_attention" else None
+        else:
+            window = getattr(config, "sliding_window", None)
+        windows.append(int(window) if window else None)
+    return windows
+
+
 def _model_name(model: PreTrainedModel) -> str:
     return getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "unnamed model"
 
@@ -102,6 +125,11 @@ class Nugget2DModel(nn.Module):
         weight = base_model.get_input_embeddings().weight
         heads = (self.num_layers, self.num_kv_heads) if config.allocation == "head" else None
         self.scorer = Scorer(base_model.config.hidden_size, heads).to(device=weight.device, dtype=torch.float32)
+        #: each layer's sliding window (None: global) and RoPE
+        self.layer_windows = layer_windows(base_model)
+        self._rotaries = layer_rotaries(
+            base_model.get_decoder(), getattr(base_model.config, "layer_types", None), self.num_layers
+        )
         self.set_attention(attention)
 
     # --- construction --------------------------------------------------------------------------
@@ -174,6 +202,11 @@ class Nugget2DModel(nn.Module):
         return self.base.config.num_hidden_layers
 
     @property
+    def compressed_layers(self) -> list[int]:
+        """The global layers: those whose entries are compressed (all layers but sliding-window ones)."""
+        return [index for index, window in enumerate(self.layer_windows) if window is None]
+
+    @property
     def num_kv_heads(self) -> int:
         config = self.base.config
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -193,19 +226,28 @@ class Nugget2DModel(nn.Module):
                 "per-head budgets need a scorer that scores every (layer, KV head); this adapter's scores tokens "
                 "(train one with `nugget2d train --objective scorer`) — use allocation='token'"
             )
-        return NuggetCache(self.num_layers, self.fingerprint, positions, allocation)
+        return NuggetCache(self.num_layers, self.fingerprint, positions, allocation, self.layer_windows)
 
     @property
-    def rotary_emb(self) -> nn.Module:
-        """The base model's rotary embedding module (used to re-rotate moved keys)."""
-        return self.base.get_decoder().rotary_emb
+    def rotary_emb(self) -> Rotary:
+        """What re-rotates moved keys: the base model's rotary embedding module, or one per layer when its
+        layers use different ones (Gemma 3's local and global RoPE); caches take either."""
+        first = self._rotaries[0]
+        return first if all(rotary is first for rotary in self._rotaries) else tuple(self._rotaries)
+
+    def layer_rotary(self, index: int) -> nn.Module:
+        """Layer ``index``'s rotary embedding (called as ``(x, position_ids)``)."""
+        return self._rotaries[index]
 
     def full_kv_bytes(self, tokens: int) -> int:
-        """Bytes a plain KV cache of ``tokens`` tokens would take for this model (one row)."""
+        """Bytes a plain KV cache of ``tokens`` tokens would take for this model (one row): ``tokens``
+        entries per global layer, at most ``window - 1`` per sliding-window layer (what transformers'
+        cache keeps)."""
         config = self.base.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         itemsize = self.base.get_input_embeddings().weight.element_size()
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * tokens
+        entries = sum(tokens if window is None else min(tokens, window - 1) for window in self.layer_windows)
+        return 2 * entries * self.num_kv_heads * head_dim * itemsize
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The LoRA and scorer parameters: all that trains."""
@@ -271,11 +313,13 @@ class Nugget2DModel(nn.Module):
         session's) spreads them, ``observed`` (per layer ``(B, KV heads, entries)``, the attention the
         last queries paid) voting beside the scorer."""
         ratio = self.config.ratio if ratio is None else ratio
+        if not cache.compressed_layers:  # every layer slides and keeps its window: nothing to compress
+            return self._renumbered(cache)
         if cache.allocation == "head":
             return self._compress_per_head(cache, mask, ratio, tail, observed, per_head or PerHeadBudget())
         new, length = mask.shape[1], cache.get_seq_length()
         old = length - tail - new
-        indices, valid = self.select(cache.layers[0].scores[:, old : old + new], mask, ratio)
+        indices, valid = self.select(cache.main_layer.scores[:, old : old + new], mask, ratio)
         rows = indices.shape[0]
         kept = torch.arange(old, device=indices.device).expand(rows, old)
         raw = torch.arange(length - tail, length, device=indices.device).expand(rows, tail)
@@ -284,7 +328,7 @@ class Nugget2DModel(nn.Module):
             index,
             torch.cat([torch.ones_like(kept, dtype=torch.bool), valid, torch.ones_like(raw, dtype=torch.bool)], 1),
         )
-        converted = torch.zeros(cache.layers[0].is_nugget.shape, dtype=torch.bool, device=valid.device)
+        converted = torch.zeros(cache.main_layer.is_nugget.shape, dtype=torch.bool, device=valid.device)
         converted[:, old : old + valid.shape[1]] = valid
         cache.convert(converted, self.config.bias_mode)
         return self._renumbered(cache)
@@ -304,11 +348,11 @@ class Nugget2DModel(nn.Module):
         observed: list[torch.Tensor] | None,
         per_head: PerHeadBudget,
     ) -> NuggetCache:
-        """The ``n`` entries before the last ``tail`` compete across layers and heads for
-        ``ceil(n·r) · layers · kv_heads`` entries (per row, ``n`` its real tokens)."""
+        """The ``n`` entries before the last ``tail`` compete across global layers and heads for
+        ``ceil(n·r) · global layers · kv_heads`` entries (per row, ``n`` its real tokens)."""
         added = torch.tensor([nugget_count(int(n), ratio) for n in mask.sum(dim=1).tolist()], device=mask.device)
         before = cache.nugget_counts().to(mask.device)
-        entries = added * self.num_layers * self.num_kv_heads
+        entries = added * len(self.compressed_layers) * self.num_kv_heads
         per_head.keep(
             cache,
             entries,
@@ -378,6 +422,7 @@ class Nugget2DModel(nn.Module):
         )  # fmt: skip
         if score:
             cache.set_scores(self.scorer(out.hidden_states[self.config.scorer_layer]))
+        cache.end_step()
         return out
 
     def _inputs(

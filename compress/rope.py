@@ -2,15 +2,61 @@
 
 Exact for the rotary schemes whose frequencies do not depend on the sequence length (default,
 linear, llama3, yarn); ``dynamic`` and ``longrope`` re-derive frequencies from the length seen
-and are refused.
+and are refused. Models whose layers use different rotary embeddings (Gemma 3: a local base for
+its sliding-window layers, a global base and scaling for the others) get one rotary per layer
+(:func:`layer_rotaries`); a cache given a sequence of them re-rotates each layer with its own.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 POSITION_DEPENDENT = ("dynamic", "longrope")
+
+#: One rotary for every layer, or one per layer (indexed by layer).
+Rotary = nn.Module | Sequence[nn.Module]
+
+
+class LayerRotary:
+    """One layer type's view of a rotary module keyed by layer type (transformers 5's Gemma 3 style,
+    ``rotary(x, position_ids, layer_type)``): called as ``(x, position_ids)`` like a plain one, with its
+    ``rope_type`` and ``attention_scaling``."""
+
+    def __init__(self, rotary: nn.Module, layer_type: str) -> None:
+        self.rotary, self.layer_type = rotary, layer_type
+        kinds = getattr(rotary, "rope_type", None)
+        self.rope_type = kinds.get(layer_type, "default") if isinstance(kinds, dict) else "default"
+        self.attention_scaling = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+
+    def __call__(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(x, position_ids, self.layer_type)
+
+    def __repr__(self) -> str:
+        return f"LayerRotary({type(self.rotary).__name__}, {self.layer_type!r})"
+
+
+def layer_rotaries(body: nn.Module, layer_types: Sequence[str] | None, num_layers: int) -> list:
+    """The rotary embedding each of ``num_layers`` layers of a decoder ``body`` applies: its one
+    ``rotary_emb``, or per layer type (a rotary taking ``layer_type``; or Gemma 3's older
+    ``rotary_emb_local`` for sliding-window layers)."""
+    rotary = body.rotary_emb
+    keyed = "layer_type" in inspect.signature(rotary.forward).parameters
+    if keyed and layer_types:
+        views = {kind: LayerRotary(rotary, kind) for kind in set(layer_types)}
+        return [views[kind] for kind in layer_types]
+    local = getattr(body, "rotary_emb_local", None)
+    if local is not None and layer_types:
+        return [local if kind == "sliding_attention" else rotary for kind in layer_types]
+    return [rotary] * num_layers
+
+
+def layer_rotary(rotary: Rotary, index: int) -> nn.Module:
+    """Layer ``index``'s rotary of ``rotary`` (one for all layers, or a sequence of one per layer)."""
+    return rotary[index] if isinstance(rotary, Sequence) else rotary
 
 
 def rope_type(rotary_emb: nn.Module) -> str:
@@ -19,15 +65,16 @@ def rope_type(rotary_emb: nn.Module) -> str:
     return kind if isinstance(kind, str) else "default"
 
 
-def check_rerotatable(rotary_emb: nn.Module) -> None:
-    """Raise ``ValueError`` for rotary schemes whose keys cannot be moved exactly."""
-    kind = rope_type(rotary_emb)
-    if kind in POSITION_DEPENDENT:
-        raise ValueError(
-            f"rotary scaling '{kind}' changes its frequencies with the sequence length, so cached keys cannot be "
-            "moved to new positions exactly; use positions='original' (texts inside the native window) or a model "
-            "with default, linear, llama3 or yarn rotary scaling"
-        )
+def check_rerotatable(rotary_emb: Rotary) -> None:
+    """Raise ``ValueError`` for rotary schemes whose keys cannot be moved exactly (any layer's)."""
+    for rotary in rotary_emb if isinstance(rotary_emb, Sequence) else [rotary_emb]:
+        kind = rope_type(rotary)
+        if kind in POSITION_DEPENDENT:
+            raise ValueError(
+                f"rotary scaling '{kind}' changes its frequencies with the sequence length, so cached keys cannot "
+                "be moved to new positions exactly; use positions='original' (texts inside the native window) or "
+                "a model with default, linear, llama3 or yarn rotary scaling"
+            )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +85,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rerotate(keys: torch.Tensor, delta: torch.Tensor, rotary_emb: nn.Module) -> torch.Tensor:
     """Keys ``(B, H, N, D)`` rotated at positions ``p`` → the same keys rotated at ``p + delta``.
 
-    ``delta`` is ``(B, N)``, or ``(B, H, N)`` for a shift per head (any sign). Uses the model's own
+    ``delta`` is ``(B, N)``, or ``(B, H, N)`` for a shift per head (any sign). Uses the layer's own
     rotary module for the angles, divided by its attention scaling (yarn multiplies cos/sin by it; a
     relative rotation must not).
     """

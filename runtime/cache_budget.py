@@ -31,9 +31,9 @@ class BudgetKeeping:
         """Compress raw tokens beyond ``keep_raw`` into nuggets, then shrink the nuggets until
         ``incoming`` more entries fit the budget."""
         keep_raw = max(0, keep_raw)
-        scores = self.cache.layers[0].scores
-        if scores is None:
-            return
+        scores = self.cache.main_layer.scores
+        if scores is None or not self.cache.compressed_layers:
+            return  # nothing read yet, or every layer slides (each keeps its window: nothing to compress)
         if not self.policy.keeps_leaving:  # nothing is kept, so the raw window takes all the room
             keep_raw = max(keep_raw, self.settings.budget - self.sinks - incoming)
         if self.allocation == "head":
@@ -72,7 +72,7 @@ class BudgetKeeping:
         nuggets = max(0, min(wanted, room))
         if nuggets == self.nuggets and not leaving:
             return  # nothing moves
-        entries = nuggets * self.model.num_layers * self.model.num_kv_heads
+        entries = nuggets * len(self.model.compressed_layers) * self.model.num_kv_heads
         keep = torch.tensor([entries], device=self.model.device)
         observed, self.observed = self.observed, None  # it describes the entries before this change
         self.policy.keep(

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 VOCAB = 97
 
@@ -29,6 +40,45 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """A 4-layer Qwen2 (q/k/v biases) of the same shape, in eval mode."""
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval()
+
+
+#: The tiny models' sliding window (Gemma 3 and Mistral-style): shorter than the tests' texts.
+WINDOW = 8
+
+
+def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
+    """A 4-layer Gemma 3 as the real ones are built: sliding-window layers (window :data:`WINDOW`, a local
+    RoPE base) around global ones (another base, linear scaling), QK-norm, head dim 32 ≠ hidden / heads
+    (16), ``query_pre_attn_scalar`` 24 (so the attention scaling is not ``head_dim ** -0.5``); layer 0
+    slides, as in Gemma 3. In eval mode."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        **{
+            **SHAPE,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0},
+            },
+            **overrides,
+        }
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """A 4-layer Qwen3 (QK-norm; head dim 32 ≠ hidden / heads), in eval mode."""
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(**{**SHAPE, "head_dim": 32, **overrides})).eval()
+
+
+def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
+    """A 4-layer Mistral whose every layer attends within a sliding window of :data:`WINDOW`, in eval mode."""
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**{**SHAPE, "sliding_window": WINDOW, **overrides})).eval()
 
 
 WORDS = (

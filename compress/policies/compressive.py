@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..cache import NuggetCache
-from ..rope import rerotate
+from ..rope import Rotary, layer_rotary, rerotate
 from .base import CachePolicy, Leaving
 from .registry import register_policy
 
@@ -37,23 +36,24 @@ def group_bounds(length: int, groups: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def pool_groups(cache: NuggetCache, indices: list[int], groups: int, rotary_emb: nn.Module) -> list[int]:
+def pool_groups(cache: NuggetCache, indices: list[int], groups: int, rotary_emb: Rotary) -> list[int]:
     """Mean-pool ``indices`` (cache entries, in order) in ``groups`` groups of consecutive entries.
 
-    Each group's last entry becomes, at every layer, the mean of the group's values and the mean of
-    its keys re-rotated to that entry's position; the returned list holds those entries (one per
-    group). The other members are left for the caller to drop. Tensors are replaced, never written
-    in place, so forks sharing them are unaffected.
+    Each group's last entry becomes, at every global layer, the mean of the group's values and the mean
+    of its keys re-rotated to that entry's position (``rotary_emb``: one rotary, or one per layer); the
+    returned list holds those entries (one per group). The other members are left for the caller to
+    drop. Tensors are replaced, never written in place, so forks sharing them are unaffected.
     """
     bounds = group_bounds(len(indices), groups)
-    device = cache.layers[0].keys.device
+    device = cache.main_layer.keys.device
     members = torch.tensor(indices, device=device)
     group_of = torch.tensor([g for g, (a, b) in enumerate(bounds) for _ in range(a, b)], device=device)
     slots = torch.tensor([indices[b - 1] for _, b in bounds], device=device)
     sizes = torch.tensor([b - a for a, b in bounds], device=device, dtype=torch.float32)[:, None]
-    for layer in cache.layers:
+    for index in cache.compressed_layers:
+        layer = cache.layers[index]
         delta = layer.positions[:, slots[group_of]] - layer.positions[:, members]
-        moved = rerotate(layer.keys[:, :, members], delta, rotary_emb)
+        moved = rerotate(layer.keys[:, :, members], delta, layer_rotary(rotary_emb, index))
         layer.keys = layer.keys.index_copy(2, slots, _group_mean(moved, group_of, sizes).to(layer.keys.dtype))
         pooled_values = _group_mean(layer.values[:, :, members], group_of, sizes).to(layer.values.dtype)
         layer.values = layer.values.index_copy(2, slots, pooled_values)

@@ -72,19 +72,24 @@ class HeadAttentionReceived(_LastQueriesObserver):
         """Record this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
         self.by_layer[layer_idx] = attention_from_last_queries(query, key, bias, scaling, self.window)
 
-    def layers(self, count: int) -> list[torch.Tensor]:
-        """The record of layers ``0 … count - 1``, in order; ``RuntimeError`` if one was never seen."""
-        missing = [i for i in range(count) if i not in self.by_layer]
+    def layers(self, indices: int | list[int]) -> list[torch.Tensor]:
+        """The record of layers ``indices`` (a count ``n``: layers ``0 … n - 1``), in order; ``RuntimeError`` if
+        one was never seen (the backends do not watch sliding-window layers)."""
+        indices = list(range(indices)) if isinstance(indices, int) else list(indices)
+        missing = [i for i in indices if i not in self.by_layer]
         if missing:
             raise RuntimeError(f"no attention was observed in layers {missing}: the backend did not call the observer")
-        return [self.by_layer[i] for i in range(count)]
+        return [self.by_layer[i] for i in indices]
 
 
 def accumulate_attention(cache: NuggetCache, received: torch.Tensor, new: int) -> None:
     """Make every entry's score the attention it has received so far: the ``new`` entries just
-    appended start from 0 (their scorer scores are dropped), then ``received`` ``(B, K)`` is added."""
-    scores = cache.layers[0].scores.clone()
+    appended start from 0 (their scorer scores are dropped), then ``received`` ``(B, K)`` is added (at the
+    global layers; ``received`` None — nothing watched, every layer slides — leaves the scores)."""
+    if received is None:
+        return
+    scores = cache.main_layer.scores.clone()
     scores[:, scores.shape[1] - new :] = 0.0
     scores = scores + received.to(scores.device)
-    for layer in cache.layers:
-        layer.scores = scores
+    for index in cache.compressed_layers:
+        cache.layers[index].scores = scores

@@ -74,8 +74,9 @@ class PerHeadBudget:
     def after_read(
         self, cache: NuggetCache, observer: HeadAttentionReceived | None, new: int
     ) -> list[torch.Tensor] | None:
-        """The observed attention per layer ``(B, Hkv, entries)``: kept by the session until the cache changes."""
-        return None if observer is None else observer.layers(len(cache.layers))
+        """The observed attention per global layer ``(B, Hkv, entries)``: kept by the session until the cache
+        changes."""
+        return None if observer is None else observer.layers(cache.compressed_layers)
 
     def keep(
         self,
@@ -89,17 +90,19 @@ class PerHeadBudget:
         bias_mode: str = "plain",
         observed: list[torch.Tensor] | None = None,
     ) -> None:
-        """Of the candidate entries of every layer — after the first ``lead`` entries, or the last ``pool``
-        before the ``tail`` — keep ``keep`` ``(B,)`` K/V entries by the rule above (``observed``: per layer
-        ``(B, Hkv, entries)``, the attention the last queries gave each entry), as nuggets in text order
-        per head; the ``tail`` stays as it is."""
+        """Of the candidate entries of every global layer (sliding-window layers keep their window) — after
+        the first ``lead`` entries, or the last ``pool`` before the ``tail`` — keep ``keep`` ``(B,)`` K/V
+        entries by the rule above (``observed``: per global layer ``(B, Hkv, entries)``, the attention the
+        last queries gave each entry), as nuggets in text order per head; the ``tail`` stays as it is."""
         if cache.allocation != "head":
             raise ValueError("per-head budgets spread entries over heads; this cache is token-level")
+        if not cache.compressed_layers:
+            return  # every layer slides: nothing to choose among
         bounds, scores = cache.candidates(tail=tail, lead=lead, pool=pool)
         if observed is None:
             picks = self.split_per_layer(scores, keep)
         else:
-            first = self.scorer_first * len(cache.layers) * cache.layers[0].kv_heads
+            first = self.scorer_first * len(bounds) * cache.main_layer.kv_heads
             picks = self.score_first_then_split(scores, observed_worth(cache, bounds, scores, observed), keep, first)
         cache.regroup(bounds, picks, bias_mode, rotary_emb if cache.position_mode == "cache" else None)
 
@@ -139,11 +142,12 @@ class PerHeadBudget:
 def observed_worth(
     cache: NuggetCache, bounds: list[tuple[int, int]], scores: list[torch.Tensor], observed: list[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """The candidates' worth when the last queries' attention was observed: per layer ``(B, H, N)``, the
-    better of the entry's score percentile and attention percentile among all candidates."""
-    shapes = [(cache.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in cache.layers]
+    """The candidates' worth when the last queries' attention was observed: per global layer ``(B, H, N)``,
+    the better of the entry's score percentile and attention percentile among all candidates."""
+    global_layers = [cache.layers[index] for index in cache.compressed_layers]
+    shapes = [(cache.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in global_layers]
     if [tuple(seen.shape) for seen in observed] != shapes:
-        raise ValueError("observed attention must hold one value per (layer, KV head, entry) of this cache")
+        raise ValueError("observed attention must hold one value per (global layer, KV head, entry) of this cache")
     seen = [
         seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
         for seen, (start, stop), pool in zip(observed, bounds, scores)
