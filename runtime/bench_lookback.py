@@ -9,14 +9,16 @@ choosing and reading spans, reading the question, generating), with the largest 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from .lookback import DEFAULT_SPAN, LookBack
-from .lookback_select import SELECTORS
+from .lookback_select import SELECTORS, has_text_positions
 from .session import StreamingSession
 
 Variant = tuple[int, str | None]
+_log = logging.getLogger("nugget2d")
 
 
 def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int) -> None:
@@ -50,9 +52,13 @@ def answer_variants(
 ) -> list[dict]:
     """Every variant's answer to one question of ``session`` (which has read the context): ``ask(fork,
     look)`` answers on a fork; ``answers`` are what the oracle selector looks for. Per variant: the reply,
-    seconds, the largest cache bytes the answer read, tokens read back and the spans."""
+    seconds, the largest cache bytes the answer read, tokens read back and the spans. The attention selector
+    is skipped (with a warning) where the cache is not numbered by text position."""
     results = []
     for tokens, selector in wanted:
+        if selector == "attention" and not has_text_positions(session.cache):
+            _log.warning("bench: the attention selector needs a cache numbered by text position; variant skipped")
+            continue
         fork = session.fork()
         look = LookBack(tokens)
         if tokens:

@@ -107,8 +107,8 @@ def select_scores(look, view: Candidates) -> np.ndarray:
 
 
 def choose_spans(scores: np.ndarray, wins: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
-    """The best-scoring windows (score > 0) whose union stays within ``tokens``, merged where they
-    touch or overlap, in text order."""
+    """The best-scoring windows (score > 0) whose union stays within ``tokens`` (a window longer than
+    what is left gives its middle part), merged where they touch or overlap, in text order."""
     if not wins:
         return []
     lo, hi = min(a for a, _ in wins), max(b for _, b in wins)
@@ -119,6 +119,10 @@ def choose_spans(scores: np.ndarray, wins: list[tuple[int, int]], tokens: int) -
             break
         a, b = wins[i]
         new = int((~taken[a - lo : b - lo]).sum())
+        if new > left and b - a > left:  # a window longer than what is left: its middle part
+            a += (b - a - left) // 2
+            b = a + left
+            new = int((~taken[a - lo : b - lo]).sum())
         if 0 < new <= left:
             taken[a - lo : b - lo] = True
             left -= new

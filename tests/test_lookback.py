@@ -168,3 +168,48 @@ def test_spans_are_the_best_windows_within_the_budget_merged():
     assert choose_spans(scores, wins, 24) == [(4, 28)]  # 0 and 1 overlap by half: 24 tokens
     assert choose_spans(scores, wins, 40) == [(4, 28), (44, 60)]
     assert choose_spans(np.zeros(len(wins)), wins, 40) == []  # nothing scores: nothing is read
+    assert choose_spans(scores, wins, 8) == [(8, 16)]  # a window longer than the look-back: its middle
+
+
+def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path):
+    import importlib.util
+    import json
+
+    from tiny_models import text_file
+
+    from nugget2d.runtime.bench_quality import QualityOptions, run_quality
+
+    options = QualityOptions(
+        methods=["full", "nugget2d"],
+        ratios=[0.25],
+        contexts=[200],
+        metrics=["qa"],
+        depths=[0.5],
+        qa_samples=1,
+        inputs=[str(text_file(tmp_path))],
+        lookback=[0, 32],
+        lookback_selectors=["bm25", "attention"],
+    )
+    config = Nugget2DConfig(scorer_layer=1, allocation="head")  # per head: text positions, so attention runs
+    model = Nugget2DModel.from_base(tiny_llama(max_position_embeddings=1024), config).eval()
+    path = run_quality(model, tiny_tokenizer(), options, tmp_path / "run", adapter="none")
+    records = json.loads(path.read_text())["records"]
+    variants = sorted((r["method"], r.get("lookback", 0), r.get("lookback_selector", "")) for r in records)
+    assert variants == [("full", 0, ""), ("nugget2d", 0, ""), ("nugget2d", 32, "attention"), ("nugget2d", 32, "bm25")]
+    for record in records:
+        assert (
+            record["seconds_per_answer"] > 0 and record["peak_question_bytes"] > 0 and len(record["qa_examples"]) == 1
+        )
+    looked = [r for r in records if r.get("lookback")]
+    assert all(0 < r["lookback_read_tokens"] <= 32 for r in looked)
+    plain = next(r for r in records if r["method"] == "nugget2d" and not r.get("lookback"))
+    assert all(r["cache_bytes"] == plain["cache_bytes"] for r in looked)  # the same resident cache
+    spec = importlib.util.spec_from_file_location("lookback_table", "benchmarks/lookback/table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    lines = table.rows(tmp_path)
+    assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | after | " in "\n".join(lines)
+    with pytest.raises(ValueError, match="unknown look-back selector"):
+        QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_selectors=["magic"])
+    with pytest.raises(ValueError, match="every --lookback must be >= 0"):
+        QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback=[-1])
