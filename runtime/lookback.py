@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +40,6 @@ from nugget2d.compress import Nugget2DModel, NuggetCache
 
 from .generation import GenerationSettings, Scoring, TokenStream
 from .lookback_select import SELECTORS, has_text_positions, plan
-
-if TYPE_CHECKING:
-    from .session import StreamingSession
 
 PLACEMENTS = ("text", "after")
 DEFAULT_SELECTOR = "hybrid"
@@ -137,7 +134,7 @@ def resolve(default: LookBack, lookback: int | LookBack | None, has_ids: bool) -
 
 
 def ask_looking_back(
-    session: StreamingSession,
+    session: Any,  # a StreamingSession (not imported here: the session imports this module)
     prompt_ids: list[int],
     settings: GenerationSettings,
     scoring: Scoring | None,
