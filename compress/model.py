@@ -172,6 +172,17 @@ class Nugget2DModel(nn.Module):
         model.adapter_source = str(directory)
         return model.to(base_model.get_input_embeddings().weight.device)
 
+    @classmethod
+    def training_free(cls, base_model: PreTrainedModel, ratio: float = 0.1, attention: str = "sdpa") -> Nugget2DModel:
+        """``base_model`` wrapped without training: a per-head cache whose scorer is zero (it ranks nothing), so
+        the attention of each segment's last queries alone chooses what stays (the observation window,
+        :class:`~nugget2d.compress.policies.PerHeadBudget`), over the unmodified model's K/V (zero LoRA)."""
+        model = cls(base_model, Nugget2DConfig(ratio=ratio, allocation="head"), attention)
+        with torch.no_grad():
+            for parameter in model.scorer.parameters():
+                parameter.zero_()
+        return model
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter directory: config, both LoRA adapters, scorer (trainable parts only)."""
         directory = Path(directory)

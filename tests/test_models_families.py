@@ -11,6 +11,7 @@ from tiny_models import VOCAB, WINDOW, tiny_gemma3, tiny_mistral, tiny_qwen3, ti
 from nugget2d.compress import MASKED, Nugget2DConfig, Nugget2DModel, NuggetCache
 from nugget2d.compress.hf_compat import CACHE_ARGUMENT
 from nugget2d.compress.policies import PerHeadBudget
+from nugget2d.compress.policies.per_head import percentiles
 from nugget2d.runtime.generation import GenerationSettings
 from nugget2d.runtime.session import StreamingSession, StreamSettings
 
@@ -155,3 +156,22 @@ def test_a_gemma3_cache_saved_and_loaded_round_trips_per_layer_type(tmp_path, al
     question = torch.tensor([_ids(4, seed=2)])
     with torch.no_grad():
         assert torch.equal(model(question, nuggets=cache).logits, model(question, nuggets=loaded).logits)
+
+
+def test_without_training_the_observed_attention_alone_chooses():
+    """The training-free setting: a zero scorer ranks nothing, so each global layer's heads keep the entries
+    the last queries attended to most (the per-layer split of their attention percentiles)."""
+    model = Nugget2DModel.training_free(tiny_gemma3(), ratio=0.25)
+    cache = model.new_cache(positions="original")
+    model.encode(torch.tensor([_ids(30)]), cache=cache)
+    heads = model.num_kv_heads
+    observed = [torch.rand(1, heads, 30, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rule = PerHeadBudget()
+    expected = rule.split_per_layer(percentiles([seen[..., 10:] for seen in observed]), torch.tensor([8]))
+    rule.keep(cache, torch.tensor([8]), model.rotary_emb, pool=20, observed=observed)
+    for index, picked in zip(model.compressed_layers, expected):
+        layer = cache.layers[index]
+        for head in range(heads):
+            in_use = layer.bias[0, head, 10 : layer.get_seq_length()] > MASKED / 2
+            kept = layer.positions[0, head, 10 : layer.get_seq_length()][in_use]
+            assert kept.tolist() == (picked[0, head].nonzero()[:, 0] + 10).tolist()

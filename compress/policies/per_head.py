@@ -12,7 +12,9 @@ per layer: an entry's worth is the better of its score's and its attention's per
 candidates; a layer's ``k``-th slot is worth its best head's ``k``-th candidate; the best
 ``rest / heads`` slots over all layers are opened, and each layer keeps its best (head, entry)
 pairs for its opened slots × heads, each head as many as win (at most ``head_cap`` × the layer's
-opened slots when set). Without an observation, worth is the score and nothing is kept first.
+opened slots when set). Without an observation, worth is the score and nothing is kept first; with a
+scorer that ranks nothing (every score equal: an untrained, zero-initialised one) the observed attention
+alone is the worth, nothing kept first — the training-free setting for models without an adapter.
 Measured choices behind the defaults are in ``benchmarks/`` (see ``docs/design.md``).
 """
 
@@ -101,6 +103,8 @@ class PerHeadBudget:
         bounds, scores = cache.candidates(tail=tail, lead=lead, pool=pool)
         if observed is None:
             picks = self.split_per_layer(scores, keep)
+        elif not ranks_entries(scores):  # the training-free setting: the observed attention alone
+            picks = self.split_per_layer(observed_worth(cache, bounds, scores, observed, scorer=False), keep)
         else:
             first = self.scorer_first * len(bounds) * cache.main_layer.kv_heads
             picks = self.score_first_then_split(scores, observed_worth(cache, bounds, scores, observed), keep, first)
@@ -139,11 +143,23 @@ class PerHeadBudget:
         return [c | picked for c, picked in zip(chosen, rest)]
 
 
+def ranks_entries(scores: list[torch.Tensor]) -> bool:
+    """Whether the candidates' finite ``scores`` (per layer ``(B, H, N)``) differ at all (an untrained,
+    zero-initialised scorer gives every entry the same)."""
+    finite = torch.cat([pool[pool.isfinite()] for pool in scores])
+    return finite.numel() > 1 and bool(finite.max() > finite.min())
+
+
 def observed_worth(
-    cache: NuggetCache, bounds: list[tuple[int, int]], scores: list[torch.Tensor], observed: list[torch.Tensor]
+    cache: NuggetCache,
+    bounds: list[tuple[int, int]],
+    scores: list[torch.Tensor],
+    observed: list[torch.Tensor],
+    scorer: bool = True,
 ) -> list[torch.Tensor]:
     """The candidates' worth when the last queries' attention was observed: per global layer ``(B, H, N)``,
-    the better of the entry's score percentile and attention percentile among all candidates."""
+    the better of the entry's score percentile and attention percentile among all candidates (without
+    ``scorer``: the attention percentile alone)."""
     global_layers = [cache.layers[index] for index in cache.compressed_layers]
     shapes = [(cache.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in global_layers]
     if [tuple(seen.shape) for seen in observed] != shapes:
@@ -152,6 +168,8 @@ def observed_worth(
         seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
         for seen, (start, stop), pool in zip(observed, bounds, scores)
     ]
+    if not scorer:
+        return percentiles(seen)
     return [torch.maximum(a, b) for a, b in zip(percentiles(scores), percentiles(seen))]
 
 
