@@ -1,7 +1,8 @@
 """The README's results table, generated from the benchmark records (never typed by hand).
 
-Reads ``benchmarks/quality/c*/quality.json`` (the test texts) and ``benchmarks/speed/speed.json``
-and writes the table between the README's ``results`` markers. ``--check`` exits 1 when the README
+Reads ``benchmarks/quality/c*/quality.json`` (the test texts), ``benchmarks/ruler/*/quality.json``
+(RULER ``niah_single_1`` as lm-eval generates it) and ``benchmarks/speed/speed.json``, and writes
+the tables between the README's ``results`` markers. ``--check`` exits 1 when the README
 differs from what the records give. Run from anywhere:
 
     python benchmarks/readme_table.py [--check]
@@ -23,7 +24,31 @@ NAMES = {
     "snapkv": "SnapKV-style",
     "compressive": "compressive (mean-pooled)",
     "ideal": "ideal",
+    "kvpress:KVzip": "kvpress KVzip",
+    "kvpress:ExpectedAttention": "kvpress ExpectedAttention",
 }
+RULER_TASK = "niah_single_1"
+
+
+def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], int]:
+    """One row per method: RULER ``niah_single_1`` accuracy at 10 % kept (full KV: all) per context;
+    the contexts and the samples per context (the most any record used)."""
+    cells: dict[str, dict[int, float]] = {}
+    samples = 0
+    for path in sorted(root.glob("benchmarks/ruler/*/quality.json")):
+        for record in _load(path)["records"]:
+            score = record.get("ruler", {}).get(RULER_TASK)
+            if score is None or record["ratio"] not in (0.1, 1.0):
+                continue
+            cells.setdefault(record["method"], {})[record["context"]] = score
+            samples = max(samples, record.get("ruler_samples", 0))
+    contexts = sorted({c for by in cells.values() for c in by})
+    rows = []
+    for method in sorted(cells, key=lambda m: (m != "full", m != "nugget2d", m)):
+        scores = [cells[method].get(c) for c in contexts]
+        cells_text = ["" if s is None else f"{s:.2f}" for s in scores]
+        rows.append("| " + " | ".join([NAMES.get(method, method), *cells_text]) + " |")
+    return rows, contexts, samples
 
 
 def _load(path: Path) -> dict:
@@ -85,10 +110,27 @@ def block(root: Path = ROOT) -> str:
         "|---" + "|---:" * (len(head) - 1) + "|",
         *rows,
         "",
+        *_ruler_block(root),
         speed_line(root),
         END,
     ]
     return "\n".join(lines)
+
+
+def _ruler_block(root: Path) -> list[str]:
+    """The RULER table's lines (none when no RULER record exists)."""
+    rows, contexts, samples = ruler_rows(root)
+    if not rows:
+        return []
+    head = ["method"] + [f"{c // 1024}k" for c in contexts]
+    return [
+        f"RULER `{RULER_TASK}` (lm-eval's samples, {samples} per context, greedy), share answered, 10 % kept:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" + "|---:" * (len(head) - 1) + "|",
+        *rows,
+        "",
+    ]
 
 
 def render(readme: str, root: Path = ROOT) -> str:
