@@ -28,16 +28,41 @@ from .cli_options import (
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--context", type=int, default=None, help="tokens of the bundled book to read (default: all)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--context", type=int, default=None, help="tokens of the bundled book to read (default: 6144, a few minutes)"
+    )
+    length.add_argument("--full-book", action="store_true", help="read the whole book (60k tokens: 15 min or more)")
     parser.add_argument("--budget", type=int, default=2048, help="nugget2d cache entries in all")
     parser.add_argument("--ratio", type=float, default=0.1, help="fraction of tokens kept as nuggets")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--question", action="append", default=None, help="ask this instead (repeatable)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length cap (default: the demo's settings, 60)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_TOKENS, QUESTIONS, run_demo
 
-    run_demo(args.context, args.ratio, args.max_new_tokens, args.model, args.adapter, args.budget, args.attention)
+    if args.context is not None and args.context < 1:
+        raise SystemExit("--context must be at least 1 token; use --full-book to read the whole book")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    context = None if args.full_book else (args.context or DEMO_TOKENS)
+    questions = tuple(args.question) if args.question else QUESTIONS
+    run_demo(
+        context,
+        args.ratio,
+        args.max_new_tokens,
+        args.model,
+        args.adapter,
+        args.budget,
+        args.attention,
+        questions=questions,
+    )
     return 0
 
 
@@ -152,7 +177,7 @@ def _lazy(module: str, configure: str, run: str, *extra: str) -> tuple[Callable,
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
-    "demo": ("answer questions about a bundled book 7x the native window, streamed", _demo_arguments, _demo),
+    "demo": ("answer questions about a bundled book in a bounded cache, beside full KV", _demo_arguments, _demo),
     "compress": ("compress a text file into a nugget cache file", _compress_arguments, _compress),
     "generate": (
         "stream a text of any length into a bounded cache and answer a prompt about it",

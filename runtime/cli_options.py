@@ -32,15 +32,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """``--max-new-tokens --temperature --top-k --top-p --repetition-penalty --seed --stop``."""
+    """``--max-new-tokens --temperature --top-k --top-p --repetition-penalty --no-repeat-ngram --seed --stop
+    --stop-at-blank-line``."""
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     sampling.add_argument("--top-k", type=int, default=0)
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument(
+        "--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this many tokens (0 = off)"
+    )
     sampling.add_argument("--seed", type=int, default=None)
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument("--stop-at-blank-line", action="store_true", help="end the answer at its first blank line")
 
 
 def generation_settings(args: argparse.Namespace):
@@ -54,5 +59,6 @@ def generation_settings(args: argparse.Namespace):
         args.top_p,
         args.repetition_penalty,
         args.seed,
-        tuple(args.stop),
+        tuple(args.stop) + (("\n\n",) if args.stop_at_blank_line else ()),
+        no_repeat_ngram=args.no_repeat_ngram,
     )

@@ -1,130 +1,193 @@
-"""``nugget2d demo``: long-document QA over a bundled book several times longer than the model's
-native window, streamed into a bounded nugget cache; answers stream as they are generated, and the
-memory and time saved against a full KV cache are printed at the end."""
+"""``nugget2d demo``: questions about a bundled book, read into a bounded nugget cache, each answered
+beside the answer of a full KV cache of the same text (when the text fits the model's window), with
+the memory and time each took.
+
+By default the demo reads the book's first :data:`DEMO_TOKENS` tokens, so that on a 2-core CPU the
+first answer comes within minutes (``benchmarks/demo/README.md``); ``--full-book`` reads all of it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nugget2d.compress import Nugget2DConfig
 
 from .generation import GenerationSettings
 from .loading import load_nugget2d
-from .session import StreamingSession, StreamSettings
+from .session import CacheConfig, StreamingSession
 from .texts import bundled_text
 
+#: Questions whose answers are in the book's first pages (title page, preface, the dialogue's start).
 QUESTIONS = (
-    "Who are the people talking in this book, and what are they doing?",
-    "What fish does the book teach how to catch?",
+    "Who wrote this book?",
+    "Who are the two men talking at the start of the dialogue?",
+    "Where is Viator going to meet his friends?",
 )
-ANSWER_ROOM = 512  # tokens a full KV cache keeps free for the question and the answer
+#: Tokens of the book the demo reads by default (what a 2-core CPU reads in a few minutes; the answers
+#: to :data:`QUESTIONS` lie within them).
+DEMO_TOKENS = 6144
+#: Cache entries a full KV cache keeps for the question (chat template included) beside the answer.
+QUESTION_ROOM = 128
+#: Greedy answers that do not loop (chosen on the book's questions and planted facts, benchmarks/demo/).
+DEMO_GENERATION = GenerationSettings(max_new_tokens=60, repetition_penalty=1.1, no_repeat_ngram=4, stop=("\n\n",))
 
 
 @dataclass
 class DemoRun:
-    """What one cache gave: what it read, its size, rates and its answers."""
+    """What one cache gave: what it read, its size, times and its answers (one per question)."""
 
     label: str
     tokens_read: int
     cache_tokens: int
     cache_bytes: int
-    full_kv_bytes: int
-    ingest_tokens_per_s: float
-    decode_tokens_per_s: float
-    answers: list[str]
+    ingest_seconds: float
+    answers: list[str] = field(default_factory=list)
+    answer_seconds: list[float] = field(default_factory=list)
 
     @property
     def answer(self) -> str:
         """The first answer."""
         return self.answers[0]
 
+    @property
+    def ingest_tokens_per_s(self) -> float:
+        return self.tokens_read / self.ingest_seconds if self.ingest_seconds else 0.0
+
+
+def demo_cache_config(budget: int = 2048, ratio: float = 0.1) -> CacheConfig:
+    """The nugget cache the demo reads the book into: ``budget`` entries, a quarter of them (at most
+    512) the recent window, segments of 256 tokens (fewer for budgets under 1024)."""
+    quarter = budget // 4
+    return CacheConfig(ratio=ratio, budget=budget, recent=min(512, quarter), segment=min(256, quarter))
+
+
+def full_cache_config(tokens: int, answer_tokens: int) -> CacheConfig:
+    """A full KV cache (the unmodified model's keys and values, none dropped) for ``tokens`` tokens, a
+    question and an answer of ``answer_tokens``."""
+    recent = tokens + QUESTION_ROOM + answer_tokens
+    return CacheConfig(ratio=1.0, budget=4 + recent + 256 + 1, recent=recent, segment=256, sinks=4, policy="full")
+
 
 def run_demo(
-    context_tokens: int | None = None,
+    context_tokens: int | None = DEMO_TOKENS,
     ratio: float = 0.1,
-    max_new_tokens: int = 60,
+    max_new_tokens: int | None = None,
     model: str | None = None,
     adapter: str | None = None,
     budget: int = 2048,
     attention: str = "sdpa",
     questions: Sequence[str] = QUESTIONS,
     out=sys.stdout,
+    settings: GenerationSettings | None = None,
+    text: str | None = None,
 ) -> list[DemoRun]:
-    """Stream the bundled book (or its first ``context_tokens``) into a nugget2d cache of ``budget``
-    entries and answer ``questions`` over it; answer the first one with a full KV cache of as much
-    of the book as fits the native window; print the answers, a size/speed table and the savings.
-    Returns ``[full KV run, nugget2d run]``."""
+    """Read the bundled book (its first ``context_tokens``; ``None`` or 0: all of it), or ``text``, into a
+    nugget cache of ``budget`` entries and answer each of ``questions`` over a copy of it; then, when
+    the text fits the model's window, read it into a full KV cache and answer the same questions.
+    Prints the answers side by side with memory and time, and the savings. Returns the runs, nugget2d
+    first (one run when the full KV cache cannot read the text)."""
+    started = time.perf_counter()
+    settings = settings or DEMO_GENERATION
+    if max_new_tokens is not None:
+        settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
     nugget_model, tokenizer = load_nugget2d(model, adapter, Nugget2DConfig(ratio=ratio), attention)
     window = int(nugget_model.base.config.max_position_embeddings)
-    ids = tokenizer(bundled_text(), add_special_tokens=False, verbose=False).input_ids
+    ids = tokenizer(text or bundled_text(), add_special_tokens=False, verbose=False).input_ids
+    whole = len(ids)
     ids = ids[:context_tokens] if context_tokens else ids
     source = nugget_model.adapter_source
     adapter_line = "untrained (zero LoRA, random scorer)" if source == "untrained" else f"trained ({source})"
+    name = "the given text" if text else "Izaak Walton, The Compleat Angler (1653, public domain, bundled)"
+    part = f"its first {len(ids):,} of {whole:,} tokens" if len(ids) < whole else f"all {whole:,} tokens"
     print(
-        f"Book: Izaak Walton, The Compleat Angler (1653, public domain, bundled): {len(ids):,} tokens, "
-        f"{len(ids) / window:.1f}x the model's native window ({window:,}).\nAdapter: {adapter_line}; "
-        f"cache budget {budget} entries, ratio {ratio}.",
+        f"Book: {name}: {part}, {len(ids) / window:.1f}x the model's native window ({window:,}).\n"
+        f"Adapter: {adapter_line}; nugget cache of {budget:,} entries, ratio {ratio}.",
         file=out,
     )
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    compressed = StreamSettings(ratio=ratio, budget=budget, recent=min(512, budget // 4), segment=256)
-    nuggets = _run("nugget2d", nugget_model, tokenizer, compressed, ids, questions, settings, out)
-    prefix = ids[: max(1, min(len(ids), window - ANSWER_ROOM))]
-    full_shape = StreamSettings(ratio=1.0, budget=len(prefix) + ANSWER_ROOM + 1, recent=len(prefix), sinks=0)
-    full = _run("full KV", nugget_model, tokenizer, full_shape, prefix, questions[:1], settings, out)
-    _print_summary(full, nuggets, out)
-    return [full, nuggets]
+    nuggets = _read("nugget2d", nugget_model, tokenizer, demo_cache_config(budget, ratio), ids, out)
+    print(f"[nugget2d] first answers ({time.perf_counter() - started:.0f} s since start):", file=out, flush=True)
+    for question in questions:
+        print(f"\nQ: {question}", file=out, flush=True)
+        _answer(nuggets, question, settings, out)
+    runs = [nuggets.run]
+    answer_room = QUESTION_ROOM + settings.max_new_tokens
+    if len(ids) + answer_room > window:
+        print(
+            f"\n[full KV] not run: {len(ids):,} tokens and the answer do not fit the model's {window:,}-token window "
+            f"(it never saw positions past it); a full KV cache of them would need "
+            f"{nugget_model.full_kv_bytes(len(ids)) / 2**20:,.1f} MiB.",
+            file=out,
+        )
+    else:
+        config = full_cache_config(len(ids), settings.max_new_tokens)
+        full = _read("full KV", nugget_model, tokenizer, config, ids, out)
+        for index, question in enumerate(questions):
+            print(f"\nQ: {question}", file=out)
+            _show(nuggets.run, index, out)
+            _answer(full, question, settings, out)
+        runs.append(full.run)
+    _print_summary(runs, nugget_model.full_kv_bytes(len(ids)), out)
+    print(f"\nDemo took {time.perf_counter() - started:.0f} s in all (model loading included).", file=out)
+    return runs
 
 
-def _run(label, model, tokenizer, shape, ids, questions, settings, out) -> DemoRun:
-    session = StreamingSession(model, tokenizer, shape, progress=True)
+@dataclass
+class _Reader:
+    """A session that has read the text, and the run it records."""
+
+    session: StreamingSession
+    run: DemoRun
+
+
+def _read(label: str, model, tokenizer, config: CacheConfig, ids: list[int], out) -> _Reader:
+    session = StreamingSession(model, tokenizer, config, progress=True)
     print(f"\n[{label}] reading {len(ids):,} tokens ...", file=out, flush=True)
     session.ingest(tokenizer.decode(ids))
-    answers = []
-    for question in questions:
-        print(f"[{label}] Q: {question}\n[{label}] A: ", end="", file=out, flush=True)
-        pieces = []
-        for piece in session.ask(question, settings):
-            print(piece, end="", file=out, flush=True)
-            pieces.append(piece)
-        print(file=out)
-        answers.append("".join(pieces))
     stats = session.stats
-    return DemoRun(
-        label,
-        stats.tokens_ingested,
-        stats.cache_tokens,
-        stats.cache_bytes,
-        stats.full_kv_bytes,
-        stats.ingest_tokens_per_s,
-        stats.decode_tokens_per_s,
-        answers,
-    )
+    run = DemoRun(label, stats.tokens_ingested, stats.cache_tokens, stats.cache_bytes, stats.ingest_seconds)
+    return _Reader(session, run)
 
 
-def _print_summary(full: DemoRun, nuggets: DemoRun, out) -> None:
-    print(f"\n{'cache':<10}{'read':>9}{'entries':>9}{'MiB':>9}{'ingest tok/s':>14}{'decode tok/s':>14}", file=out)
-    for run in (full, nuggets):
+def _answer(reader: _Reader, question: str, settings: GenerationSettings, out) -> None:
+    """Stream the answer to ``question`` over a copy of the read text (each question sees the text alone)."""
+    run = reader.run
+    print(f"  {_head(run)}: ", end="", file=out, flush=True)
+    started, pieces = time.perf_counter(), []
+    for piece in reader.session.fork().ask(question, settings):
+        print(piece, end="", file=out, flush=True)
+        pieces.append(piece)
+    run.answer_seconds.append(time.perf_counter() - started)
+    run.answers.append("".join(pieces).strip())
+    print(f"  [{run.answer_seconds[-1]:.1f} s]", file=out, flush=True)
+
+
+def _show(run: DemoRun, index: int, out) -> None:
+    print(f"  {_head(run)}: {run.answers[index]}  [{run.answer_seconds[index]:.1f} s]", file=out)
+
+
+def _head(run: DemoRun) -> str:
+    return f"{run.label:<8} ({run.cache_tokens:,} entries, {run.cache_bytes / 2**20:.1f} MiB)"
+
+
+def _print_summary(runs: list[DemoRun], full_kv_bytes: int, out) -> None:
+    print(f"\n{'cache':<10}{'read':>9}{'entries':>9}{'MiB':>8}{'read s':>8}{'tok/s':>7}{'answer s':>10}", file=out)
+    for run in runs:
         print(
-            f"{run.label:<10}{run.tokens_read:>9,}{run.cache_tokens:>9,}{run.cache_bytes / 2**20:>9.1f}"
-            f"{run.ingest_tokens_per_s:>14.0f}{run.decode_tokens_per_s:>14.1f}",
+            f"{run.label:<10}{run.tokens_read:>9,}{run.cache_tokens:>9,}{run.cache_bytes / 2**20:>8.1f}"
+            f"{run.ingest_seconds:>8.0f}{run.ingest_tokens_per_s:>7.0f}"
+            f"{sum(run.answer_seconds) / max(len(run.answer_seconds), 1):>10.1f}",
             file=out,
         )
-    whole = nuggets.full_kv_bytes
+    nuggets = runs[0]
+    full_bytes = runs[1].cache_bytes if len(runs) > 1 else full_kv_bytes
     print(
-        f"\nMemory: nugget2d holds everything it read in {nuggets.cache_bytes / 2**20:.1f} MiB; a full KV cache of the "
-        f"same text would need {whole / 2**20:,.1f} MiB ({whole / max(nuggets.cache_bytes, 1):.1f}x more, "
-        f"{1 - nuggets.cache_bytes / whole:.1%} saved).",
+        f"\nMemory: nugget2d holds the {nuggets.tokens_read:,} tokens it read in "
+        f"{nuggets.cache_bytes / 2**20:.1f} MiB; "
+        f"a full KV cache of them {'takes' if len(runs) > 1 else 'would take'} {full_bytes / 2**20:,.1f} MiB "
+        f"({full_bytes / max(nuggets.cache_bytes, 1):.1f}x more, {1 - nuggets.cache_bytes / full_bytes:.0%} saved).",
         file=out,
     )
-    if full.decode_tokens_per_s and nuggets.decode_tokens_per_s:
-        print(
-            f"Time: nugget2d decodes at {nuggets.decode_tokens_per_s:.1f} tok/s over all "
-            f"{nuggets.tokens_read:,} tokens, "
-            f"full KV at {full.decode_tokens_per_s:.1f} tok/s over {full.tokens_read:,} tokens "
-            f"({nuggets.decode_tokens_per_s / full.decode_tokens_per_s:.2f}x)"
-            + (", and it cannot read the rest within its window." if full.tokens_read < nuggets.tokens_read else "."),
-            file=out,
-        )

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 from transformers import (
     LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -35,6 +36,8 @@ class GenerationSettings:
     stop: tuple[str, ...] = field(default_factory=tuple)
     #: Never stop at an EOS id (benchmarks that time a fixed number of decode steps).
     ignore_eos: bool = False
+    #: Never produce an n-gram of this many tokens twice in the prompt and answer (0 = off).
+    no_repeat_ngram: int = 0
 
     def __post_init__(self) -> None:
         self.stop = tuple(s for s in self.stop if s)
@@ -44,6 +47,7 @@ class GenerationSettings:
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -54,6 +58,8 @@ class GenerationSettings:
         chain = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             chain.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.no_repeat_ngram > 0:
+            chain.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram))
         if self.temperature > 0:
             chain.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k > 0:

@@ -1,19 +1,57 @@
-"""`nugget2d demo` on the embedded default model (slow: loads SmolLM2-135M)."""
+"""`nugget2d demo`: its code path end to end on a tiny model (slow), and on the embedded default model
+(slow: loads SmolLM2-135M)."""
 
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
+from tiny_models import WORDS, save_tiny_model
 
-from nugget2d.runtime.demo import run_demo
+from nugget2d.runtime.demo import QUESTIONS, run_demo
+from nugget2d.runtime.generation import GenerationSettings
+
+
+@pytest.mark.slow
+def test_demo_on_a_tiny_model_shows_token_progress_answers_and_savings(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "tiny")
+    text = " ".join(WORDS[i % 40] for i in range(150))
+    out = io.StringIO()
+    nuggets, full = run_demo(
+        120,
+        ratio=0.25,
+        model=str(model),
+        adapter="none",
+        budget=64,
+        questions=("who is the angler ?", "what is the secret code ?"),
+        out=out,
+        settings=GenerationSettings(max_new_tokens=6, no_repeat_ngram=3, stop=("\n\n",)),
+        text=text,
+    )
+    printed, bar = out.getvalue(), capsys.readouterr().err
+    assert re.search(r"\d+/\d+ \[", bar) and "tok/s" in bar  # the bar counts tokens and shows their rate
+    assert nuggets.cache_tokens <= 64 < full.cache_tokens and nuggets.cache_bytes < full.cache_bytes
+    assert len(nuggets.answers) == len(full.answers) == 2 and len(full.answer_seconds) == 2
+    assert printed.count("Q: who is the angler ?") == 2  # the nugget2d answer is shown again beside full KV's
+    saved = re.search(r"\((\d+\.\d)x more, (\d+)% saved\)", printed)
+    assert saved and float(saved.group(1)) == pytest.approx(full.cache_bytes / nuggets.cache_bytes, abs=0.05)
+
+
+@pytest.mark.slow
+def test_demo_past_the_window_says_why_full_kv_is_not_run(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny")
+    text = " ".join(WORDS[i % 40] for i in range(600))
+    out = io.StringIO()
+    runs = run_demo(None, 0.25, 4, str(model), "none", budget=64, questions=("who ?",), out=out, text=text)
+    assert len(runs) == 1 and "[full KV] not run" in out.getvalue() and "would take" in out.getvalue()
 
 
 @pytest.mark.slow
 def test_demo_answers_with_a_smaller_cache():
     out = io.StringIO()
-    full, nuggets = run_demo(context_tokens=768, ratio=0.1, max_new_tokens=8, budget=384, out=out)
+    nuggets, full = run_demo(context_tokens=768, ratio=0.1, max_new_tokens=8, budget=384, out=out)
     assert full.cache_tokens > 768 and nuggets.cache_tokens <= 384
     assert nuggets.cache_bytes < 0.5 * full.cache_bytes
-    assert full.answer.strip() and len(nuggets.answers) == 2 and all(a.strip() for a in nuggets.answers)
-    assert "decode tok/s" in out.getvalue() and "saved" in out.getvalue()
+    assert len(nuggets.answers) == len(full.answers) == len(QUESTIONS)
+    assert "tok/s" in out.getvalue() and "saved" in out.getvalue()
