@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from nugget2d.runtime.batched_decode import DecodeBatcher
+
 from . import wire
 from .config import ServerConfig
 from .documents import DocumentStore
@@ -44,7 +46,9 @@ def create_app(config: ServerConfig, loaded: tuple | None = None) -> FastAPI:
             max_documents=config.max_documents,
             quota_bytes=config.documents_quota_bytes,
         )
-        holder["ctx"] = Context(model, tokenizer, store, config, metrics)
+        if config.max_batch > 1:
+            engine.batcher = DecodeBatcher(model, config.max_batch, on_pass=metrics.decode_batch_rows.observe)
+        holder["ctx"] = Context(model, tokenizer, store, config, metrics, engine.batcher)
         engine.start()
         try:
             yield

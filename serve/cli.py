@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-body-mb", type=float, default=16, help="largest request body")
     limits.add_argument("--timeout", type=float, default=300, help="seconds a request may wait and run")
     limits.add_argument("--slots", type=int, default=8, help="requests the model worker interleaves")
+    limits.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="answers decoded together in one forward pass per token, at most (1: batching off, each in turn)",
+    )
     limits.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     limits.add_argument(
         "--max-lookback",
@@ -82,6 +88,7 @@ def config_from(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * 2**20),
         timeout_s=args.timeout,
         slots=args.slots,
+        max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_lookback=args.max_lookback,
         documents_dir=args.documents_dir or default_documents_dir(),

@@ -30,6 +30,7 @@ class ServerConfig:
     max_body_bytes: int = 16 * 2**20
     timeout_s: float = 300.0
     slots: int = 8
+    max_batch: int = 8  # answers decoded in one forward pass at most (1: each alone, in turn)
     max_queue: int = 64
     max_lookback: int = 1024  # the largest look-back (tokens) a request may ask for; 0: look-back off
     documents_dir: Path = field(default_factory=default_documents_dir)
@@ -39,7 +40,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         self.documents_dir = Path(self.documents_dir).expanduser().absolute()
-        positive = ("compress_threshold", "max_tokens_cap", "max_body_bytes", "slots", "document_memory_bytes")
+        positive = (
+            "compress_threshold", "max_tokens_cap", "max_body_bytes", "slots", "max_batch", "document_memory_bytes",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

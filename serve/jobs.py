@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from nugget2d.runtime.batched_decode import DecodeBatcher
 from nugget2d.runtime.generation import GenerationSettings, Scoring, TextDeltas, TokenScore
 from nugget2d.runtime.session import StreamingSession
 from nugget2d.runtime.texts import token_chunks
@@ -34,6 +35,8 @@ class Context:
     store: DocumentStore
     config: ServerConfig
     metrics: Metrics
+    #: runs the decode passes of all answers together (None: each answer decodes alone)
+    batcher: DecodeBatcher | None = None
 
 
 @dataclass
@@ -167,7 +170,7 @@ def _answer(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished | No
     yield from _generate(ctx, ask, plan)
 
 
-def _generate(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished]:
+def _generate(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished | None]:
     """Generate after the plan's raw ids; with ``echo`` the prompt's text comes first, and with
     ``logprobs`` the :class:`Finished` carries the choice's log-probabilities."""
     session, ids, settings = plan.session, plan.ids, ask.settings
@@ -178,11 +181,14 @@ def _generate(ctx: Context, ask: Ask, plan: _Plan) -> Iterator[str | Finished]:
     if shown:
         yield shown
     deltas = TextDeltas(ctx.tokenizer, settings.stop)
-    tokens = session.ask_ids(ids, settings, scoring, lookback=plan.lookback)
+    tokens = session.ask_ids(ids, settings, scoring, lookback=plan.lookback, batcher=ctx.batcher)
     count = 0
     ctx.metrics.prompt_tokens.inc(len(ids) + compressed)
     try:
         for token in tokens:
+            if token is None:  # its next pass is queued in the batcher: the turn ends here
+                yield None
+                continue
             count += 1
             piece = deltas.push(token)
             if piece:
