@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bench_plots import _pyplot
+from .bench_ruler import TASKS
 
 #: Table and legend order and names; methods not listed follow, by name.
 METHODS = {
@@ -56,7 +57,11 @@ def scores(paths: list[Path]) -> list[Score]:
                 key = (task, score.length, score.method, score.ratio)
                 if key not in best or count >= best[key].samples:
                     best[key] = score
-    return sorted(best.values(), key=lambda s: (s.task, s.length, _order(s.method), s.ratio))
+    return sorted(best.values(), key=lambda s: (_task_order(s.task), s.length, _order(s.method), s.ratio))
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    return (TASKS.index(task), task) if task in TASKS else (len(TASKS), task)
 
 
 def _order(method: str) -> tuple[int, str]:
