@@ -87,41 +87,32 @@ def _last_kv(layer: NuggetLayer, count: int) -> tuple[torch.Tensor, torch.Tensor
     return tail_keys[:, :, -count:], tail_values[:, :, -count:]
 
 
-def _left_pad(tensor: torch.Tensor, pad: int, value: float | bool, entries: int = -1) -> torch.Tensor:
-    """``tensor`` with ``pad`` slots of ``value`` before its entries (dimension ``entries``)."""
-    if pad == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[entries] = pad
-    return torch.cat([tensor.new_full(shape, value), tensor], dim=entries)
-
-
 def _stack_layers(layers: list[NuggetLayer], dense: bool) -> NuggetLayer:
-    """One layer of the stack: every row's entries, dense, left-padded with masked slots."""
+    """One layer of the stack: every row's entries, dense, left-padded with masked slots (one copy each)."""
     heads = layers[0].kv_heads
     longest = max(layer.get_seq_length() for layer in layers)
     bias_heads = heads if any(layer.bias.shape[1] > 1 for layer in layers) else 1
     head_positions = any(layer.positions.dim() == 3 for layer in layers)
     head_scores = any(layer.scores.dim() == 3 for layer in layers)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("keys", "values", "bias", "pos", "nug", "scores")}
-    for layer in layers:
-        pad = longest - layer.get_seq_length()
-        parts["keys"].append(_left_pad(layer.keys, pad, 0, entries=-2))
-        parts["values"].append(_left_pad(layer.values, pad, 0, entries=-2))
-        parts["bias"].append(_left_pad(layer.bias.expand(-1, bias_heads, -1), pad, MASKED))
-        positions = layer.positions
-        if head_positions and positions.dim() == 2:
-            positions = positions[:, None, :].expand(-1, heads, -1)
-        parts["pos"].append(_left_pad(positions, pad, 0))
-        parts["nug"].append(_left_pad(layer.is_nugget, pad, False))
-        scores = layer.scores
-        if head_scores and scores.dim() == 2:
-            scores = scores[:, None, :].expand(-1, heads, -1)
-        parts["scores"].append(_left_pad(scores, pad, 0))
+    first, rows = layers[0], len(layers)
+    tail = first.stored_kv()[0]
+    keys = tail.new_zeros(rows, heads, longest, tail.shape[-1])
+    values = torch.zeros_like(keys)
+    bias = first.bias.new_full((rows, bias_heads, longest), MASKED)
+    positions = first.positions.new_zeros((rows, heads, longest) if head_positions else (rows, longest))
+    flags = first.is_nugget.new_zeros((rows, longest))
+    scores = first.scores.new_zeros((rows, heads, longest) if head_scores else (rows, longest))
+    for row, layer in enumerate(layers):
+        start = longest - layer.get_seq_length()
+        keys[row, :, start:] = layer.keys[0]
+        values[row, :, start:] = layer.values[0]
+        bias[row, :, start:] = layer.bias[0]
+        positions[row, ..., start:] = layer.positions[0]
+        flags[row, start:] = layer.is_nugget[0]
+        scores[row, ..., start:] = layer.scores[0]
     stacked = NuggetLayer()
-    cat = {name: torch.cat(tensors) for name, tensors in parts.items()}
-    stacked.append(cat["keys"], cat["values"], cat["bias"], cat["pos"])
-    stacked.is_nugget, stacked.scores = cat["nug"], cat["scores"]
+    stacked.append(keys, values, bias, positions)
+    stacked.is_nugget, stacked.scores = flags, scores
     if not dense and any(layer.packed for layer in layers):
         stacked.pack()
     return stacked

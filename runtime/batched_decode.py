@@ -6,8 +6,10 @@ then runs one forward pass per batch: the queued streams whose caches can share 
 (:func:`~nugget2d.compress.cache_batch.batch_key`: same model, position mode and allocation), up to
 ``max_batch`` rows, their caches stacked left-padded with masked slots
 (:func:`~nugget2d.compress.cache_batch.stack_caches`). A batch stays stacked while the same streams
-come back step after step; when one leaves or joins, each member takes its own cache back
-(:func:`~nugget2d.compress.cache_batch.unstack_row`) and the next run stacks the new set. Each row's
+come back step after step; a stream that leaves takes its own cache back
+(:func:`~nugget2d.compress.cache_batch.unstack_row`) and leaves a ghost row, decoded and never read, so
+the others go on without a new stack; when a stream joins (or ghosts outnumber the live rows) every
+member takes its cache back and the next run stacks the new set. Each row's
 logits go through the stream's own sampling step, so a stream decodes as it would alone.
 
 The server's worker runs a batcher after every turn of its jobs (``nugget2d serve --max-batch``);
@@ -31,12 +33,18 @@ from .generation import GenerationSettings, TextDeltas, TokenStream
 
 @dataclass
 class _Batch:
-    """Streams decoding over one stacked cache: row ``i`` is ``streams[i]``, stacked from ``sources[i]``."""
+    """Streams decoding over one stacked cache: row ``i`` is ``streams[i]``, stacked from ``sources[i]``;
+    a row whose stream left is a ghost (``None``): decoded, never read, until the next stack."""
 
-    streams: list[TokenStream]
+    streams: list[TokenStream | None]
     sources: list[NuggetCache]
     cache: NuggetCache
     appended: int = 0  # passes run since the stack was made (entries each row gained)
+
+    @property
+    def live(self) -> list[TokenStream]:
+        """The streams still in the batch, in row order."""
+        return [stream for stream in self.streams if stream is not None]
 
 
 @dataclass
@@ -104,9 +112,11 @@ class DecodeBatcher:
         its last token and the stream has not taken the result."""
         self._queued.pop(stream, None)
         self._results.pop(stream, None)
-        batch = self._batch_of.get(stream)
-        if batch is not None:
-            self._dissolve(batch)
+        batch = self._batch_of.pop(stream, None)
+        if batch is not None:  # its row stays, a ghost, so the others go on without a new stack
+            row = batch.streams.index(stream)
+            stream.cache = unstack_row(batch.cache, row, batch.sources[row], batch.appended)
+            batch.streams[row] = None
         fed = stream in self._fed
         self._fed.discard(stream)
         self._arrival.pop(stream, None)
@@ -149,22 +159,27 @@ class DecodeBatcher:
 
     def _run_chunk(self, chunk: list[TokenStream]) -> None:
         batch = self._batch_of.get(chunk[0])
-        if batch is None or batch.streams != chunk:
+        ghosts = len(batch.streams) - len(chunk) if batch is not None else 0
+        if batch is None or batch.live != chunk or ghosts > len(chunk):  # restacked: new members, or mostly ghosts
             for stream in chunk:
                 if stream in self._batch_of:
                     self._dissolve(self._batch_of[stream])
             batch = self._stack(chunk) if len(chunk) > 1 else None
-        tokens = torch.tensor([stream.feeding for stream in chunk], device=self.model.device)
         if batch is None:  # alone: the stream's own cache, as TokenStream reads it
+            tokens = torch.tensor([chunk[0].feeding], device=self.model.device)
             out = self.model(tokens, nuggets=chunk[0].cache)
             chunk[0].cache = returned_cache(out)
-        else:
+            rows = [chunk[0]]
+        else:  # a ghost row reads any token: its output is never used
+            rows = batch.streams
+            tokens = torch.tensor([s.feeding if s is not None else [0] for s in rows], device=self.model.device)
             out = self.model(tokens, nuggets=batch.cache)
             batch.cache, batch.appended = returned_cache(out), batch.appended + 1
         logits = out.logits[:, -1:]
-        for row, stream in enumerate(chunk):
-            self._results[stream] = logits[row]
-            self._fed.add(stream)
+        for row, stream in enumerate(rows):
+            if stream is not None:
+                self._results[stream] = logits[row]
+                self._fed.add(stream)
         self._count(len(chunk))
 
     def _stack(self, streams: list[TokenStream]) -> _Batch:
@@ -181,8 +196,9 @@ class DecodeBatcher:
         """Give each member its own cache back and forget the stack."""
         started = time.perf_counter()
         for row, (stream, source) in enumerate(zip(batch.streams, batch.sources)):
-            stream.cache = unstack_row(batch.cache, row, source, batch.appended)
-            self._batch_of.pop(stream, None)
+            if stream is not None:
+                stream.cache = unstack_row(batch.cache, row, source, batch.appended)
+                self._batch_of.pop(stream, None)
         self.stats.unstack_seconds += time.perf_counter() - started
 
     def _count(self, rows: int) -> None:

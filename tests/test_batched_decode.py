@@ -67,23 +67,31 @@ def test_batched_greedy_decoding_equals_each_stream_alone(allocation, positions)
         assert torch.equal(batched.cache.seen_tokens, solo.cache.seen_tokens)
 
 
-def test_streams_that_join_and_leave_midway_still_decode_as_alone():
-    """Different lengths (one stops after 3 tokens, one after 12) and a max batch smaller than the streams."""
+@pytest.mark.parametrize("max_batch", [3, 8])
+def test_streams_that_leave_midway_still_decode_as_alone(max_batch):
+    """Streams stop after 3, 12, 7 and 9 tokens: with room for all, those that stop leave ghost rows and the
+    others run on in the same stack; with room for 3 the fourth waits, then joins (a new stack)."""
     model = _model("head")
     sessions = _sessions(model, "cache")
     lengths = [3, 12, 7, 9]
     prompts = [_ids(4, seed=7 + i) for i in range(len(sessions))]
+    alone, together = [s.fork() for s in sessions], [s.fork() for s in sessions]
     expected = [
-        list(s.fork().ask_ids(p, GenerationSettings(max_new_tokens=n, ignore_eos=True)))
-        for s, p, n in zip(sessions, prompts, lengths)
+        list(s.ask_ids(p, GenerationSettings(max_new_tokens=n, ignore_eos=True)))
+        for s, p, n in zip(alone, prompts, lengths)
     ]
-    batcher = DecodeBatcher(model, max_batch=3)
+    batcher = DecodeBatcher(model, max_batch=max_batch)
     streams = [
-        s.fork().ask_ids(p, GenerationSettings(max_new_tokens=n, ignore_eos=True), batcher=batcher)
-        for s, p, n in zip(sessions, prompts, lengths)
+        s.ask_ids(p, GenerationSettings(max_new_tokens=n, ignore_eos=True), batcher=batcher)
+        for s, p, n in zip(together, prompts, lengths)
     ]
     assert run_together(streams, batcher) == expected
-    assert batcher.stats.largest == 3
+    assert batcher.stats.largest == min(max_batch, 4)
+    assert batcher.stats.stacks == (1 if max_batch == 8 else 2)  # ghosts, no restack, until one stream is left
+    for solo, batched in zip(alone, together):
+        for mine, theirs in zip(batched.cache.layers, solo.cache.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+            assert torch.equal(mine.bias, theirs.bias) and torch.equal(mine.positions, theirs.positions)
 
 
 def test_a_stream_closed_after_its_pass_ran_keeps_its_session_usable():
