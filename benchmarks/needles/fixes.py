@@ -171,12 +171,12 @@ def niah(model, tok, samples_) -> dict:
     }
 
 
-def ppl(model, tok, count: int) -> dict:
+def ppl(model, tok, count: int, books: list[str]) -> dict:
     """Continuation and far-recall perplexity over the bench's windows (as ``bench quality``)."""
     options = QualityOptions(
-        methods=["nugget2d"], ratios=[0.1], contexts=[2048], metrics=["ppl", "recall_ppl"], samples=count, inputs=BOOKS
+        methods=["nugget2d"], ratios=[0.1], contexts=[2048], metrics=["ppl", "recall_ppl"], samples=count, inputs=books
     )
-    texts, _ = load_token_texts(tok, BOOKS)
+    texts, _ = load_token_texts(tok, books)
     shape = CacheShape("nugget2d", 0.1, 2048, options.window_reserve)
     sums = {"ppl": [0.0, 0], "recall_ppl": [0.0, 0]}
     for ids in windows(texts, 2048 + options.continuation, count):
@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--skip-ppl", action="store_true")
+    parser.add_argument("--input", nargs="+", default=BOOKS, help="the books of the ppl windows")
     args = parser.parse_args()
     model_mod.Nugget2DModel._run = run_with_surprise
     cache_mod.NuggetCache.keep_top_entries = keep_with_variant
@@ -206,7 +207,7 @@ def main() -> None:
         VARIANT = parse_variant(name)
         rec = niah(model, tok, samples_)
         if not args.skip_ppl:
-            rec.update(ppl(model, tok, args.windows))
+            rec.update(ppl(model, tok, args.windows, args.input))
         results[name] = rec
         print(
             f"{name}: niah {rec['niah_correct']}/{len(samples_)} ppl {rec.get('ppl', float('nan')):.2f} "
