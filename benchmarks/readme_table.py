@@ -75,10 +75,17 @@ def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], int]:
             parts += (
                 ["", "", ""]
                 if r is None
-                else [f"{r['cache_bytes'] / 2**20:.2f}", f"{r['ppl']:.2f}", f"{r['recall_ppl']:.2f}"]
+                else [f"{r['cache_bytes'] / 2**20:.2f}", _with_spread(r, "ppl"), _with_spread(r, "recall_ppl")]
             )
         rows.append("| " + " | ".join(parts) + " |")
     return rows, contexts, windows
+
+
+def _with_spread(record: dict, metric: str) -> str:
+    """``value`` and, when the record has each window's value, their range: ``31.97 (28.40–36.01)``."""
+    text = f"{record[metric]:.2f}"
+    windows = record.get(f"{metric}_by_window")
+    return f"{text} ({min(windows):.2f}–{max(windows):.2f})" if windows and len(windows) > 1 else text
 
 
 def speed_line(root: Path = ROOT) -> str:
@@ -103,8 +110,8 @@ def block(root: Path = ROOT) -> str:
     ]
     lines = [
         BEGIN,
-        f"Test texts (`benchmarks/data/test/`), {windows} windows per context, 10 % of the context kept "
-        "(full KV keeps all), lower perplexity is better:",
+        f"Test texts (`benchmarks/data/test/`), {windows} windows per context (their range in brackets where "
+        "recorded), 10 % of the context kept (full KV keeps all), lower perplexity is better:",
         "",
         "| " + " | ".join(head) + " |",
         "|---" + "|---:" * (len(head) - 1) + "|",

@@ -293,6 +293,7 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
                     acc.setdefault(metric, [0.0, 0])
                     acc[metric][0] += result[metric][0]
                     acc[metric][1] += result[metric][1]
+                    acc.setdefault(f"{metric}_by_window", []).append(math.exp(result[metric][0] / result[metric][1]))
         elif kind == "ruler":
             sample = payload["sample"]
             if bench_peers.is_peer(config[0]):
@@ -346,6 +347,7 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
             if metric in acc:
                 record[metric] = math.exp(acc[metric][0] / acc[metric][1])
                 record[f"{metric}_tokens"] = acc[metric][1]
+                record[f"{metric}_by_window"] = acc[f"{metric}_by_window"]  # each window's own, for the spread
         if "bleu" in acc:
             hypotheses, references = zip(*acc["bleu"])
             record["bleu"] = sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score / 100
