@@ -24,8 +24,8 @@ from .cache_layer import NuggetLayer
 
 
 def batch_key(cache: object) -> tuple | None:
-    """What caches must share to be stacked into one batch (None: not a one-row nugget cache, decoded alone)."""
-    if not isinstance(cache, NuggetCache) or cache.batch_size != 1:
+    """What caches must share to be stacked into one batch (None: not a non-empty nugget cache, decoded alone)."""
+    if not isinstance(cache, NuggetCache) or cache.batch_size == 0:
         return None
     keys = cache.layers[0].stored_kv()[0]
     return (cache.model_fingerprint, cache.position_mode, cache.allocation, len(cache.layers), keys.dtype, keys.device)
@@ -35,18 +35,28 @@ def stack_caches(caches: Sequence[NuggetCache], dense: bool = False) -> NuggetCa
     """One cache whose row ``i`` reads as ``caches[i]`` (each one row, all of one :func:`batch_key`),
     left-padded with masked slots to the longest. A layer packed in any of them is packed in the stack
     unless ``dense``. The given caches are left as they are."""
-    keys = {batch_key(cache) for cache in caches}
-    if not caches or None in keys or len(keys) != 1:
-        raise ValueError("stack_caches takes one or more one-row nugget caches of one model, position mode and dtype")
-    first = caches[0]
+    if any(isinstance(cache, NuggetCache) and cache.batch_size != 1 for cache in caches):
+        raise ValueError("stack_caches takes one-row caches; stack rows of larger ones with stack_rows")
+    return stack_rows([(cache, 0) for cache in caches], dense)
+
+
+def stack_rows(rows: Sequence[tuple[NuggetCache, int]], dense: bool = False) -> NuggetCache:
+    """One cache whose row ``i`` reads as row ``rows[i][1]`` of cache ``rows[i][0]`` (all of one
+    :func:`batch_key`; a stack's rows with their padding), left-padded with masked slots to the longest.
+    A layer packed in any of them is packed in the stack unless ``dense``. The caches are left as they are."""
+    keys = {batch_key(cache) for cache, _ in rows}
+    if not rows or None in keys or len(keys) != 1:
+        raise ValueError("stack_rows takes rows of one or more nugget caches of one model, position mode and dtype")
+    first = rows[0][0]
     stacked = NuggetCache(len(first.layers), first.model_fingerprint, first.position_mode, first.allocation)
     stacked.layers = [
-        _stack_layers([cache.layers[index] for cache in caches], dense) for index in range(len(first.layers))
+        _stack_layers([(cache.layers[index], row) for cache, row in rows], dense) for index in range(len(first.layers))
     ]
-    stacked.seen_tokens = torch.cat([_seen(cache) for cache in caches])
-    if any(cache.nugget_span is not None for cache in caches):
+    stacked.seen_tokens = torch.stack([_seen(cache)[row] for cache, row in rows])
+    if any(cache.nugget_span is not None for cache, _ in rows):
         # rows never compressed per head count their nuggets as nugget_counts() does without a span
-        stacked.nugget_span = torch.cat([cache.nugget_counts().to(stacked.seen_tokens.device) for cache in caches])
+        counts = [cache.nugget_counts()[row].to(stacked.seen_tokens.device) for cache, row in rows]
+        stacked.nugget_span = torch.stack(counts)
     return stacked
 
 
@@ -74,7 +84,7 @@ def unstack_row(stacked: NuggetCache, row: int, source: NuggetCache, appended: i
 def _seen(cache: NuggetCache) -> torch.Tensor:
     if cache.seen_tokens is not None:
         return cache.seen_tokens
-    return torch.zeros(1, dtype=torch.long, device=cache.layers[0].device)
+    return torch.zeros(cache.batch_size, dtype=torch.long, device=cache.layers[0].device)
 
 
 def _last_kv(layer: NuggetLayer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,29 +97,34 @@ def _last_kv(layer: NuggetLayer, count: int) -> tuple[torch.Tensor, torch.Tensor
     return tail_keys[:, :, -count:], tail_values[:, :, -count:]
 
 
-def _stack_layers(layers: list[NuggetLayer], dense: bool) -> NuggetLayer:
+def _stack_layers(rows: list[tuple[NuggetLayer, int]], dense: bool) -> NuggetLayer:
     """One layer of the stack: every row's entries, dense, left-padded with masked slots (one copy each)."""
+    layers = [layer for layer, _ in rows]
     heads = layers[0].kv_heads
     longest = max(layer.get_seq_length() for layer in layers)
     bias_heads = heads if any(layer.bias.shape[1] > 1 for layer in layers) else 1
     head_positions = any(layer.positions.dim() == 3 for layer in layers)
     head_scores = any(layer.scores.dim() == 3 for layer in layers)
-    first, rows = layers[0], len(layers)
+    first = layers[0]
     tail = first.stored_kv()[0]
-    keys = tail.new_zeros(rows, heads, longest, tail.shape[-1])
+    keys = tail.new_zeros(len(rows), heads, longest, tail.shape[-1])
     values = torch.zeros_like(keys)
-    bias = first.bias.new_full((rows, bias_heads, longest), MASKED)
-    positions = first.positions.new_zeros((rows, heads, longest) if head_positions else (rows, longest))
-    flags = first.is_nugget.new_zeros((rows, longest))
-    scores = first.scores.new_zeros((rows, heads, longest) if head_scores else (rows, longest))
-    for row, layer in enumerate(layers):
+    bias = first.bias.new_full((len(rows), bias_heads, longest), MASKED)
+    positions = first.positions.new_zeros((len(rows), heads, longest) if head_positions else (len(rows), longest))
+    flags = first.is_nugget.new_zeros((len(rows), longest))
+    scores = first.scores.new_zeros((len(rows), heads, longest) if head_scores else (len(rows), longest))
+    whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a packed layer's K/V rebuilt once for all its rows
+    for out, (layer, row) in enumerate(rows):
+        if id(layer) not in whole:
+            whole[id(layer)] = (layer.keys, layer.values)
+        layer_keys, layer_values = whole[id(layer)]
         start = longest - layer.get_seq_length()
-        keys[row, :, start:] = layer.keys[0]
-        values[row, :, start:] = layer.values[0]
-        bias[row, :, start:] = layer.bias[0]
-        positions[row, ..., start:] = layer.positions[0]
-        flags[row, start:] = layer.is_nugget[0]
-        scores[row, ..., start:] = layer.scores[0]
+        keys[out, :, start:] = layer_keys[row]
+        values[out, :, start:] = layer_values[row]
+        bias[out, :, start:] = layer.bias[row]
+        positions[out, ..., start:] = layer.positions[row]
+        flags[out, start:] = layer.is_nugget[row]
+        scores[out, ..., start:] = layer.scores[row]
     stacked = NuggetLayer()
     stacked.append(keys, values, bias, positions)
     stacked.is_nugget, stacked.scores = flags, scores

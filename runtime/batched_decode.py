@@ -8,8 +8,9 @@ then runs one forward pass per batch: the queued streams whose caches can share 
 (:func:`~nugget2d.compress.cache_batch.stack_caches`). A batch stays stacked while the same streams
 come back step after step; a stream that leaves takes its own cache back
 (:func:`~nugget2d.compress.cache_batch.unstack_row`) and leaves a ghost row, decoded and never read, so
-the others go on without a new stack; when a stream joins (or ghosts outnumber the live rows) every
-member takes its cache back and the next run stacks the new set. Each row's
+the others go on without a new stack; when a stream joins (or ghosts outnumber the live rows) the
+next run stacks the new set, the members of a stack bringing their rows of it
+(:func:`~nugget2d.compress.cache_batch.stack_rows`). Each row's
 logits go through the stream's own sampling step, so a stream decodes as it would alone.
 
 The server's worker runs a batcher after every turn of its jobs (``nugget2d serve --max-batch``);
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
-from nugget2d.compress.cache_batch import batch_key, stack_caches, unstack_row
+from nugget2d.compress.cache_batch import batch_key, stack_rows, unstack_row
 from nugget2d.compress.hf_compat import returned_cache
 
 from .generation import GenerationSettings, TextDeltas, TokenStream
@@ -38,8 +39,8 @@ class _Batch:
 
     streams: list[TokenStream | None]
     sources: list[NuggetCache]
+    appended: list[int]  # per row, the entries its stream's passes added since ``sources[i]``
     cache: NuggetCache
-    appended: int = 0  # passes run since the stack was made (entries each row gained)
 
     @property
     def live(self) -> list[TokenStream]:
@@ -112,11 +113,7 @@ class DecodeBatcher:
         its last token and the stream has not taken the result."""
         self._queued.pop(stream, None)
         self._results.pop(stream, None)
-        batch = self._batch_of.pop(stream, None)
-        if batch is not None:  # its row stays, a ghost, so the others go on without a new stack
-            row = batch.streams.index(stream)
-            stream.cache = unstack_row(batch.cache, row, batch.sources[row], batch.appended)
-            batch.streams[row] = None
+        self._release(stream)  # its row stays, a ghost, so the others go on without a new stack
         fed = stream in self._fed
         self._fed.discard(stream)
         self._arrival.pop(stream, None)
@@ -149,7 +146,8 @@ class DecodeBatcher:
         at most each (a batch already stacked runs on while the same streams come back)."""
         groups: dict[object, list[TokenStream]] = {}
         for stream in sorted(queued, key=self._arrival.__getitem__):
-            key = batch_key(stream.cache)
+            cache = stream.cache
+            key = batch_key(cache) if isinstance(cache, NuggetCache) and cache.batch_size == 1 else None
             groups.setdefault(key if key is not None else stream, []).append(stream)
         return [
             members[start : start + self.max_batch]
@@ -159,12 +157,12 @@ class DecodeBatcher:
 
     def _run_chunk(self, chunk: list[TokenStream]) -> None:
         batch = self._batch_of.get(chunk[0])
-        ghosts = len(batch.streams) - len(chunk) if batch is not None else 0
-        if batch is None or batch.live != chunk or ghosts > len(chunk):  # restacked: new members, or mostly ghosts
-            for stream in chunk:
-                if stream in self._batch_of:
-                    self._dissolve(self._batch_of[stream])
-            batch = self._stack(chunk) if len(chunk) > 1 else None
+        if batch is None or batch.live != chunk or len(batch.streams) > 2 * len(chunk):  # new members, or mostly ghosts
+            if len(chunk) == 1:
+                self._release(chunk[0])
+                batch = None
+            else:
+                batch = self._stack(chunk)
         if batch is None:  # alone: the stream's own cache, as TokenStream reads it
             tokens = torch.tensor([chunk[0].feeding], device=self.model.device)
             out = self.model(tokens, nuggets=chunk[0].cache)
@@ -174,7 +172,7 @@ class DecodeBatcher:
             rows = batch.streams
             tokens = torch.tensor([s.feeding if s is not None else [0] for s in rows], device=self.model.device)
             out = self.model(tokens, nuggets=batch.cache)
-            batch.cache, batch.appended = returned_cache(out), batch.appended + 1
+            batch.cache, batch.appended = returned_cache(out), [count + 1 for count in batch.appended]
         logits = out.logits[:, -1:]
         for row, stream in enumerate(rows):
             if stream is not None:
@@ -183,23 +181,45 @@ class DecodeBatcher:
         self._count(len(chunk))
 
     def _stack(self, streams: list[TokenStream]) -> _Batch:
+        """A new stack of ``streams``: those in a stack already bring their row of it (no copy back to
+        their own caches first), the others their own caches; their old rows become ghosts."""
         started = time.perf_counter()
-        sources = [stream.cache for stream in streams]
-        batch = _Batch(list(streams), sources, stack_caches(sources, dense=self.dense))
+        parts, sources, appended, moved = [], [], [], []
+        for stream in streams:
+            old = self._batch_of.get(stream)
+            if old is None:
+                parts.append((stream.cache, 0))
+                sources.append(stream.cache)
+                appended.append(0)
+            else:
+                row = old.streams.index(stream)
+                parts.append((old.cache, row))
+                sources.append(old.sources[row])
+                appended.append(old.appended[row])
+                moved.append((old, row))
+        batch = _Batch(list(streams), sources, appended, stack_rows(parts, dense=self.dense))
+        for old, row in moved:
+            old.streams[row] = None
         for stream in streams:
             self._batch_of[stream] = batch
         self.stats.stacks += 1
         self.stats.stack_seconds += time.perf_counter() - started
         return batch
 
+    def _release(self, stream: TokenStream) -> None:
+        """Take ``stream`` out of its stack (if any), its own cache back; its row becomes a ghost."""
+        batch = self._batch_of.pop(stream, None)
+        if batch is not None:
+            started = time.perf_counter()
+            row = batch.streams.index(stream)
+            stream.cache = unstack_row(batch.cache, row, batch.sources[row], batch.appended[row])
+            batch.streams[row] = None
+            self.stats.unstack_seconds += time.perf_counter() - started
+
     def _dissolve(self, batch: _Batch) -> None:
         """Give each member its own cache back and forget the stack."""
-        started = time.perf_counter()
-        for row, (stream, source) in enumerate(zip(batch.streams, batch.sources)):
-            if stream is not None:
-                stream.cache = unstack_row(batch.cache, row, source, batch.appended)
-                self._batch_of.pop(stream, None)
-        self.stats.unstack_seconds += time.perf_counter() - started
+        for stream in batch.live:
+            self._release(stream)
 
     def _count(self, rows: int) -> None:
         stats = self.stats

@@ -136,5 +136,5 @@ def test_stacking_pads_each_row_with_masked_slots_and_unstacking_restores_it():
         back = unstack_row(stacked, row, cache, 0)
         for mine, theirs in zip(back.layers, cache.layers):
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.bias, theirs.bias)
-    with pytest.raises(ValueError, match="one-row nugget caches"):
+    with pytest.raises(ValueError, match="one-row caches"):
         stack_caches([caches[0], _model("token").new_cache(positions="original")])
