@@ -30,6 +30,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="e.g. 1 to put each model on a GPU")
     add_cache_arguments(parser, exclude=("positions",))
     add_sampling_arguments(parser, max_new_tokens=64 if task == "qa" else 256)
+    if task == "qa":
+        parser.add_argument(
+            "--max-batch", type=int, default=8, help="questions of a document decoded together, at most (1: in turn)"
+        )
     if task == "summarize":
         parser.add_argument(
             "--prompt", default=None, help='instruction asked after each document (default: "Summarize the text...")'
@@ -54,6 +58,7 @@ def run_job(args: argparse.Namespace, task: str) -> int:
         chat=not args.no_chat,
         prompt=getattr(args, "prompt", None) or SUMMARY_PROMPT,
         allow_paths_outside=args.allow_paths_outside,
+        max_batch=getattr(args, "max_batch", 8),
     )
     try:
         report = run_batch_job(

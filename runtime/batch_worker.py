@@ -2,7 +2,8 @@
 
 A document is streamed once into a bounded nugget cache (:class:`StreamingSession`); every
 question is then asked of a fork of that post-reading state, so the answers are independent of
-each other and of their order, and the document is never encoded twice.
+each other and of their order, and the document is never encoded twice. The questions of a document
+are decoded together, ``max_batch`` of them per forward pass (:func:`~.batched_decode.ask_together`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .batch_io import Request, document_file, error_row
+from .batched_decode import ask_together
 from .generation import GenerationSettings
 from .session import StreamingSession, StreamSettings
 
@@ -34,6 +36,11 @@ class JobSettings:
     prompt: str = SUMMARY_PROMPT
     base_dir: str = "."  # relative document_path values are read from here (the input file's folder)
     allow_paths_outside: bool = False  # read a document_path that leads outside base_dir
+    max_batch: int = 8  # questions of one document decoded in one forward pass at most (1: in turn)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1 (1: questions in turn), got {self.max_batch}")
 
 
 @dataclass
@@ -74,9 +81,22 @@ class DocumentWorker:
             result.rows.append(self._summary(request, session, started))
         else:
             ingest_seconds = time.perf_counter() - started
-            for question in request.questions:
-                fork = session.fork()
-                result.rows.append(self._answer(request, question, fork, session.stats.cache_tokens, ingest_seconds))
+            forks = [session.fork() for _ in request.questions]
+            asked = time.perf_counter()
+            answers = ask_together(forks, request.questions, self.settings.generation, self.settings.max_batch)
+            seconds = time.perf_counter() - asked
+            for question, fork, answer in zip(request.questions, forks, answers):
+                row = {"id": request.id, "question": question}
+                if isinstance(answer, BaseException):  # one bad question (e.g. too long for the budget) spoils its row
+                    result.rows.append({**row, **_error(request, answer)})
+                    continue
+                row.update(
+                    answer=answer.strip(),
+                    cache_tokens=session.stats.cache_tokens,
+                    seconds=round(seconds, 4),  # the document's questions were answered together in this time
+                    ingest_seconds=round(ingest_seconds, 4),
+                )
+                result.rows.append(row)
                 result.encoder_calls += fork.stats.encoder_calls - session.stats.encoder_calls
         return result
 
@@ -87,22 +107,6 @@ class DocumentWorker:
         if not path.is_file():
             raise ValueError(f"document_path {request.document_path} does not exist (looked for {path})")
         return path
-
-    def _answer(
-        self, request: Request, question: str, session: StreamingSession, cache_tokens: int, ingest_seconds: float
-    ) -> dict:
-        started = time.perf_counter()
-        row = {"id": request.id, "question": question}
-        try:
-            row["answer"] = "".join(session.ask(question, self.settings.generation)).strip()
-        except Exception as err:  # one bad question (e.g. too long for the budget) spoils only its row
-            return {**row, **_error(request, err)}
-        row.update(
-            cache_tokens=cache_tokens,
-            seconds=round(time.perf_counter() - started, 4),
-            ingest_seconds=round(ingest_seconds, 4),
-        )
-        return row
 
     def _summary(self, request: Request, session: StreamingSession, started: float) -> dict:
         cache_tokens = session.stats.cache_tokens
