@@ -69,28 +69,31 @@ def _order(method: str) -> tuple[int, str]:
     return (names.index(method), method) if method in names else (len(names), method)
 
 
+def _cell(score: Score) -> str:
+    return f"{score.score:.2f} ({score.samples})"
+
+
 def _label(method: str) -> str:
     return METHODS.get(method, method)
 
 
 def table(rows: list[Score], ratios: tuple[float, ...] = (0.1, 0.25)) -> str:
-    """A markdown table: one row per task, length and method, a column per fraction kept in ``ratios``
-    (full KV, which keeps everything, gives its one score in every column), and the samples behind it."""
-    head = ["task", "length", "method", *(f"{ratio:.0%} kept" for ratio in ratios), "samples"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(ratios) + 1)]
+    """A markdown table: one row per task, length and method, a column per fraction kept in ``ratios``,
+    each cell the score and the samples behind it (full KV, which keeps everything, fills every column)."""
+    head = ["task", "length", "method", *(f"{ratio:.0%} kept (samples)" for ratio in ratios)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * len(ratios)]
     groups: dict[tuple, dict[float, Score]] = {}
     for row in rows:
         groups.setdefault((row.task, row.length, row.method), {})[row.ratio] = row
     for (task, length, method), by_ratio in groups.items():
         if method == "full":
-            cells = [f"{next(iter(by_ratio.values())).score:.2f}"] * len(ratios)
+            cells = [_cell(next(iter(by_ratio.values())))] * len(ratios)
         else:
-            cells = [f"{by_ratio[r].score:.2f}" if r in by_ratio else "—" for r in ratios]
+            cells = [_cell(by_ratio[r]) if r in by_ratio else "—" for r in ratios]
         if all(cell == "—" for cell in cells):
             continue
-        counts = sorted({s.samples for s in by_ratio.values()})
         name = f"**{_label(method)}**" if method == "nugget2d" else _label(method)
-        lines.append(f"| {task} | {length:,} | {name} | " + " | ".join(cells) + f" | {'/'.join(map(str, counts))} |")
+        lines.append(f"| {task} | {length:,} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,10 +50,10 @@ def test_scores_keep_every_task_and_the_record_over_more_samples(records):
 def test_table_has_a_row_per_task_and_method_and_a_column_per_ratio(records):
     rows = bench_ruler_plot.scores(sorted(records.rglob("quality.json")))
     lines = bench_ruler_plot.table(rows, (0.1, 0.25)).splitlines()
-    assert lines[0] == "| task | length | method | 10% kept | 25% kept | samples |"
-    assert "| niah_single_1 | 4,096 | full KV | 1.00 | 1.00 | 4 |" in lines  # full KV keeps everything
-    assert "| niah_single_1 | 4,096 | **nugget2d** | 0.50 | 0.75 | 4 |" in lines
-    assert "| ruler_vt | 4,096 | kvpress KVzip | 1.00 | — | 4 |" in lines
+    assert lines[0] == "| task | length | method | 10% kept (samples) | 25% kept (samples) |"
+    assert "| niah_single_1 | 4,096 | full KV | 1.00 (4) | 1.00 (4) |" in lines  # full KV keeps everything
+    assert "| niah_single_1 | 4,096 | **nugget2d** | 0.50 (4) | 0.75 (4) |" in lines
+    assert "| ruler_vt | 4,096 | kvpress KVzip | 1.00 (4) | — |" in lines
     assert not any("StreamingLLM" in line for line in lines)  # ran at 50 % only: nothing in these columns
     assert len(lines) == 2 + 6
 
