@@ -30,7 +30,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument(
-        "--context", type=int, default=None, help="tokens of the bundled book to read (default: 6144, a few minutes)"
+        "--context", type=int, default=None, help="tokens of the bundled book to read (default: 4096, a few minutes)"
     )
     length.add_argument("--full-book", action="store_true", help="read the whole book (60k tokens: 15 min or more)")
     parser.add_argument("--budget", type=int, default=2048, help="nugget2d cache entries in all")
@@ -39,18 +39,21 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="answer length cap (default: the demo's settings, 60)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the cores other jobs leave idle, at least 1)"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_TOKENS, QUESTIONS, run_demo
+    import torch
+
+    from .demo import DEMO_TOKENS, QUESTIONS, idle_threads, run_demo
 
     if args.context is not None and args.context < 1:
         raise SystemExit("--context must be at least 1 token; use --full-book to read the whole book")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
+    threads = max(1, args.threads) if args.threads is not None else idle_threads()
+    torch.set_num_threads(threads)
+    print(f"Using {threads} CPU thread{'s' * (threads > 1)} (--threads to change).")
     context = None if args.full_book else (args.context or DEMO_TOKENS)
     questions = tuple(args.question) if args.question else QUESTIONS
     run_demo(

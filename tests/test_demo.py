@@ -55,3 +55,33 @@ def test_demo_answers_with_a_smaller_cache():
     assert nuggets.cache_bytes < 0.5 * full.cache_bytes
     assert len(nuggets.answers) == len(full.answers) == len(QUESTIONS)
     assert "tok/s" in out.getvalue() and "saved" in out.getvalue()
+
+
+def test_sampling_flags_turn_on_no_repeat_ngrams_and_the_blank_line_stop():
+    from nugget2d.runtime.cli import build_parser
+    from nugget2d.runtime.cli_options import generation_settings
+
+    args = build_parser().parse_args(
+        ["generate", "--input", "x", "--prompt", "q", "--no-repeat-ngram", "3", "--stop-at-blank-line"]
+    )
+    settings = generation_settings(args)
+    assert settings.no_repeat_ngram == 3 and "\n\n" in settings.stop
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        GenerationSettings(no_repeat_ngram=-1)
+
+
+def test_no_repeat_ngram_keeps_greedy_answers_from_looping():
+    import torch
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+    from nugget2d.runtime.session import CacheConfig, StreamingSession
+
+    model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(scorer_layer=1)).eval()
+    session = StreamingSession(model, tiny_tokenizer(), CacheConfig(ratio=0.25, budget=96, recent=16, segment=16))
+    session.ingest_ids(torch.randint(3, 90, (64,), generator=torch.Generator().manual_seed(0)).tolist())
+    prompt = [5, 6, 7]
+    plain = list(session.fork().ask_ids(prompt, GenerationSettings(max_new_tokens=30, ignore_eos=True)))
+    kept = list(session.fork().ask_ids(prompt, GenerationSettings(30, ignore_eos=True, no_repeat_ngram=2)))
+    bigrams = list(zip(prompt + kept, (prompt + kept)[1:]))
+    assert len(plain) == len(kept) == 30 and len(bigrams) == len(set(bigrams))

@@ -32,7 +32,7 @@ BOOK = [
     ("Who printed and sold the first edition?", [["marriot"]]),
 ]
 PLANTED = [(0.25, "red", "4821"), (0.5, "green", "7306"), (0.75, "blue", "5194")]
-MAX_NEW = 60
+MAX_NEW = 40  # the demo allows 60; 40 shows a loop and keeps the run short on a loaded machine
 SETTINGS = {
     "greedy": GenerationSettings(MAX_NEW),
     "rep1.2": GenerationSettings(MAX_NEW, repetition_penalty=1.2),
@@ -69,12 +69,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=DEMO_TOKENS)
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names of SETTINGS to try")
+    parser.add_argument("--book-questions", type=int, default=len(BOOK), help="how many of BOOK to ask")
+    parser.add_argument("--planted", type=int, default=len(PLANTED), help="how many planted facts to ask about")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    chosen = {name: SETTINGS[name] for name in args.settings.split(",")}
+    book = BOOK[: args.book_questions]
     model, tokenizer = load_nugget2d()
     ids = tokenizer(bundled_text(), add_special_tokens=False, verbose=False).input_ids[: args.tokens]
     ids = plant(tokenizer, ids, PLANTED)
-    questions = BOOK + [(f"What is the secret code of the {color} door?", [[code]]) for _, color, code in PLANTED]
+    asked = PLANTED[: args.planted]
+    questions = book + [(f"What is the secret code of the {color} door?", [[code]]) for _, color, code in asked]
     configs = {"nugget2d": demo_cache_config(args.budget), "full KV": full_cache_config(len(ids), MAX_NEW)}
     rows, summary = [], {}
     for label, config in configs.items():
@@ -82,7 +88,7 @@ def main() -> None:
         started = time.perf_counter()
         session.ingest_ids(ids)
         read_s = time.perf_counter() - started
-        for name, settings in SETTINGS.items():
+        for name, settings in chosen.items():
             for question, groups in questions:
                 started = time.perf_counter()
                 answer = "".join(session.fork().ask(question, settings)).strip()
@@ -99,14 +105,17 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             mine = [r for r in rows if r["cache"] == label and r["settings"] == name]
             summary[f"{label} / {name}"] = {
-                "book_correct": sum(r["correct"] for r in mine[: len(BOOK)]),
-                "planted_correct": sum(r["correct"] for r in mine[len(BOOK) :]),
+                "book_correct": sum(r["correct"] for r in mine[: len(book)]),
+                "planted_correct": sum(r["correct"] for r in mine[len(book) :]),
                 "loops": sum(r["loops"] for r in mine),
                 "answers": len(mine),
                 "read_seconds": round(read_s, 1),
             }
     record = {
-        "command": f"OMP_NUM_THREADS=1 python benchmarks/demo/answers.py --tokens {args.tokens} --budget {args.budget}",
+        "command": (
+            f"OMP_NUM_THREADS=1 python benchmarks/demo/answers.py --tokens {args.tokens} --budget {args.budget} "
+            f"--settings {args.settings} --book-questions {args.book_questions} --planted {args.planted}"
+        ),
         "machine": "this project's shared 2-core CPU",
         "load_average_1min_at_end": round(os.getloadavg()[0], 1),
         "tokens": len(ids),
