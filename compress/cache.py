@@ -129,6 +129,21 @@ class NuggetCache(Cache):
 
     # --- choosing, converting and moving entries ----------------------------------------------
 
+    def set_surprise(self, surprise: torch.Tensor) -> None:
+        """Record the surprise ``(B, Q)`` of the last ``Q`` entries (this step's tokens: each one's negative
+        log-likelihood, -inf where unknown) at every layer; entries before them that have none get -inf."""
+        surprise = surprise.float()
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            shape = layer.scores.shape
+            old = layer.surprise
+            if old is None:
+                old = torch.full(shape, float("-inf"), device=surprise.device)
+            new = surprise if len(shape) == 2 else surprise[:, None, :].expand(-1, shape[1], -1)
+            new = new[..., -shape[-1] :]  # a sliding-window layer may hold fewer entries than this step appended
+            layer.surprise = torch.cat([old[..., : shape[-1] - new.shape[-1]], new], dim=-1)
+
     def set_scores(self, scores: torch.Tensor) -> None:
         """Record the scorer's scores of the last ``Q`` entries (this step's tokens): ``(B, Q)`` from a
         token scorer, ``(B, Q, layers, kv_heads)`` from a per-head one. A token-level cache keeps the

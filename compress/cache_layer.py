@@ -1,4 +1,5 @@
-"""One layer of the nugget cache: packed, ragged storage of K/V with per-entry bias, position, flags, scores.
+"""One layer of the nugget cache: packed, ragged storage of K/V with per-entry bias, position, flags, scores
+(and surprise, when a policy asks for it).
 
 Hand-rolled because transformers' cache layers store dense K/V only; a per-head cache keeps a
 different number of entries per KV head and stores only those in use (:meth:`NuggetLayer.pack`).
@@ -52,6 +53,9 @@ class NuggetLayer(DynamicLayer):
         self.positions: torch.Tensor | None = None
         self.is_nugget: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        #: Each entry's surprise (the negative log-likelihood of its token where it was read; -inf: not
+        #: known), shaped like :attr:`scores`; None unless a policy asked for it (it is not stored otherwise).
+        self.surprise: torch.Tensor | None = None
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -103,6 +107,8 @@ class NuggetLayer(DynamicLayer):
         self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
         self.bias, self.is_nugget = self.bias[..., keep], self.is_nugget[:, keep]
         self.positions, self.scores = self.positions[..., keep], self.scores[..., keep]
+        if self.surprise is not None:
+            self.surprise = self.surprise[..., keep]
 
     def pack(self) -> None:
         """Store only the K/V pairs in use (bias not masked); a layer without masked slots, or a
@@ -232,6 +238,8 @@ class NuggetLayer(DynamicLayer):
         self.positions = torch.cat([self.positions, positions], dim=-1)
         self.is_nugget = torch.cat([self.is_nugget, flags], dim=-1)
         self.scores = torch.cat([self.scores, scores], dim=-1)
+        if self.surprise is not None:  # not known for these until set_surprise says
+            self.surprise = torch.cat([self.surprise, torch.full_like(scores, float("-inf"))], dim=-1)
 
     def gather(self, index: torch.Tensor) -> None:
         """Keep entries ``index`` ``(B, M)`` of each row, in that order."""
@@ -242,10 +250,14 @@ class NuggetLayer(DynamicLayer):
         per_head = index[:, None, :].expand(-1, self.positions.shape[1], -1) if self.positions.dim() == 3 else None
         self.positions = self.positions.gather(1, index) if per_head is None else self.positions.gather(2, per_head)
         self.is_nugget = self.is_nugget.gather(1, index)
-        if self.scores.dim() == 3:
-            self.scores = self.scores.gather(2, index[:, None, :].expand(-1, self.scores.shape[1], -1))
-        else:
-            self.scores = self.scores.gather(1, index)
+        for name in ("scores", "surprise"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value.dim() == 3:
+                setattr(self, name, value.gather(2, index[:, None, :].expand(-1, value.shape[1], -1)))
+            else:
+                setattr(self, name, value.gather(1, index))
 
     def gather_heads(self, index: torch.Tensor, rotary_emb: torch.nn.Module | None) -> None:
         """Keep entry ``index[b, h, j]`` in slot ``j`` of head ``h`` (``index`` ``(B, H, M)``): each head
@@ -264,8 +276,11 @@ class NuggetLayer(DynamicLayer):
             self.positions = source[:, 0]
         self.values = self.values.gather(2, kv_index)
         self.bias = self.bias.expand(-1, heads, -1).gather(2, index)
-        scores = self.scores if self.scores.dim() == 3 else self.scores[:, None, :].expand(-1, heads, -1)
-        self.scores = scores.gather(2, index)
+        for name in ("scores", "surprise"):
+            value = getattr(self, name)
+            if value is not None:
+                value = value if value.dim() == 3 else value[:, None, :].expand(-1, heads, -1)
+                setattr(self, name, value.gather(2, index))
         self.is_nugget = self.is_nugget.gather(1, index[:, 0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -279,6 +294,7 @@ class NuggetLayer(DynamicLayer):
             "positions": self.positions,
             "is_nugget": self.is_nugget,
             "scores": self.scores,
+            **({"surprise": self.surprise} if self.surprise is not None else {}),
         }
 
     @property
@@ -298,7 +314,8 @@ class NuggetLayer(DynamicLayer):
         if not self.is_initialized:
             return []
         mask = [self._packed[2]] if self._packed is not None else []
-        return [*self.stored_kv(), *mask, self.bias, self.positions, self.is_nugget, self.scores]
+        surprise = [self.surprise] if self.surprise is not None else []
+        return [*self.stored_kv(), *mask, self.bias, self.positions, self.is_nugget, self.scores, *surprise]
 
     def copy(self, detach: bool = False) -> NuggetLayer:
         """A new layer sharing these tensors, packed as they are (appending to it leaves this one as
@@ -313,7 +330,7 @@ class NuggetLayer(DynamicLayer):
         if self._head_slots is not None:
             twin._head_slots = ([tuple(share(t) for t in e) for e in self._head_slots[0]], share(self._head_slots[1]))
         twin._padding = self._padding  # integer plans of the same packing: shared, never changed in place
-        for name in ("bias", "positions", "is_nugget", "scores"):
+        for name in ("bias", "positions", "is_nugget", "scores", "surprise"):
             setattr(twin, name, share(getattr(self, name)))
         if self.is_initialized:
             twin.dtype, twin.device, twin.is_initialized = self._keys.dtype, self.device, True

@@ -274,20 +274,33 @@ class Nugget2DModel(nn.Module):
         allow_empty_rows: bool = False,
         frozen: bool = False,
         observer: Callable[..., None] | None = None,
+        surprise: bool = False,
     ) -> NuggetCache:
         """Run the encoder adapter over ``input_ids`` ``(B, n)``, attending to ``cache``, and append
         the tokens to it as raw entries carrying their scores (no selection yet). With
         ``allow_empty_rows`` a row whose mask is all zeros appends only masked padding; ``frozen``
         appends the unmodified model's K/V instead (what a cache that keeps no nuggets holds);
-        ``observer`` watches this pass's attention (:attr:`NuggetCache.observer`), and only this pass."""
+        ``observer`` watches this pass's attention (:attr:`NuggetCache.observer`), and only this pass;
+        ``surprise`` records each token's surprise (:meth:`surprise`) for policies that vote by it."""
         input_ids, mask = self._inputs(input_ids, attention_mask, allow_empty_rows)
         cache = self.new_cache() if cache is None else cache
         cache.observer = observer
         try:
-            self.forward_pass(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
+            out = self.forward_pass(cache, input_ids, mask, None if frozen else ENCODER, self.base.get_decoder())
         finally:
             cache.observer = None
+        if surprise:
+            cache.set_surprise(self.surprise(out.last_hidden_state, input_ids, mask))
         return cache
+
+    def surprise(self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each token's surprise ``(B, n)``: its negative log-likelihood under the LM head over the
+        ``hidden`` states before it (the first token, and padding, -inf: unknown)."""
+        with torch.no_grad():
+            logits = self.base.get_output_embeddings()(hidden[:, :-1]).float().log_softmax(dim=-1)
+            nll = -logits.gather(-1, input_ids[:, 1:, None])[..., 0]
+        unknown = torch.full_like(nll[:, :1], float("-inf"))
+        return torch.cat([unknown, nll], dim=1).masked_fill(~mask, float("-inf"))
 
     def compress(
         self,

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compressing methods compress while streaming the context (memory bounded by the budget) or once "
         "it is read whole with full attention (as kvpress presses do; memory grows with the context)",
     )
-    add_cache_arguments(quality, only=("observation_window",))
+    add_cache_arguments(quality, only=("observation_window", "surprise_votes", "scorer_first_share"))
     quality.add_argument(
         "--lookback",
         default="0",
@@ -156,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             positions=args.positions,
             reading=args.reading,
             observation_window=args.observation_window,
+            surprise_votes=args.surprise_votes,
+            scorer_first_share=args.scorer_first_share,
             lookback=parse_list(args.lookback, int, "lookback"),
             lookback_selectors=parse_list(args.lookback_selector, str, "lookback-selector"),
             lookback_placement=args.lookback_placement,

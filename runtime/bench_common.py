@@ -102,6 +102,8 @@ class CacheShape:
     positions: str = "auto"  # how compressing methods number their cache (CacheConfig.positions)
     reading: str = "stream"  # "whole": the context is read with full attention, then compressed (as presses do)
     observation_window: int = CacheConfig.observation_window  # per-head caches: recent queries whose attention votes
+    surprise_votes: bool = False  # per-head caches: surprise votes beside score and attention (CacheConfig)
+    scorer_first_share: float | None = None  # per-head caches: cap on the entries chosen by score first (CacheConfig)
 
     @property
     def history(self) -> int:
@@ -146,6 +148,8 @@ class CacheShape:
             positions=self.positions,
             read_budget=self.everything if self.reading == "whole" else None,
             observation_window=self.observation_window,
+            surprise_votes=self.surprise_votes,
+            scorer_first_share=self.scorer_first_share,
         )
 
 

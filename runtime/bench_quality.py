@@ -86,6 +86,8 @@ class QualityOptions:
     positions: str = "auto"  # how compressing methods number their cache (CacheConfig.positions)
     reading: str = "stream"  # compress while streaming, or after reading the whole context (CacheShape.reading)
     observation_window: int = CacheConfig.observation_window  # per-head caches: the last queries' attention votes
+    surprise_votes: bool = False  # per-head caches: each token's surprise votes too (CacheConfig.surprise_votes)
+    scorer_first_share: float | None = None  # per-head caches: CacheConfig.scorer_first_share
     lookback: list[int] = field(default_factory=lambda: [0])  # qa, ruler: tokens read back per answer (0 = off)
     lookback_selectors: list[str] = field(default_factory=lambda: [DEFAULT_SELECTOR])
     lookback_placement: str = "after"  # look-back spans after the cache (measured better), or at their text positions
@@ -140,7 +142,10 @@ class QualityOptions:
     def shape(self, config: tuple, reserve: int) -> CacheShape:
         """The cache of configuration ``(method, ratio, context)`` with ``reserve`` entries for what is
         scored or generated, under these options' budget split and positions."""
-        return CacheShape(*config, reserve, self.recent_share, self.positions, self.reading, self.observation_window)
+        return CacheShape(
+            *config, reserve, self.recent_share, self.positions, self.reading, self.observation_window,
+            self.surprise_votes, self.scorer_first_share,
+        )  # fmt: skip
 
 
 def windows(texts: list[list[int]], length: int, count: int) -> list[list[int]]:

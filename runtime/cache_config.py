@@ -88,6 +88,17 @@ class CacheConfig:
             "N queries votes beside the scorer (0: the scorer alone)"
         ),
     )
+    surprise_votes: bool = field(
+        default=False,
+        **_flag(
+            "per-head caches: each token's surprise where it was read (its negative log-likelihood) votes beside "
+            "the scorer and the attention on what stays (~1.2x the reading time)"
+        ),
+    )
+    scorer_first_share: float | None = field(
+        default=None,
+        **_flag("per-head caches: the entries chosen by score alone first are at most this share of those kept"),
+    )
     read_budget: int | None = field(
         default=None, **_flag("entries the cache may hold while reading (default: --budget); memory peaks here")
     )
@@ -167,7 +178,12 @@ class CacheConfig:
         cache (``allocation`` resolved by :meth:`for_model`)."""
         policy = make_policy(self.policy)
         if self.allocation == "head":
-            return PerHeadBudget(policy, observation_window=self.observation_window)
+            return PerHeadBudget(
+                policy,
+                observation_window=self.observation_window,
+                scorer_first_share=self.scorer_first_share,
+                surprise_votes=self.surprise_votes,
+            )
         return policy
 
 
@@ -185,14 +201,12 @@ def add_cache_arguments(
         if item.name in exclude or (only is not None and item.name not in only):
             continue
         meta = item.metadata
-        kind = {"ratio": float, "read_budget": int}.get(item.name, type(item.default))
-        group.add_argument(
-            "--" + item.name.replace("_", "-"),
-            type=kind,
-            default=item.default,
-            choices=meta["choices"],
-            help=meta["help"],
-        )
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(item.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=meta["help"])
+            continue
+        kind = {"ratio": float, "read_budget": int, "scorer_first_share": float}.get(item.name, type(item.default))
+        group.add_argument(flag, type=kind, default=item.default, choices=meta["choices"], help=meta["help"])
     return group
 
 

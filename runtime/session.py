@@ -170,6 +170,7 @@ class StreamingSession(BudgetKeeping):
             cache=self.cache,
             frozen=not self.policy.reads_with_encoder,
             observer=observer,
+            surprise=self.policy.wants_surprise,
         )
         if observer is not None:
             record = self.policy.after_read(self.cache, observer, len(ids))

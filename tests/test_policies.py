@@ -114,3 +114,28 @@ def test_the_adapter_supplies_the_ratio_and_a_different_one_is_noted(caplog):
     with caplog.at_level(logging.WARNING, logger="nugget2d"):
         asked = StreamingSession(model, tiny_tokenizer(), CacheConfig(ratio=0.1, budget=64, recent=8, segment=8))
     assert asked.settings.ratio == 0.1 and "trained at ratio 0.25" in caplog.text
+
+
+def test_surprise_votes_record_each_tokens_surprise_and_keep_the_budget():
+    """With ``surprise_votes`` reading records each token's negative log-likelihood (first token unknown),
+    kept through per-head regrouping and saving; the cache stays inside its budget. Off (the default),
+    nothing is recorded and nothing more is stored."""
+    model = _model(allocation="head")
+    ids = _ids(120)
+    plain = StreamingSession(model, tiny_tokenizer(), CacheConfig(budget=64, recent=8, segment=16), chat=False)
+    config = CacheConfig(budget=64, recent=8, segment=16, surprise_votes=True, scorer_first_share=0.5)
+    voting = StreamingSession(model, tiny_tokenizer(), config, chat=False)
+    assert voting.policy.surprise_votes and voting.policy.scorer_first_share == 0.5
+    with torch.no_grad():
+        fresh = model.encode(torch.tensor([ids[:16]]), cache=model.new_cache(positions="original"), surprise=True)
+        logits = tiny_llama()(torch.tensor([ids[:16]])).logits[0, :-1].log_softmax(-1)
+    expected = -logits.gather(1, torch.tensor(ids[1:16])[:, None])[:, 0]
+    recorded = fresh.layers[0].surprise[0, 0]  # every head holds its token's surprise
+    assert recorded[0] == float("-inf")
+    torch.testing.assert_close(recorded[1:], expected, atol=1e-4, rtol=1e-4)  # adapters start as identity
+    for session in (plain, voting):
+        session.ingest_ids(ids)
+        assert int(session.cache.entry_counts()[0]) <= 64
+    assert all(layer.surprise is None for layer in plain.cache.layers)
+    kept = voting.cache.layers[0].surprise
+    assert kept is not None and kept.dim() == 3 and bool(torch.isfinite(kept).any())

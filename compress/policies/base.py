@@ -54,6 +54,7 @@ class CachePolicy:
     makes_nuggets: ClassVar[bool] = False
     keeps_leaving: ClassVar[bool] = True
     scores_heads: ClassVar[bool] = False
+    wants_surprise: ClassVar[bool] = False  # reading records each token's surprise (Nugget2DModel.surprise)
 
     def observer(self) -> Callable[..., None] | None:
         """What watches the attention while a segment is read (None: nothing)."""

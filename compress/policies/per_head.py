@@ -35,12 +35,18 @@ class PerHeadBudget:
     """Spreads ``policy``'s budget over (layer, KV head). ``observation_window``: the last queries of each
     read segment whose attention votes beside the scores (0: the scores alone); ``scorer_first``: tokens'
     worth of entries chosen by score over all layers and heads before the per-layer split (0: none);
-    ``head_cap``: a head keeps at most this many times its layer's opened slots (None: no cap)."""
+    ``head_cap``: a head keeps at most this many times its layer's opened slots (None: no cap);
+    ``scorer_first_share``: the entries chosen by score first are at most this share of those kept (None:
+    no cap); ``surprise_votes``: each entry's surprise (its token's negative log-likelihood where it was
+    read) votes beside score and attention — rare facts such as a planted number are surprising where
+    the scorer, fitted on books, ranks them low (``benchmarks/needles/``)."""
 
     policy: CachePolicy = field(default_factory=Nugget2D)
     observation_window: int = 32
     scorer_first: int = 120
     head_cap: float | None = None
+    scorer_first_share: float | None = None
+    surprise_votes: bool = False
 
     def __post_init__(self) -> None:
         if not self.policy.scores_heads:
@@ -52,6 +58,13 @@ class PerHeadBudget:
             raise ValueError("observation_window and scorer_first must be >= 0")
         if self.head_cap is not None and self.head_cap <= 0:
             raise ValueError(f"head_cap must be > 0 or None, got {self.head_cap}")
+        if self.scorer_first_share is not None and not 0 <= self.scorer_first_share <= 1:
+            raise ValueError(f"scorer_first_share must be in [0, 1] or None, got {self.scorer_first_share}")
+
+    @property
+    def wants_surprise(self) -> bool:
+        """Whether reading must record each token's surprise (:meth:`Nugget2DModel.encode`)."""
+        return self.surprise_votes
 
     @property
     def name(self) -> str:
@@ -106,8 +119,12 @@ class PerHeadBudget:
         elif not ranks_entries(scores):  # the training-free setting: the observed attention alone
             picks = self.split_per_layer(observed_worth(cache, bounds, scores, observed, scorer=False), keep)
         else:
-            first = self.scorer_first * len(bounds) * cache.main_layer.kv_heads
-            picks = self.score_first_then_split(scores, observed_worth(cache, bounds, scores, observed), keep, first)
+            first = torch.full_like(keep, self.scorer_first * len(bounds) * cache.main_layer.kv_heads)
+            if self.scorer_first_share is not None:
+                first = torch.minimum(first, (keep.float() * self.scorer_first_share).floor().long())
+            surprise = surprise_pools(cache, bounds, scores) if self.surprise_votes else None
+            worth = observed_worth(cache, bounds, scores, observed, surprise=surprise)
+            picks = self.score_first_then_split(scores, worth, keep, first)
         cache.regroup(bounds, picks, bias_mode, rotary_emb if cache.position_mode == "cache" else None)
 
     def split_per_layer(self, worth: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
@@ -132,12 +149,12 @@ class PerHeadBudget:
         return picks
 
     def score_first_then_split(
-        self, scores: list[torch.Tensor], worth: list[torch.Tensor], keep: torch.Tensor, first: int
+        self, scores: list[torch.Tensor], worth: list[torch.Tensor], keep: torch.Tensor, first: int | torch.Tensor
     ) -> list[torch.Tensor]:
-        """``first`` entries by best ``scores`` over all layers and heads (fewer when ``keep`` is), then
-        :meth:`split_per_layer` by ``worth`` over the candidates left for the rest."""
+        """``first`` (per row, or one for all) entries by best ``scores`` over all layers and heads (fewer
+        when ``keep`` is), then :meth:`split_per_layer` by ``worth`` over the candidates left for the rest."""
         keep = keep.to(scores[0].device)
-        chosen = best_anywhere(scores, keep.clamp(max=first))
+        chosen = best_anywhere(scores, torch.minimum(keep, torch.as_tensor(first, device=keep.device)))
         left = keep - sum(c.flatten(1).sum(dim=1) for c in chosen)
         rest = self.split_per_layer([w.masked_fill(c, float("-inf")) for w, c in zip(worth, chosen)], left)
         return [c | picked for c, picked in zip(chosen, rest)]
@@ -156,10 +173,11 @@ def observed_worth(
     scores: list[torch.Tensor],
     observed: list[torch.Tensor],
     scorer: bool = True,
+    surprise: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The candidates' worth when the last queries' attention was observed: per global layer ``(B, H, N)``,
-    the better of the entry's score percentile and attention percentile among all candidates (without
-    ``scorer``: the attention percentile alone)."""
+    the best of the entry's score percentile and attention percentile among all candidates (without
+    ``scorer``: the attention percentile alone), and its ``surprise`` percentile when given."""
     global_layers = [cache.layers[index] for index in cache.compressed_layers]
     shapes = [(cache.batch_size, layer.kv_heads, layer.get_seq_length()) for layer in global_layers]
     if [tuple(seen.shape) for seen in observed] != shapes:
@@ -168,9 +186,26 @@ def observed_worth(
         seen[..., start:stop].float().masked_fill(pool.isinf(), float("-inf"))
         for seen, (start, stop), pool in zip(observed, bounds, scores)
     ]
-    if not scorer:
-        return percentiles(seen)
-    return [torch.maximum(a, b) for a, b in zip(percentiles(scores), percentiles(seen))]
+    worth = percentiles(seen)
+    if scorer:
+        worth = [torch.maximum(a, b) for a, b in zip(percentiles(scores), worth)]
+    if surprise is not None:
+        worth = [torch.maximum(a, b) for a, b in zip(percentiles(surprise), worth)]
+    return worth
+
+
+def surprise_pools(cache: NuggetCache, bounds: list[tuple[int, int]], scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The candidates' surprise per global layer ``(B, H, N)`` (-inf where unknown or padding; all -inf
+    when the cache recorded none)."""
+    pools = []
+    for index, (start, stop), pool in zip(cache.compressed_layers, bounds, scores):
+        value = cache.layers[index].surprise
+        if value is None:
+            pools.append(torch.full_like(pool, float("-inf")))
+            continue
+        value = value if value.dim() == 3 else value[:, None, :].expand(-1, pool.shape[1], -1)
+        pools.append(value[..., start:stop].float().masked_fill(pool.isinf(), float("-inf")))
+    return pools
 
 
 def best_anywhere(pools: list[torch.Tensor], count: torch.Tensor) -> list[torch.Tensor]:
