@@ -33,7 +33,7 @@ QUESTIONS = (
 #: of 9, 6,144 tokens gave the first answer after 5.6 minutes (benchmarks/demo/README.md); 4,096 keep the
 #: first answer within 5 minutes and the whole demo within 8 there.
 DEMO_TOKENS = 4096
-#: Cache entries a full KV cache keeps for the question (chat template included) beside the answer.
+#: Cache entries a full KV cache keeps for a question's chat template beside the question and the answer.
 QUESTION_ROOM = 128
 #: Greedy answers that do not loop: with the default model, greedy answers looped in 1 of 5 and took 43 s
 #: on average; these in 0 of 5 and 21 s (benchmarks/demo/answers.json).
@@ -80,7 +80,7 @@ def demo_cache_config(budget: int = 2048, ratio: float = 0.1) -> CacheConfig:
 
 def full_cache_config(tokens: int, answer_tokens: int) -> CacheConfig:
     """A full KV cache (the unmodified model's keys and values, none dropped) for ``tokens`` tokens, a
-    question and an answer of ``answer_tokens``."""
+    question's template and ``answer_tokens`` more (the question and the answer)."""
     recent = tokens + QUESTION_ROOM + answer_tokens
     return CacheConfig(ratio=1.0, budget=4 + recent + 256 + 1, recent=recent, segment=256, sinks=4, policy="full")
 
@@ -121,13 +121,17 @@ def run_demo(
         f"Adapter: {adapter_line}; nugget cache of {budget:,} entries, ratio {ratio}.",
         file=out,
     )
-    nuggets = _read("nugget2d", nugget_model, tokenizer, demo_cache_config(budget, ratio), ids, out)
+    if not ids or not questions or any(not q.strip() for q in questions):
+        raise ValueError("the demo needs a text of at least one token and non-empty questions")
+    longest = max(len(tokenizer(q, add_special_tokens=False).input_ids) for q in questions)
+    config = demo_cache_config(budget, ratio)
+    nuggets = _read("nugget2d", nugget_model, tokenizer, config, ids, out, questions, settings)
     print(f"[nugget2d] first answers ({time.perf_counter() - started:.0f} s since start):", file=out, flush=True)
     for question in questions:
         print(f"\nQ: {question}", file=out, flush=True)
         _answer(nuggets, question, settings, out)
     runs = [nuggets.run]
-    answer_room = QUESTION_ROOM + settings.max_new_tokens
+    answer_room = QUESTION_ROOM + longest + settings.max_new_tokens
     if len(ids) + answer_room > window:
         print(
             f"\n[full KV] not run: {len(ids):,} tokens and the answer do not fit the model's {window:,}-token window "
@@ -136,8 +140,8 @@ def run_demo(
             file=out,
         )
     else:
-        config = full_cache_config(len(ids), settings.max_new_tokens)
-        full = _read("full KV", nugget_model, tokenizer, config, ids, out)
+        config = full_cache_config(len(ids), longest + settings.max_new_tokens)
+        full = _read("full KV", nugget_model, tokenizer, config, ids, out, questions, settings)
         for index, question in enumerate(questions):
             print(f"\nQ: {question}", file=out)
             _show(nuggets.run, index, out)
@@ -156,8 +160,12 @@ class _Reader:
     run: DemoRun
 
 
-def _read(label: str, model, tokenizer, config: CacheConfig, ids: list[int], out) -> _Reader:
+def _read(label: str, model, tokenizer, config: CacheConfig, ids: list[int], out, questions, settings) -> _Reader:
+    """A session of ``config`` that has read ``ids``; ``ValueError`` before reading if a question and its
+    answer cannot fit the cache."""
     session = StreamingSession(model, tokenizer, config, progress=True)
+    for question in questions:
+        session.prompt_ids(question, settings)
     print(f"\n[{label}] reading {len(ids):,} tokens ...", file=out, flush=True)
     session.ingest(tokenizer.decode(ids))
     stats = session.stats

@@ -19,7 +19,7 @@ def test_demo_on_a_tiny_model_shows_token_progress_answers_and_savings(tmp_path,
     text = " ".join(WORDS[i % 40] for i in range(150))
     out = io.StringIO()
     nuggets, full = run_demo(
-        120,
+        100,
         ratio=0.25,
         model=str(model),
         adapter="none",
@@ -85,3 +85,11 @@ def test_no_repeat_ngram_keeps_greedy_answers_from_looping():
     kept = list(session.fork().ask_ids(prompt, GenerationSettings(30, ignore_eos=True, no_repeat_ngram=2)))
     bigrams = list(zip(prompt + kept, (prompt + kept)[1:]))
     assert len(plain) == len(kept) == 30 and len(bigrams) == len(set(bigrams))
+
+
+def test_a_question_too_long_for_the_cache_is_refused_before_reading(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny")
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="does not fit the cache budget"):
+        run_demo(100, 0.25, 8, str(model), "none", budget=64, questions=("the " * 80,), out=out, text="a " * 200)
+    assert "reading" not in out.getvalue()
