@@ -30,18 +30,22 @@ NAMES = {
 RULER_TASK = "niah_single_1"
 
 
-def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], int]:
-    """One row per method: RULER ``niah_single_1`` accuracy at 10 % kept (full KV: all) per context;
-    the contexts and the samples per context (the most any record used)."""
+def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
+    """One row per method: RULER ``niah_single_1`` accuracy at 10 % kept (full KV: all) per context,
+    from the record with the most samples; the contexts and the samples per context."""
     cells: dict[str, dict[int, float]] = {}
-    samples = 0
+    counts: dict[tuple[str, int], int] = {}
+    samples: dict[int, int] = {}
     for path in sorted(root.glob("benchmarks/ruler/*/quality.json")):
         for record in _load(path)["records"]:
             score = record.get("ruler", {}).get(RULER_TASK)
-            if score is None or record["ratio"] not in (0.1, 1.0):
+            count = record.get("ruler_samples", 0)
+            key = (record["method"], record["context"])
+            if score is None or record["ratio"] not in (0.1, 1.0) or count <= counts.get(key, 0):
                 continue
+            counts[key] = count
             cells.setdefault(record["method"], {})[record["context"]] = score
-            samples = max(samples, record.get("ruler_samples", 0))
+            samples[record["context"]] = max(samples.get(record["context"], 0), count)
     contexts = sorted({c for by in cells.values() for c in by})
     rows = []
     for method in sorted(cells, key=lambda m: (m != "full", m != "nugget2d", m)):
@@ -129,9 +133,9 @@ def _ruler_block(root: Path) -> list[str]:
     rows, contexts, samples = ruler_rows(root)
     if not rows:
         return []
-    head = ["method"] + [f"{c // 1024}k" for c in contexts]
+    head = ["method"] + [f"{c // 1024}k ({samples[c]} samples)" for c in contexts]
     return [
-        f"RULER `{RULER_TASK}` (lm-eval's samples, {samples} per context, greedy), share answered, 10 % kept:",
+        f"RULER `{RULER_TASK}` (lm-eval's samples, greedy), share answered, 10 % kept:",
         "",
         "| " + " | ".join(head) + " |",
         "|---" + "|---:" * (len(head) - 1) + "|",
