@@ -135,7 +135,8 @@ def _ruler_block(root: Path) -> list[str]:
         return []
     head = ["method"] + [f"{c // 1024}k ({samples[c]} samples)" for c in contexts]
     return [
-        f"RULER `{RULER_TASK}` (lm-eval's samples, greedy), share answered, 10 % kept:",
+        f"RULER `{RULER_TASK}` (lm-eval's samples, greedy; the `peers` install beside kvpress, transformers 5.2), "
+        "share answered, 10 % kept:",
         "",
         "| " + " | ".join(head) + " |",
         "|---" + "|---:" * (len(head) - 1) + "|",
