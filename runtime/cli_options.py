@@ -22,7 +22,11 @@ __all__ = [
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--adapter`` and ``--attention``."""
-    parser.add_argument("--model", default=None, help="local HF model directory, or gemma3-270m (the nugget2d[gemma] extra; default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory, or gemma3-270m (the nugget2d[gemma] extra; default: embedded SmolLM2-135M)",
+    )
     parser.add_argument(
         "--adapter",
         default=None,

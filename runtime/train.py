@@ -452,7 +452,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", nargs="+", required=True, help="text files / .jsonl files (qa, summarize), or directories of them"
     )
     parser.add_argument("--output", default=defaults.output, help="run directory (checkpoints, metrics)")
-    parser.add_argument("--model", default=None, help="local HF model directory, or gemma3-270m (the nugget2d[gemma] extra; default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory, or gemma3-270m (the nugget2d[gemma] extra; default: embedded SmolLM2-135M)",
+    )
     parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     parser.add_argument("--mix", default=None, help="with --objective mix: weights, e.g. continue=0.7,recall=0.3")
     parser.add_argument("--init-adapter", default=None, help="start from this adapter directory's weights")
