@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     quality.add_argument(
         "--lookback-selector",
-        default="hybrid",
+        default="bm25",
         help="how look-back chooses what to read: attention, bm25, hybrid, oracle (the span holding the answer); "
         "comma-separated, each a configuration of its own",
     )
