@@ -28,7 +28,14 @@ def batch_key(cache: object) -> tuple | None:
     if not isinstance(cache, NuggetCache) or cache.batch_size == 0:
         return None
     keys = cache.layers[0].stored_kv()[0]
-    return (cache.model_fingerprint, cache.position_mode, cache.allocation, len(cache.layers), keys.dtype, keys.device)
+    return (
+        cache.model_fingerprint,
+        cache.position_mode,
+        cache.allocation,
+        tuple(cache.windows),
+        keys.dtype,
+        keys.device,
+    )
 
 
 def stack_caches(caches: Sequence[NuggetCache], dense: bool = False) -> NuggetCache:
@@ -48,7 +55,9 @@ def stack_rows(rows: Sequence[tuple[NuggetCache, int]], dense: bool = False) -> 
     if not rows or None in keys or len(keys) != 1:
         raise ValueError("stack_rows takes rows of one or more nugget caches of one model, position mode and dtype")
     first = rows[0][0]
-    stacked = NuggetCache(len(first.layers), first.model_fingerprint, first.position_mode, first.allocation)
+    stacked = NuggetCache(
+        len(first.layers), first.model_fingerprint, first.position_mode, first.allocation, first.windows
+    )
     stacked.layers = [
         _stack_layers([(cache.layers[index], row) for cache, row in rows], dense) for index in range(len(first.layers))
     ]
@@ -67,16 +76,19 @@ def unstack_row(stacked: NuggetCache, row: int, source: NuggetCache, appended: i
     if appended == 0:
         return own
     for layer, batch in zip(own.layers, stacked.layers):
-        keys, values = _last_kv(batch, appended)
-        positions = batch.positions[row : row + 1, ..., -appended:]
+        # a sliding-window layer holds only its last entries: those of them are all the row keeps
+        count = min(appended, batch.get_seq_length())
+        keys, values = _last_kv(batch, count)
+        positions = batch.positions[row : row + 1, ..., -count:]
         if positions.dim() == 3:  # appended tokens sit at one position in every head
             positions = positions[:, 0]
-        layer.append(keys[row : row + 1], values[row : row + 1], batch.bias[row : row + 1, :1, -appended:], positions)
-        new = batch.scores[row : row + 1, ..., -appended:]
-        old = layer.scores[..., :-appended]
+        layer.append(keys[row : row + 1], values[row : row + 1], batch.bias[row : row + 1, :1, -count:], positions)
+        new = batch.scores[row : row + 1, ..., -count:]
+        old = layer.scores[..., :-count]
         if new.dim() == 3 and old.dim() == 2:  # as set_scores widens a token-scored layer to per-head scores
             old = old[:, None, :].expand(-1, new.shape[1], -1)
         layer.scores = torch.cat([old, new], dim=-1)
+        layer.trim()  # as the row's own passes would have (sliding-window layers)
     own.seen_tokens = stacked.seen_tokens[row : row + 1].clone()
     return own
 
@@ -125,7 +137,7 @@ def _stack_layers(rows: list[tuple[NuggetLayer, int]], dense: bool) -> NuggetLay
         positions[out, ..., start:] = layer.positions[row]
         flags[out, start:] = layer.is_nugget[row]
         scores[out, ..., start:] = layer.scores[row]
-    stacked = NuggetLayer()
+    stacked = NuggetLayer(first.window)
     stacked.append(keys, values, bias, positions)
     stacked.is_nugget, stacked.scores = flags, scores
     if not dense and any(layer.packed for layer in layers):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import WINDOW, tiny_gemma3, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.compress.cache_batch import stack_caches, unstack_row
@@ -16,9 +16,9 @@ from nugget2d.runtime.session import StreamingSession, StreamSettings
 GREEDY = GenerationSettings(max_new_tokens=12, ignore_eos=True)
 
 
-def _model(allocation: str) -> Nugget2DModel:
+def _model(allocation: str, base=tiny_llama) -> Nugget2DModel:
     torch.manual_seed(0)
-    return Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(allocation=allocation, scorer_layer=1))
+    return Nugget2DModel.from_base(base(), Nugget2DConfig(allocation=allocation, scorer_layer=1))
 
 
 def _ids(length: int, seed: int) -> list[int]:
@@ -65,6 +65,27 @@ def test_batched_greedy_decoding_equals_each_stream_alone(allocation, positions)
             torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
             assert torch.equal(mine.bias, theirs.bias) and torch.equal(mine.positions, theirs.positions)
         assert torch.equal(batched.cache.seen_tokens, solo.cache.seen_tokens)
+
+
+@pytest.mark.parametrize("allocation", ["token", "head"])
+def test_sliding_window_layers_decode_batched_as_alone(allocation):
+    """Gemma 3's mixed layers: sliding-window layers (window shorter than the texts) keep their window in
+    the stack and give each stream back the window it would hold alone."""
+    model = _model(allocation, tiny_gemma3)
+    sessions = _sessions(model, "cache")
+    assert any(layer.sliding for layer in sessions[0].cache.layers)
+    alone, together = [s.fork() for s in sessions], [s.fork() for s in sessions]
+    settings = GenerationSettings(max_new_tokens=2 * WINDOW, ignore_eos=True)
+    prompts = [_ids(3 + i, seed=50 + i) for i in range(len(sessions))]
+    expected = [list(s.ask_ids(p, settings)) for s, p in zip(alone, prompts)]
+    batcher = DecodeBatcher(model, max_batch=8)
+    assert (
+        run_together([s.ask_ids(p, settings, batcher=batcher) for s, p in zip(together, prompts)], batcher) == expected
+    )
+    for solo, batched in zip(alone, together):
+        for mine, theirs in zip(batched.cache.layers, solo.cache.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+            assert torch.equal(mine.bias, theirs.bias) and torch.equal(mine.positions, theirs.positions)
 
 
 @pytest.mark.parametrize("max_batch", [3, 8])
