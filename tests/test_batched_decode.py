@@ -79,9 +79,9 @@ def test_sliding_window_layers_decode_batched_as_alone(allocation):
     prompts = [_ids(3 + i, seed=50 + i) for i in range(len(sessions))]
     expected = [list(s.ask_ids(p, settings)) for s, p in zip(alone, prompts)]
     batcher = DecodeBatcher(model, max_batch=8)
-    assert (
-        run_together([s.ask_ids(p, settings, batcher=batcher) for s, p in zip(together, prompts)], batcher) == expected
-    )
+    streams = [s.ask_ids(p, settings, batcher=batcher) for s, p in zip(together, prompts)]
+    assert run_together(streams, batcher) == expected
+    assert batcher.stats.largest == len(sessions)  # all four in one stack
     for solo, batched in zip(alone, together):
         for mine, theirs in zip(batched.cache.layers, solo.cache.layers):
             torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
