@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
 
-from .generation import GenerationSettings, Scoring, TokenStream
+from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream
 from .lookback_select import SELECTORS, has_text_positions, plan
 
 PLACEMENTS = ("text", "after")
@@ -140,10 +140,12 @@ def ask_looking_back(
     scoring: Scoring | None,
     look: LookBack,
     question: str | None,
-) -> Iterator[int]:
+    batcher: StepBatcher | None = None,
+) -> Iterator[int | None]:
     """New token ids after ``prompt_ids`` with look-back: on a copy of ``session``, choose spans of its text
     for the prompt, read them raw into a fork of the copy's cache and answer over it. ``session`` keeps its
-    cache, pending tokens and turns; its counters and :class:`LookBackStats` count the work."""
+    cache, pending tokens and turns; its counters and :class:`LookBackStats` count the work. With a
+    ``batcher`` the answer decodes with other streams (``None`` yielded while a pass waits)."""
     session.ingest_ids([], final=True)
     twin = session.fork()
     prompt = twin.pending + prompt_ids
@@ -164,7 +166,7 @@ def ask_looking_back(
     stats.questions += 1
     stats.tokens_read += sum(b - a for a, b in spans)
     stats.last_spans = spans
-    stream = TokenStream(model, cache, prompt, settings, session._eos_ids(), scoring)
+    stream = TokenStream(model, cache, prompt, settings, session._eos_ids(), scoring, batcher)
     started = time.perf_counter()
     try:
         yield from stream

@@ -250,7 +250,7 @@ class StreamingSession(BudgetKeeping):
         settings = settings or GenerationSettings()
         look = self._look_back(lookback)
         if look.tokens:
-            yield from ask_looking_back(self, [int(t) for t in prompt_ids], settings, scoring, look, question)
+            yield from ask_looking_back(self, [int(t) for t in prompt_ids], settings, scoring, look, question, batcher)
             return
         self.ingest_ids([], final=True)
         prompt = self.pending + [int(t) for t in prompt_ids]
