@@ -59,16 +59,16 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], int]:
+def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
     """One row per method: cache MiB, continuation and far-recall perplexity per context; the
     contexts and the number of windows per context."""
     runs = sorted(root.glob("benchmarks/quality/c*/quality.json"), key=lambda p: int(p.parent.name[1:]))
     cells: dict[str, dict[int, dict]] = {}
-    windows = 0
+    windows: dict[int, int] = {}
     for path in runs:
         data = _load(path)
-        windows = data["options"]["samples"]
         for record in data["records"]:
+            windows[record["context"]] = data["options"]["samples"]
             cells.setdefault(record["method"], {})[record["context"]] = record
     contexts = sorted({c for by in cells.values() for c in by})
     rows = []
@@ -114,8 +114,10 @@ def block(root: Path = ROOT) -> str:
     ]
     lines = [
         BEGIN,
-        f"Test texts (`benchmarks/data/test/`), {windows} windows per context (their range in brackets where "
-        "recorded), 10 % of the context kept (full KV keeps all), lower perplexity is better:",
+        "Test texts (`benchmarks/data/test/`), "
+        + ", ".join(f"{windows[c]} windows at {c // 1024}k" for c in contexts)
+        + " (their range in brackets where recorded), 10 % of the context kept (full KV keeps all), lower "
+        "perplexity is better:",
         "",
         "| " + " | ".join(head) + " |",
         "|---" + "|---:" * (len(head) - 1) + "|",
