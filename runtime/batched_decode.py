@@ -29,7 +29,7 @@ from nugget2d.compress import Nugget2DModel, NuggetCache
 from nugget2d.compress.cache_batch import batch_key, stack_rows, unstack_row
 from nugget2d.compress.hf_compat import returned_cache
 
-from .generation import GenerationSettings, TextDeltas, TokenStream
+from .generation import GenerationSettings, TokenStream, text_pieces
 
 
 @dataclass
@@ -256,23 +256,7 @@ def answer_text(session, question: str, settings: GenerationSettings, batcher: D
     """The answer of ``session`` (a :class:`~nugget2d.runtime.session.StreamingSession`) to ``question``
     as text pieces, ``None`` while a batched pass waits (cut at the first stop string, as ``ask``)."""
     prompt = session.prompt_ids(question, settings)
-    deltas = TextDeltas(session.tokenizer, settings.stop)
-    tokens = session.ask_ids(prompt, settings, batcher=batcher)
-    try:
-        for token in tokens:
-            if token is None:
-                yield None
-                continue
-            piece = deltas.push(token)
-            if piece:
-                yield piece
-            if deltas.stopped:
-                return
-        tail = deltas.flush()
-        if tail:
-            yield tail
-    finally:
-        tokens.close()
+    yield from text_pieces(session.ask_ids(prompt, settings, batcher=batcher), session.tokenizer, settings.stop)
 
 
 def ask_together(

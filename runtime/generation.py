@@ -5,7 +5,7 @@ Sampling reuses transformers' logits processors (repetition penalty, temperature
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -291,3 +291,26 @@ class TextDeltas:
             return ""
         delta, self.shown = upto[len(self.shown) :], upto
         return delta
+
+
+def text_pieces(tokens: Iterator[int | None], tokenizer, stop: Sequence[str] = ()) -> Iterator[str | None]:
+    """The text of ``tokens`` in pieces as they come (:class:`TextDeltas`), cut at the first ``stop``
+    string; a ``None`` (a batched pass waiting) passes through. Ending early closes ``tokens``."""
+    deltas = TextDeltas(tokenizer, stop)
+    try:
+        for token in tokens:
+            if token is None:
+                yield None
+                continue
+            piece = deltas.push(token)
+            if piece:
+                yield piece
+            if deltas.stopped:
+                return
+        tail = deltas.flush()
+        if tail:
+            yield tail
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()

@@ -35,7 +35,7 @@ from nugget2d.compress.rope import check_rerotatable
 from .cache_budget import BudgetKeeping
 from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
-from .generation import GenerationSettings, Scoring, StepBatcher, TextDeltas, TokenStream, token_log_probs
+from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream, text_pieces, token_log_probs
 from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
 from .resources import peak_rss_bytes
 from .session_stats import SessionStats
@@ -200,16 +200,9 @@ class StreamingSession(BudgetKeeping):
         look-back it does not: see :meth:`ask_ids`)."""
         settings = settings or GenerationSettings()
         prompt = self.prompt_ids(question, settings)
-        deltas = TextDeltas(self.tokenizer, settings.stop)
-        for token in self.ask_ids(prompt, settings, lookback=lookback, question=question):
-            piece = deltas.push(token)
-            if piece:
-                yield piece
-            if deltas.stopped:
-                return
-        tail = deltas.flush()
-        if tail:
-            yield tail
+        yield from text_pieces(
+            self.ask_ids(prompt, settings, lookback=lookback, question=question), self.tokenizer, settings.stop
+        )
 
     def prompt_ids(self, question: str, settings: GenerationSettings) -> list[int]:
         """Token ids that ask ``question`` next; ``ValueError`` if empty or too long for the budget."""
