@@ -15,6 +15,9 @@ Layers have types (``windows``, from the model's ``layer_types``): a sliding-win
 window of raw entries and nothing else (:meth:`NuggetLayer.trim`); what a policy keeps, retains,
 converts or spreads per head concerns the global layers (:attr:`NuggetCache.compressed_layers`) only,
 and counts (:meth:`entry_counts`, the next token's cache position) are read on the first of them.
+Longer than ~400 lines because it is transformers' ``Cache`` protocol, the moves a policy asks for
+(retain, convert, regroup, reposition) and the file format of one class; a layer's storage is in
+``cache_layer.py``.
 """
 
 from __future__ import annotations

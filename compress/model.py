@@ -6,6 +6,8 @@ over such a cache. Any Hugging Face decoder with rotary positions and the attent
 works (Llama, Mistral, Qwen2/3, SmolLM, Gemma 3, ...). Models that mix layer types (Gemma 3's
 sliding-window and global layers, Mistral's sliding window) keep a sliding-window layer's window raw
 and compress the global layers' entries, each layer re-rotated with its own RoPE.
+Longer than ~400 lines because it is the method's one object: adapters, scorer, encode, select,
+compress, decode and the forward pass they share; storage is in ``cache.py``, selection in ``policies/``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ All sessions go through :class:`StreamingSession` (reading, :meth:`~StreamingSes
 and :meth:`~StreamingSession.ask`); configurations are interleaved within each metric.
 ``kvpress:<Press>`` methods (:mod:`~nugget2d.runtime.bench_peers`) are scored on the same ``ppl``
 and ``recall_ppl`` windows and answer the same RULER prompts.
+Longer than ~400 lines because every metric's jobs run interleaved in one loop (so methods see the
+same windows in one process); RULER, look-back and kvpress parts live in their own modules.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ the whole inside the budget. With ``positions="cache"`` a token's position is th
 before it and moved keys are re-rotated, so no position ever reaches the model's native window;
 ``original`` keeps text positions (texts inside the window); ``auto`` keeps text positions in a
 per-head cache until the text outgrows the window, then renumbers it as ``cache``.
+Longer than ~400 lines because reading, asking, forking and saving share one session's state; keeping
+the budget is in ``cache_budget.py``, look-back in ``lookback.py``.
 """
 
 from __future__ import annotations

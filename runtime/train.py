@@ -2,6 +2,8 @@
 
 Read top to bottom: configuration, data, model, engine, loop, checkpoints. Run as
 ``nugget2d train ...`` (one process) or ``deepspeed --module nugget2d.runtime.train ...``.
+Longer than ~400 lines because the loop, its flags and its Ray Train entry share one config and one
+resume path; the data, objectives and checkpoint files live in their own modules.
 """
 
 from __future__ import annotations
