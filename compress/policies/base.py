@@ -10,6 +10,7 @@ job (:class:`~nugget2d.compress.NuggetCache`), so a policy is a few lines of sel
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,7 +39,7 @@ class Leaving:
         return nugget_count(len(self.indices), self.ratio)
 
 
-class CachePolicy:
+class CachePolicy(ABC):
     """Decides what stays of the text that leaves a session's raw window.
 
     Class attributes say how the session treats the policy: ``name`` (what ``--policy`` calls it),
@@ -65,9 +66,9 @@ class CachePolicy:
         scores from what it saw; return what the session should keep until the cache next changes."""
         return None
 
+    @abstractmethod
     def choose(self, leaving: Leaving) -> list[int]:
-        """Which of ``leaving.indices`` stay (cache indices, text order)."""
-        raise NotImplementedError(f"{type(self).__name__} must say which leaving entries stay (choose)")
+        """Which of ``leaving.indices`` stay (cache indices, text order); every policy must say."""
 
     def evict(self, kept: list[int], scores: torch.Tensor, remove: int) -> list[int]:
         """``kept`` (cache indices, text order) without ``remove`` of them: by default the lowest-scoring."""
