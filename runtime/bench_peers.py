@@ -6,7 +6,8 @@ backends are not kvpress's): the context is prefilled with the press active into
 ``DynamicCache`` (nugget2d's ratio ``r`` is kvpress's ``compression_ratio = 1 - r``, the fraction
 removed), then the continuation or the repeated passage is scored teacher-forced over that cache
 with the press inactive, at the same ids and original positions as
-:func:`~nugget2d.runtime.bench_quality.perplexities`. Only ``ppl`` and ``recall_ppl`` are measured.
+:func:`~nugget2d.runtime.bench_quality.perplexities`; for ``ruler`` and ``qa`` the question is read and
+answered greedily over what the press kept (the question unseen while compressing).
 Needs the ``peers`` extra (kvpress), checked before any model is loaded.
 """
 
@@ -27,7 +28,7 @@ from nugget2d.compress.hf_compat import CACHE_RENAMED_IN
 from .bench_recall import recall_passage
 from .chat import ChatFormat
 from .models import load_model, resolve_model_dir
-from .session import start_ids, token_log_probs
+from .session import eos_ids, start_ids, token_log_probs
 
 PREFIX = "kvpress:"
 PRESSES = {
@@ -41,7 +42,7 @@ INSTALL = (
     "which nugget2d is tested on; to keep the installed transformers instead: "
     "pip install --no-deps kvpress==0.5.5 'cachetools>=5.5.2,<6' 'fire>=0.6,<0.7' termcolor)"
 )
-SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored by ppl, recall_ppl and ruler"
+SKIPPED = "not measured for kvpress presses: they compress a prefilled context, scored by ppl, recall_ppl, ruler, qa"
 NOTES = {
     "compression_ratio": "kvpress compression_ratio = 1 - ratio (fraction removed), applied to the prefilled context",
     "cache_bytes": "bytes of the K/V tensors stored in the DynamicCache after the compressed prefill, all layers",
@@ -50,7 +51,10 @@ NOTES = {
     "cache_tokens": "entries per layer stored; cache_tokens_unmasked: mean per layer and KV head not masked",
     "compress_vs_prefill": "time of the prefill with the press (KVzip: with its repeat passes) over a plain prefill "
     "of the same context (mean of one just before and one just after), same model and process; totals over windows",
-    "kvzip": "the context is plain text, so KVzip's chat-template prefix length is set to the start ids only",
+    "kvzip": "KVzip's chat-template prefix length is set to the ids that open the stream (ruler: the tokenizer's "
+    "start; qa: the chat template's text before the document)",
+    "answer_seconds": "from the question to the last answer token over the compressed cache (compression not "
+    "counted); peak_question_bytes: the cache's unmasked bytes after the answer",
 }
 
 
@@ -151,25 +155,37 @@ class PressRunner:
         return result
 
     def answer(
-        self, method: str, ratio: float, split: tuple[list[int], list[int]], new_tokens: int
+        self,
+        method: str,
+        ratio: float,
+        split: tuple[list[int], list[int]],
+        new_tokens: int,
+        prefix: int | None = None,
     ) -> tuple[str, dict]:
         """A press's greedy answer after a prompt split into ``(context, tail)``: the context prefilled
         with the press active (the tail unseen), then the tail and the answer read over what it kept;
-        with the cache kept and the prefill times."""
+        with the cache kept, the prefill times and the answer's seconds and peak bytes. ``prefix``: ids
+        opening the context that KVzip leaves out of its reconstruction (default: the tokenizer's own
+        start, which a plain prompt carries). The answer ends at the model's EOS."""
         prefill, ids = split
-        start = start_ids(self.tokenizer, ChatFormat.plain())  # the tokenizer's own start, which the prompt carries
+        if prefix is None:
+            prefix = len(start_ids(self.tokenizer, ChatFormat.plain()))
+        stop = set(eos_ids(self.tokenizer, self.model))
         _, plain_s = self._prefill(prefill, None)
-        cache, press_s = self._prefill(prefill, self.press(method, ratio), prefix=len(start))
+        cache, press_s = self._prefill(prefill, self.press(method, ratio), prefix=prefix)
         masked = self._take_masks()
         result = {"prefill_s": plain_s, "compress_s": press_s, **self._sizes(cache, masked)}
         position, out = len(prefill), []
+        started = time.perf_counter()
         with self._masking(cache, masked):
             for _ in range(new_tokens):  # greedy, as the sessions decode
                 token = int(self._forward(cache, ids, position).logits[0, -1].argmax())
-                if token == self.tokenizer.eos_token_id:
+                if token in stop:
                     break
                 position, ids = position + len(ids), [token]
                 out.append(token)
+        result["answer_s"] = time.perf_counter() - started
+        result["peak_bytes"] = self._sizes(cache, masked)["cache_bytes_unmasked"]
         return self.tokenizer.decode(out, skip_special_tokens=True), result
 
     def _attention(self) -> list:
@@ -273,7 +289,7 @@ def finish(record: dict, acc: dict, metrics: list[str]) -> None:
         plain, press, count = acc["times"]
         record.update(prefill_s=plain / count, compress_s=press / count, compress_vs_prefill=press / plain)
         record["compression_ratio"] = 1 - record["ratio"]
-    skipped = {metric: SKIPPED for metric in ("bleu", "qa") if metric in metrics}
+    skipped = {metric: SKIPPED for metric in ("bleu",) if metric in metrics}
     if skipped:
         record["skipped"] = skipped
 

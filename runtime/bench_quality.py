@@ -54,7 +54,7 @@ from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings
 from .lookback import DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
-from .session import POSITIONS, StreamingSession
+from .session import POSITIONS, StreamingSession, start_ids
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
 DEFAULT_METRICS = ("ppl", "recall_ppl", "bleu", "qa")
@@ -263,6 +263,28 @@ def ruler_answer(
     return results, held
 
 
+def press_answer(
+    runner: bench_peers.PressRunner,
+    config: tuple,
+    split: tuple[list[int], list[int]],
+    new_tokens: int,
+    record: dict,
+    acc: dict,
+    prefix: int | None = None,
+) -> dict:
+    """A press's answer after ``split`` (context, question), noted in its record's sizes and times, as one
+    look-back-free answer variant (presses read nothing back)."""
+    reply, sizes = runner.answer(config[0], config[1], split, new_tokens, prefix=prefix)
+    bench_peers.note(record, acc, sizes)
+    return {
+        "variant": (0, None),
+        "reply": reply,
+        "seconds": sizes["answer_s"],
+        "peak_bytes": sizes["peak_bytes"],
+        "read_tokens": 0,
+    }
+
+
 def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, adapter: str | None = None) -> Path:
     """Measure the chosen metrics for every configuration and write ``out_dir/quality.json`` and
     ``quality.png``; return the JSON path."""
@@ -276,7 +298,7 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
     _check_window(model, jobs, options)
     sums: dict[tuple, dict[str, list]] = {}
     peers = [method for method in options.methods if bench_peers.is_peer(method)]
-    scored = peers and {"ppl", "recall_ppl", "ruler"} & set(options.metrics)
+    scored = peers and {"ppl", "recall_ppl", "ruler", "qa"} & set(options.metrics)
     runner = bench_peers.PressRunner.for_model(model) if scored else None
 
     def slot(config: tuple, variant: tuple = (0, None)) -> tuple[dict, dict]:
@@ -304,16 +326,14 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
         elif kind == "ruler":
             sample = payload["sample"]
             if bench_peers.is_peer(config[0]):
-                reply, sizes = runner.answer(config[0], config[1], payload["split"], options.ruler_new_tokens)
-                bench_peers.note(record, acc, sizes)
-                results = [{"variant": (0, None), "reply": reply}]
+                results = [press_answer(runner, config, payload["split"], options.ruler_new_tokens, record, acc)]
             else:
                 results, held = ruler_answer(model, tokenizer, shape, payload["split"], options, sample.answers)
             for result in results:
                 record, acc = slot(config, result["variant"])
                 if not bench_peers.is_peer(config[0]):
                     _note_size(record, shape, held)
-                    bench_lookback.note_answer(record, acc, result)
+                bench_lookback.note_answer(record, acc, result)
                 score = sample.score(result["reply"])
                 acc.setdefault("ruler", []).append((sample.task, score))
                 acc.setdefault("ruler_context", []).append(len(payload["split"][0]))
@@ -331,13 +351,18 @@ def run_quality(model, tokenizer, options: QualityOptions, out_dir: str | Path, 
             hypothesis, held = autoencode(model, tokenizer, shape, payload["ids"])
             _note_size(record, shape, held)
             acc.setdefault("bleu", []).append((hypothesis, tokenizer.decode(payload["ids"], skip_special_tokens=True)))
-        else:
-            results, held = answer(
-                model, tokenizer, shape, payload["ids"], payload["question"], options, payload["code"]
-            )
+        else:  # qa
+            if bench_peers.is_peer(config[0]):
+                split = (payload["start"] + payload["ids"], payload["prompt"])
+                results = [press_answer(runner, config, split, QA_NEW_TOKENS, record, acc, len(payload["start"]))]
+            else:
+                results, held = answer(
+                    model, tokenizer, shape, payload["ids"], payload["question"], options, payload["code"]
+                )
             for result in results:
                 record, acc = slot(config, result["variant"])
-                _note_size(record, shape, held)
+                if not bench_peers.is_peer(config[0]):
+                    _note_size(record, shape, held)
                 bench_lookback.note_answer(record, acc, result)
                 correct = payload["code"] in result["reply"]
                 acc.setdefault("qa", []).append((payload["depth"], correct))
@@ -425,7 +450,7 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
             configs = configurations(options.methods, options.ratios, [context])
             for ids in windows(texts, context + options.continuation, options.samples):
                 jobs.extend(("window", config, {"ids": ids, "reserve": reserve}) for config in configs)
-    local = [method for method in options.methods if not bench_peers.is_peer(method)]  # presses: ppl metrics only
+    local = [method for method in options.methods if not bench_peers.is_peer(method)]  # presses: no bleu
     if "bleu" in options.metrics:
         configs = configurations(local, options.ratios, [options.ae_tokens])
         for ids in windows(texts, options.ae_tokens, options.ae_samples):
@@ -442,8 +467,9 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
             jobs.extend(("ruler", config, payload) for config in configs)
     if "qa" in options.metrics:
         chat = ChatFormat.from_tokenizer(tokenizer)
+        start = start_ids(tokenizer, chat)
         for context in options.contexts:
-            configs = configurations(local, options.ratios, [context])
+            configs = configurations(options.methods, options.ratios, [context])
             count = len(options.depths) * options.qa_samples
             for i, window in enumerate(windows(texts, context, count)):
                 depth = options.depths[i % len(options.depths)]
@@ -453,6 +479,8 @@ def _jobs(tokenizer, texts: list[list[int]], options: QualityOptions) -> list[tu
                 prompt = tokenizer(chat.question(question, True), add_special_tokens=False).input_ids
                 payload = {
                     "ids": ids,
+                    "start": start,  # what a chat session reads before the document (a press prefills it too)
+                    "prompt": prompt,
                     "question": question,
                     "code": code,
                     "depth": depth,

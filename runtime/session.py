@@ -265,11 +265,7 @@ class StreamingSession(BudgetKeeping):
         return resolve(self.look_back, lookback, self.token_ids is not None)
 
     def _eos_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        generation = getattr(self.model.base, "generation_config", None)
-        extra = getattr(generation, "eos_token_id", None) if generation is not None else None
-        extra = extra if isinstance(extra, list) else [extra]
-        return [t for t in [eos, *extra] if t is not None]
+        return eos_ids(self.tokenizer, self.model.base)
 
     def score_ids(self, ids: Iterable[int], room: int = 0) -> torch.Tensor:
         """Log-probabilities ``(len(ids) - 1,)`` of ``ids[1:]``, each given the stream so far and the ids
@@ -409,6 +405,14 @@ class StreamingSession(BudgetKeeping):
             seen = load_file(observed, device=str(model.device))
             session.observed = [seen[str(i)] for i in range(len(seen))]
         return session
+
+
+def eos_ids(tokenizer, base_model) -> list[int]:
+    """Ids that end an answer: the tokenizer's EOS and the model's generation config's."""
+    generation = getattr(base_model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None) if generation is not None else None
+    extra = extra if isinstance(extra, list) else [extra]
+    return [t for t in [tokenizer.eos_token_id, *extra] if t is not None]
 
 
 def start_ids(tokenizer, chat_format: ChatFormat) -> list[int]:

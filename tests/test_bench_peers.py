@@ -116,6 +116,23 @@ def test_presses_run_in_bench_quality_beside_the_other_methods(loaded, tmp_path)
     assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
 
 
+def test_a_press_keeping_everything_answers_planted_facts_as_full_kv_does(loaded, tmp_path, monkeypatch):
+    model, tokenizer, runner = loaded
+    keep_all = runner.kvpress.StreamingLLMPress(compression_ratio=0.0)
+    monkeypatch.setattr(bench_peers.PressRunner, "press", lambda self, method, ratio: keep_all)
+    options = QualityOptions(
+        methods=["full", "kvpress:StreamingLLM"], metrics=["qa"], ratios=[0.25], contexts=[96], qa_samples=1,
+        depths=[0.2, 0.8], inputs=[str(text_file(tmp_path))],
+    )  # fmt: skip
+    data = json.loads(run_quality(model, tokenizer, options, tmp_path / "out", adapter="none").read_text())
+    records = {r["method"]: r for r in data["records"]}
+    full, press = records["full"], records["kvpress:StreamingLLM"]
+    # the press prefills what the chat session reads (template start + document) and asks the same prompt
+    assert [e["answer"] for e in press["qa_examples"]] == [e["answer"] for e in full["qa_examples"]]
+    assert len(press["qa_examples"]) == 2 and "qa" not in press.get("skipped", {})
+    assert press["seconds_per_answer"] > 0 and press["peak_question_bytes"] >= press["cache_bytes_unmasked"] > 0
+
+
 def test_masked_entries_get_no_attention_as_with_kvpress_own_fake_keys(loaded):
     import copy
 
