@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from nugget2d.runtime.marked_block import replace_marked
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin (benchmarks/readme_table.py) -->", "<!-- results:end -->"
 NAMES = {
@@ -113,7 +115,6 @@ def block(root: Path = ROOT) -> str:
         f"{c // 1024}k: {name}" for c in contexts for name in ("cache MiB", "continuation ppl", "far-recall ppl")
     ]
     lines = [
-        BEGIN,
         "Test texts (`benchmarks/data/test/`), "
         + ", ".join(f"{windows[c]} windows at {c // 1024}k" for c in contexts)
         + " (their range in brackets where recorded), 10 % of the context kept (full KV keeps all), lower "
@@ -125,7 +126,6 @@ def block(root: Path = ROOT) -> str:
         "",
         *_ruler_block(root),
         speed_line(root),
-        END,
     ]
     return "\n".join(lines)
 
@@ -149,10 +149,7 @@ def _ruler_block(root: Path) -> list[str]:
 
 def render(readme: str, root: Path = ROOT) -> str:
     """``readme`` with its marked block replaced by :func:`block`; ``ValueError`` without markers."""
-    start, end = readme.find(BEGIN), readme.find(END)
-    if start < 0 or end < 0:
-        raise ValueError(f"README.md lacks the markers {BEGIN!r} ... {END!r}")
-    return readme[:start] + block(root) + readme[end + len(END) :]
+    return replace_marked(readme, BEGIN, END, block(root))
 
 
 def main() -> int:

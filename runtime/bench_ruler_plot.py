@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .bench_plots import _pyplot
 from .bench_ruler import TASKS
+from .marked_block import replace_marked
 
 #: Table and legend order and names; methods not listed follow, by name.
 METHODS = {
@@ -155,11 +156,10 @@ def update_readme(readme: Path, text: str) -> bool:
     """Put ``text`` between the table markers of ``readme``; ``False`` (file unchanged) without them."""
     if not readme.exists():
         return False
-    content = readme.read_text()
-    start, end = content.find(START), content.find(END)
-    if start < 0 or end < start:
+    try:
+        readme.write_text(replace_marked(readme.read_text(), START, END, text))
+    except ValueError:
         return False
-    readme.write_text(content[: start + len(START)] + "\n" + text + content[end:])
     return True
 
 

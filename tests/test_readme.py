@@ -43,3 +43,14 @@ def test_product_docs_never_point_outside_the_repository():
 def test_readme_links_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_a_generated_block_replaces_only_what_lies_between_its_markers():
+    import pytest
+
+    from nugget2d.runtime.marked_block import replace_marked
+
+    page = "intro\n<!-- a -->\nold\nrows\n<!-- /a -->\noutro\n"
+    assert replace_marked(page, "<!-- a -->", "<!-- /a -->", "new\n") == "intro\n<!-- a -->\nnew\n<!-- /a -->\noutro\n"
+    with pytest.raises(ValueError, match="lacks the markers"):
+        replace_marked("<!-- /a --> <!-- a -->", "<!-- a -->", "<!-- /a -->", "x")

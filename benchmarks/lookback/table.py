@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from nugget2d.runtime.marked_block import replace_marked
+
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- table:begin (benchmarks/lookback/table.py) -->", "<!-- table:end -->"
 HEADER = (
@@ -64,9 +66,7 @@ def rows(here: Path = HERE) -> list[str]:
 
 def render(readme: str, here: Path = HERE) -> str:
     """``readme`` with the table between the markers replaced by the one the records give."""
-    before, _, rest = readme.partition(BEGIN)
-    _, _, after = rest.partition(END)
-    return before + BEGIN + "\n" + "\n".join(rows(here)) + "\n" + END + after
+    return replace_marked(readme, BEGIN, END, "\n".join(rows(here)))
 
 
 def main() -> int:
