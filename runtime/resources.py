@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -33,3 +34,13 @@ def peak_rss_since_reset_bytes() -> int:
     except OSError:
         pass
     return peak_rss_bytes()
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now, in bytes (Linux ``/proc/self/statm``); the peak so far where
+    that is not readable."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()

@@ -148,7 +148,9 @@ class StreamingSession(BudgetKeeping):
         started = time.perf_counter()
         while len(self._waiting) >= size or (final and self._waiting):
             segment, self._waiting = self._waiting[:size], self._waiting[size:]
+            began = time.perf_counter()
             self._encode_segment(segment)
+            self.stats.note_segment(len(segment), time.perf_counter() - began, self.cache)
             if self._progress_bar is not None:
                 self._progress_bar.update(len(segment))
         self.stats.ingest_seconds += time.perf_counter() - started
