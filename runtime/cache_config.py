@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,7 +168,7 @@ class CacheConfig:
         trained = model.config.ratio
         uses_scorer = policy_class(self.policy).reads_with_encoder
         if uses_scorer and self.ratio is not None and self.ratio != trained and model.adapter_source != "untrained":
-            _log.warning("note: the adapter was trained at ratio %s; this cache keeps %s as asked", trained, self.ratio)
+            _note_ratio(trained, self.ratio)
         allocation = self.allocation
         if allocation == "auto":
             allocation = "head" if model.scorer.heads is not None and self._spreads_per_head() else "token"
@@ -214,3 +215,10 @@ def cache_config(args: argparse.Namespace, **overrides: Any) -> CacheConfig:
     """The :class:`CacheConfig` of parsed flags (fields without a flag keep their defaults)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CacheConfig) if hasattr(args, f.name)}
     return CacheConfig(**{**given, **overrides})
+
+
+@functools.cache
+def _note_ratio(trained: float, asked: float) -> None:
+    """Say once per process (not per session, nor per benchmark window) that ``asked`` differs from the
+    adapter's ratio."""
+    _log.warning("note: the adapter was trained at ratio %s; this cache keeps %s as asked", trained, asked)
