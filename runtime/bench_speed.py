@@ -7,11 +7,12 @@ short prompt with exactly ``decode_tokens + 1`` greedy tokens through the one ge
 also carries the prompt).
 
 ``ideal`` is the limit a perfect compressor could reach: the unmodified model (transformers' own
-attention, no adapter) over a plain ``DynamicCache`` holding exactly as many K/V entries per layer and
-KV head as nugget2d's cache at the same ratio and context (tokens taken strided from the context;
-quality is not the point), decoding through the same loop. Every record then says its decode
-speed-up and peak-memory reduction over full KV, and each compressing method what fraction of
-``ideal``'s it reaches (``ideal``'s time or peak over its own).
+attention, no adapter) reading the same context in the same segments (a chunked prefill) over a plain
+``DynamicCache`` kept at exactly as many K/V entries per layer and KV head as nugget2d's cache at the
+same ratio and context (its first and most recent tokens; quality is not the point), decoding through
+the same loop. Every record then says its decode speed-up and peak-memory reduction over full KV, its
+reading rate (``ingest_tokens_per_s``), and each compressing method what fraction of ``ideal``'s it
+reaches (``ideal``'s time or peak over its own; its reading rate over ``ideal``'s).
 """
 
 from __future__ import annotations
@@ -117,13 +118,6 @@ def context_ids(texts: list[list[int]], length: int) -> tuple[list[int], bool]:
     return joined[:length], repeated
 
 
-def strided(ids: list[int], count: int) -> list[int]:
-    """``count`` tokens of ``ids`` evenly spaced from the first (all of them when ``count`` is more)."""
-    if count >= len(ids):
-        return list(ids)
-    return [ids[i * len(ids) // count] for i in range(count)]
-
-
 def _timed_decode(tokens: Iterator[int]) -> list[float]:
     """Seconds between consecutive tokens of ``tokens`` after the first (which also reads the prompt)."""
     gaps, last = [], time.perf_counter()
@@ -197,17 +191,21 @@ def unmodified(model) -> Iterator[PlainLM]:
         model.set_attention(backend)
 
 
-def measure_ideal(model, ids: list[int], entries: int, segment: int, prompt: list[int], decode_tokens: int) -> SpeedRun:
-    """Read ``entries`` tokens strided from ``ids`` into a plain ``DynamicCache`` in segments of
-    ``segment``, minus the prompt and the tokens decoding feeds (so it ends holding ``entries``, as
-    nugget2d's cache does), then time ``decode_tokens`` decode steps of the unmodified model."""
-    text = strided(ids, max(1, entries - len(prompt) - decode_tokens))
+def measure_ideal(
+    model, ids: list[int], entries: int, segment: int, prompt: list[int], decode_tokens: int, sinks: int = 4
+) -> SpeedRun:
+    """Read all of ``ids`` into a plain ``DynamicCache`` in segments of ``segment`` (a chunked prefill),
+    keeping it at ``entries`` minus the prompt and the tokens decoding feeds (the first ``sinks`` and the
+    most recent; so it ends holding ``entries``, as nugget2d's cache does), then time ``decode_tokens``
+    decode steps of the unmodified model. Its prefill is what reading costs over a cache of that size."""
+    keep = max(sinks + 1, entries - len(prompt) - decode_tokens)
     _start_measure()
     cache = DynamicCache()
     with unmodified(model) as plain, torch.no_grad():
         started = time.perf_counter()
-        for start in range(0, len(text), segment):
-            plain(torch.tensor([text[start : start + segment]], device=model.device), nuggets=cache)
+        for start in range(0, len(ids), segment):
+            plain(torch.tensor([ids[start : start + segment]], device=model.device), nuggets=cache)
+            _keep_ends(cache, keep, sinks)
         prefill = time.perf_counter() - started
         stream = TokenStream(plain, cache, prompt, _settings(decode_tokens))
         gaps = _timed_decode(iter(stream))
@@ -222,8 +220,18 @@ def measure_ideal(model, ids: list[int], entries: int, segment: int, prompt: lis
         peak_rss_bytes=peak_rss_since_reset_bytes(),
         peak_cuda_bytes=_peak_cuda(),
         kv_entries_per_head=float(held),
-        prefill_tokens=len(text),
+        prefill_tokens=len(ids),
     )
+
+
+def _keep_ends(cache: DynamicCache, keep: int, sinks: int) -> None:
+    """Cut every layer of ``cache`` to its first ``sinks`` and last ``keep - sinks`` entries (positions are
+    not renumbered: ``ideal`` times reading and decoding, its text is not the point)."""
+    for layer in cache.layers:
+        if layer.keys.shape[-2] > keep:
+            tail = keep - sinks
+            layer.keys = torch.cat([layer.keys[:, :, :sinks], layer.keys[:, :, -tail:]], dim=-2)
+            layer.values = torch.cat([layer.values[:, :, :sinks], layer.values[:, :, -tail:]], dim=-2)
 
 
 def _ordered(order: list[tuple], measured: set[tuple]) -> list[tuple]:
@@ -283,8 +291,9 @@ def run_speed(model, tokenizer, options: SpeedOptions, out_dir: str | Path, adap
                 ids = inputs[context][0]
                 if method == IDEAL:
                     entries = round(runs[_twin(config)][0].kv_entries_per_head)
+                    settings = shapes[config].settings()
                     run = measure_ideal(
-                        model, ids, entries, shapes[config].settings().segment, prompt, options.decode_tokens
+                        model, ids, entries, settings.segment, prompt, options.decode_tokens, settings.sinks
                     )
                 else:
                     run = measure(model, tokenizer, shapes[config], ids, prompt, options.decode_tokens)
@@ -326,6 +335,7 @@ def _record(config: tuple, shape: CacheShape, runs: list[SpeedRun], repeated_tex
         "full_kv_bytes": runs[-1].full_kv_bytes,
         "prefill_s": median([r.prefill_s for r in runs]),
         "prefill_tokens": runs[-1].prefill_tokens,
+        "ingest_tokens_per_s": runs[-1].prefill_tokens / median([r.prefill_s for r in runs]),
         "decode_ms_per_token": 1000 * median([t for r in runs for t in r.decode_s]),
         "peak_rss_bytes": max(r.peak_rss_bytes for r in runs),
         "budget": settings.budget,
@@ -367,6 +377,8 @@ def compare(records: list[dict]) -> list[dict]:
                 record[gain] = full[key] / record[key]
             if ideal is not None and ideal.get(key) is not None and record["method"] not in ("full", IDEAL):
                 record[fraction] = ideal[key] / record[key]
+        if ideal is not None and "ingest_tokens_per_s" in ideal and record["method"] not in ("full", IDEAL):
+            record["fraction_of_ideal_ingest"] = record["ingest_tokens_per_s"] / ideal["ingest_tokens_per_s"]
     return records
 
 
