@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from nugget2d.runtime.marked_block import replace_marked
+from nugget2d.runtime.marked_block import regenerate, replace_marked
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin (benchmarks/readme_table.py) -->", "<!-- results:end -->"
@@ -156,16 +156,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the records")
     args = parser.parse_args()
-    path = ROOT / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print("README.md's results block differs from the records: run python benchmarks/readme_table.py")
-            return 1
-        return 0
-    path.write_text(wanted)
-    return 0
+    return regenerate(ROOT / "README.md", render, args.check, "python benchmarks/readme_table.py")
 
 
 if __name__ == "__main__":

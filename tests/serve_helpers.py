@@ -53,6 +53,19 @@ def save_chat_model(directory: Path) -> Path:
     return directory
 
 
+def tiny_server_config(model_dir: Path, documents: Path, budget: int, threshold: int, cap: int, **overrides):
+    """A ``ServerConfig`` for the tiny chat model: ratio 0.25, ``budget`` entries (64 recent, 64-token
+    segments), prompts over ``threshold`` tokens compressed, at most ``cap`` new tokens."""
+    from nugget2d.runtime.session import StreamSettings
+    from nugget2d.serve.config import ServerConfig
+
+    stream = StreamSettings(ratio=0.25, budget=budget, recent=64, segment=64)
+    return ServerConfig(
+        model=str(model_dir), stream=stream, compress_threshold=threshold, max_tokens_cap=cap,
+        documents_dir=documents, **overrides,
+    )  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on now."""
     with socket.socket() as probe:

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
-from serve_helpers import MODEL, TEXT, http, save_chat_model, serve_in_process, upload
+from serve_helpers import MODEL, TEXT, http, save_chat_model, serve_in_process, tiny_server_config, upload
 
 from nugget2d.runtime.lookback import IDS_FILE
-from nugget2d.runtime.session import StreamingSession, StreamSettings
+from nugget2d.runtime.session import StreamingSession
 from nugget2d.serve import cli
 from nugget2d.serve.app import load_model
 from nugget2d.serve.config import ServerConfig
@@ -28,11 +28,8 @@ def loaded(model_dir) -> tuple:
 
 
 def _config(model_dir: Path, documents: Path, **overrides) -> ServerConfig:
-    stream = StreamSettings(ratio=0.25, budget=512, recent=64, segment=64)
-    return ServerConfig(
-        model=str(model_dir), stream=stream, compress_threshold=128, max_tokens_cap=64, documents_dir=documents,
-        document_memory_bytes=1, **overrides,  # every request reads its document from disk
-    )  # fmt: skip
+    # every request reads its document from disk (document_memory_bytes=1)
+    return tiny_server_config(model_dir, documents, 512, 128, 64, document_memory_bytes=1, **overrides)
 
 
 def _error(response, status: int) -> dict:

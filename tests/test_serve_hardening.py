@@ -33,10 +33,11 @@ from serve_helpers import (
     save_chat_model,
     serve_in_process,
     serve_process,
+    tiny_server_config,
     upload,
 )
 
-from nugget2d.runtime.session import StreamingSession, StreamSettings
+from nugget2d.runtime.session import StreamingSession
 from nugget2d.serve import cli
 from nugget2d.serve.app import load_model
 from nugget2d.serve.config import ServerConfig
@@ -230,11 +231,7 @@ def loaded(model_dir) -> tuple:
 
 
 def _config(model_dir: Path, documents: Path, **overrides) -> ServerConfig:
-    stream = StreamSettings(ratio=0.25, budget=1024, recent=64, segment=64)
-    return ServerConfig(
-        model=str(model_dir), stream=stream, compress_threshold=256, max_tokens_cap=600, documents_dir=documents,
-        **overrides,
-    )  # fmt: skip
+    return tiny_server_config(model_dir, documents, 1024, 256, 600, **overrides)
 
 
 def test_a_damaged_document_or_a_failing_disk_is_a_500_with_a_request_id_and_no_internals(

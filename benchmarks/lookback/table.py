@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from nugget2d.runtime.marked_block import replace_marked
+from nugget2d.runtime.marked_block import regenerate, replace_marked
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- table:begin (benchmarks/lookback/table.py) -->", "<!-- table:end -->"
@@ -73,13 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the README's table is out of date")
     args = parser.parse_args()
-    path = HERE / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if args.check:
-        return 0 if current == wanted else 1
-    path.write_text(wanted)
-    return 0
+    return regenerate(HERE / "README.md", render, args.check, "python benchmarks/lookback/table.py")
 
 
 if __name__ == "__main__":
