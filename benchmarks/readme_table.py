@@ -1,7 +1,8 @@
 """The README's results table, generated from the benchmark records (never typed by hand).
 
 Reads ``benchmarks/quality/c*/quality.json`` (the test texts), ``benchmarks/ruler/*/quality.json``
-(RULER ``niah_single_1`` as lm-eval generates it) and ``benchmarks/speed/speed.json``, and writes
+(RULER ``niah_single_1`` as lm-eval generates it), ``benchmarks/lookback/*/quality.json`` (the same
+with look-back) and ``benchmarks/speed/speed.json``, and writes
 the tables between the README's ``results`` markers. ``--check`` exits 1 when the README
 differs from what the records give. Run from anywhere:
 
@@ -30,6 +31,7 @@ NAMES = {
     "kvpress:ExpectedAttention": "kvpress ExpectedAttention",
 }
 RULER_TASK = "niah_single_1"
+LOOKBACK = 256  # the look-back row's tokens read back per answer (BM25-chosen spans)
 
 
 def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
@@ -54,7 +56,33 @@ def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]
         scores = [cells[method].get(c) for c in contexts]
         cells_text = ["" if s is None else f"{s:.2f}" for s in scores]
         rows.append("| " + " | ".join([NAMES.get(method, method), *cells_text]) + " |")
+        if method == "nugget2d":
+            rows.append(_lookback_row(root, contexts))
     return rows, contexts, samples
+
+
+def _lookback_row(root: Path, contexts: list[int]) -> str:
+    """nugget2d with look-back ``LOOKBACK`` (BM25, spans after the cache) at 10 % resident, pooled over
+    the look-back runs (``benchmarks/lookback/``), each cell with its own sample count."""
+    right: dict[int, float] = {}
+    asked: dict[int, int] = {}
+    for path in sorted(root.glob("benchmarks/lookback/*/quality.json")):
+        data = _load(path)
+        if data["options"].get("lookback_placement", "after") != "after":
+            continue
+        for record in data["records"]:
+            if (record["method"], record["ratio"], record.get("lookback"), record.get("lookback_selector")) != (
+                "nugget2d",
+                0.1,
+                LOOKBACK,
+                "bm25",
+            ) or RULER_TASK not in record.get("ruler", {}):
+                continue
+            count = record["ruler_samples"]
+            right[record["context"]] = right.get(record["context"], 0) + record["ruler"][RULER_TASK] * count
+            asked[record["context"]] = asked.get(record["context"], 0) + count
+    cells = [f"{right[c] / asked[c]:.2f} ({asked[c]})" if c in asked else "" for c in contexts]
+    return "| " + " | ".join([f"**nugget2d + look-back {LOOKBACK}** (samples)", *cells]) + " |"
 
 
 def _load(path: Path) -> dict:
