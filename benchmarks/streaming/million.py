@@ -3,7 +3,7 @@
 ms per segment, cache bytes, RSS now and peak at 10k, 20k, 50k, 100k, 200k, 500k, 1M tokens — written
 as ``million.json`` and plotted as ``million.png`` next to this file (or ``--out``).
 
-    .venv/bin/python benchmarks/streaming/million.py --corpus ../shared/data/corpus   # ~1 hour on 1 core
+    .venv/bin/python benchmarks/streaming/million.py --corpus BOOKS_DIR   # hours on one CPU core
 
 The books are read in name order and repeated from the first if they hold fewer tokens than asked.
 """
