@@ -85,19 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         text = Path(scratch) / "books.txt"
         books = build_input(args.corpus, args.tokens, tokenizer, text)
         stats_path = Path(scratch) / "stats.json"
-        command = ["nugget2d", "generate", "--input", str(text), "--prompt", PROMPT, "--max-new-tokens", "48"]
-        command += ["--stats-json", str(stats_path)] + (["--model", args.model] if args.model else [])
+        options = ["--prompt", PROMPT, "--max-new-tokens", "48"] + (["--model", args.model] if args.model else [])
+        command = ["generate", "--input", str(text), *options, "--stats-json", str(stats_path)]
         started = time.perf_counter()
+        # stdout (the answer) is kept; stderr (the reading progress bar) goes to the terminal as it comes
         done = subprocess.run(
-            [str(Path(sys.executable).parent / command[0]), *command[1:]], capture_output=True, text=True
+            [str(Path(sys.executable).parent / "nugget2d"), *command], stdout=subprocess.PIPE, text=True
         )
         wall = time.perf_counter() - started
         if done.returncode:
-            sys.stderr.write(done.stderr[-4000:])
             return done.returncode
         stats = json.loads(stats_path.read_text())
     record = {
-        "command": " ".join(command[:3] + ["BOOKS.txt"] + command[4:-2]),
+        "command": " ".join(["nugget2d", "generate", "--input", "BOOKS.txt", *options]),
         "books": books,
         "machine": {
             "platform": platform.platform(),
