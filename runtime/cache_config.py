@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +199,7 @@ def add_cache_arguments(
     named or all but ``exclude``, in a group the caller may extend (added to ``parser`` itself when it is
     a group already); defaults, choices and help come from the fields."""
     group = parser if isinstance(parser, argparse._ArgumentGroup) else parser.add_argument_group(title)
+    hints = typing.get_type_hints(CacheConfig)
     for item in dataclasses.fields(CacheConfig):
         if item.name in exclude or (only is not None and item.name not in only):
             continue
@@ -206,9 +208,15 @@ def add_cache_arguments(
         if isinstance(item.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=meta["help"])
             continue
-        kind = {"ratio": float, "read_budget": int, "scorer_first_share": float}.get(item.name, type(item.default))
+        kind = _value_type(hints[item.name])
         group.add_argument(flag, type=kind, default=item.default, choices=meta["choices"], help=meta["help"])
     return group
+
+
+def _value_type(hint: Any) -> type:
+    """What a flag parses its value as: the field's type, without ``None`` (``float | None`` -> ``float``)."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    return kinds[0] if kinds else hint
 
 
 def cache_config(args: argparse.Namespace, **overrides: Any) -> CacheConfig:
