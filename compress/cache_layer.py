@@ -63,7 +63,9 @@ class NuggetLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self._unpack()
+        if self._packed is not None:  # the values become whole; the keys are replaced, never rebuilt
+            self._values = self._whole(1)
+            self._drop_packing()
         self._keys = value
 
     @property
@@ -72,7 +74,9 @@ class NuggetLayer(DynamicLayer):
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        self._unpack()
+        if self._packed is not None:
+            self._keys = self._whole(0)
+            self._drop_packing()
         self._values = value
 
     @property
@@ -88,10 +92,15 @@ class NuggetLayer(DynamicLayer):
         slots = used.new_zeros(*in_use.shape, used.shape[-1]).masked_scatter(in_use[..., None], used)
         return torch.cat([slots, tail], dim=2)
 
-    def _unpack(self) -> None:
+    def _drop_packing(self) -> None:
+        self._packed = self._head_slots = self._padding = None
+
+    def _unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values whole, the layer unpacked (each rebuilt once when it was packed)."""
         if self._packed is not None:
-            self._keys, self._values, self._packed = self._whole(0), self._whole(1), None
-            self._head_slots = self._padding = None
+            self._keys, self._values = self._whole(0), self._whole(1)
+            self._drop_packing()
+        return self._keys, self._values
 
     @property
     def sliding(self) -> bool:
@@ -104,7 +113,8 @@ class NuggetLayer(DynamicLayer):
         if self.window is None or not self.is_initialized or self.get_seq_length() < self.window:
             return
         keep = slice(-(self.window - 1), None) if self.window > 1 else slice(0, 0)
-        self.keys, self.values = self.keys[:, :, keep], self.values[:, :, keep]
+        keys, values = self._unpacked()
+        self.keys, self.values = keys[:, :, keep], values[:, :, keep]
         self.bias, self.is_nugget = self.bias[..., keep], self.is_nugget[:, keep]
         self.positions, self.scores = self.positions[..., keep], self.scores[..., keep]
         if self.surprise is not None:
@@ -243,9 +253,9 @@ class NuggetLayer(DynamicLayer):
 
     def gather(self, index: torch.Tensor) -> None:
         """Keep entries ``index`` ``(B, M)`` of each row, in that order."""
-        kv_index = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, kv_index)
-        self.values = self.values.gather(2, kv_index)
+        keys, values = self._unpacked()
+        kv_index = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        self.keys, self.values = keys.gather(2, kv_index), values.gather(2, kv_index)
         self.bias = self.bias.gather(2, index[:, None, :].expand(-1, self.bias.shape[1], -1))
         per_head = index[:, None, :].expand(-1, self.positions.shape[1], -1) if self.positions.dim() == 3 else None
         self.positions = self.positions.gather(1, index) if per_head is None else self.positions.gather(2, per_head)
@@ -264,17 +274,18 @@ class NuggetLayer(DynamicLayer):
         keeps its own entries. With ``rotary_emb`` (cache positions) a slot's keys are re-rotated to the
         first head's position; without it (text positions) every key keeps its own, and ``positions``
         becomes ``(B, H, M)``. The caller sets the bias of the slots (which heads use them)."""
-        heads = self.keys.shape[1]
-        kv_index = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        keys, values = self._unpacked()
+        heads = keys.shape[1]
+        kv_index = index[..., None].expand(-1, -1, -1, keys.shape[-1])
         positions = self.positions if self.positions.dim() == 3 else self.positions[:, None, :].expand(-1, heads, -1)
         source = positions.gather(2, index)
-        keys = self.keys.gather(2, kv_index)
+        keys = keys.gather(2, kv_index)
         if rotary_emb is None:
             self.keys, self.positions = keys, source
         else:
             self.keys = rerotate(keys, source[:, :1] - source, rotary_emb)
             self.positions = source[:, 0]
-        self.values = self.values.gather(2, kv_index)
+        self.values = values.gather(2, kv_index)
         self.bias = self.bias.expand(-1, heads, -1).gather(2, index)
         for name in ("scores", "surprise"):
             value = getattr(self, name)

@@ -248,9 +248,16 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def record_key(record: dict) -> tuple:
+    """What a record measured, as a key: method, ratio, context, threads and look-back variant."""
+    return tuple(record.get(name) for name in ("method", "ratio", "context", "threads", "lookback", "lookback_selector"))
+
+
 def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
     """Join the records of several ``speed.json`` (or several ``quality.json``) files of one kind into
-    ``out_dir`` (machine details of each run kept under ``runs``), and plot them; return the JSON path."""
+    ``out_dir`` (machine details of each run kept under ``runs``), and plot them; return the JSON path.
+    A record of a later path replaces an earlier one of the same configuration (:func:`record_key`), in
+    its place: re-measuring one method of a run is merging the new run after the old one."""
     loaded = []
     for path in map(Path, paths):
         path = (
@@ -263,7 +270,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
     if len(kinds) != 1 or not kinds <= {"speed", "quality"}:
         raise ValueError(f"merge needs results of one kind (all speed.json or all quality.json), got {sorted(kinds)}")
     kind = kinds.pop()
-    records = [record for _, data in loaded for record in data["records"]]
+    by_key = {record_key(record): record for _, data in loaded for record in data["records"]}  # later wins
+    records = list(by_key.values())
     runs = [{"source": str(path), **{k: v for k, v in data.items() if k != "records"}} for path, data in loaded]
     out = write_results(out_dir, kind, loaded[0][1]["machine"], records, {"benchmark": kind, "runs": runs})
     (plot_speed if kind == "speed" else plot_quality)(records, Path(out_dir) / f"{kind}.png", title="merged runs")

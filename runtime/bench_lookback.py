@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .lookback import DEFAULT_SPAN, LookBack
 from .lookback_select import SELECTORS, has_text_positions
@@ -44,16 +44,18 @@ def variants(method: str, lookbacks: list[int], selectors: list[str]) -> list[Va
 
 def answer_variants(
     session: StreamingSession,
-    ask: Callable[[StreamingSession, LookBack], str],
+    ask: Callable[[StreamingSession, LookBack], Iterable],
     wanted: list[Variant],
     answers: tuple[str, ...],
     placement: str = "after",
     span: int = DEFAULT_SPAN,
+    render: Callable[[list], str] = "".join,
 ) -> list[dict]:
     """Every variant's answer to one question of ``session`` (which has read the context): ``ask(fork,
-    look)`` answers on a fork; ``answers`` are what the oracle selector looks for. Per variant: the reply,
-    seconds, the largest cache bytes the answer read, tokens read back and the spans. The attention selector
-    is skipped (with a warning) where the cache is not numbered by text position."""
+    look)`` streams the answer's pieces on a fork, ``render`` makes the reply of them; ``answers`` are what
+    the oracle selector looks for. Per variant: the reply, seconds to the first piece and to the last, the
+    tokens generated, the largest cache bytes the answer read, tokens read back and the spans. The
+    attention selector is skipped (with a warning) where the cache is not numbered by text position."""
     results = []
     for tokens, selector in wanted:
         if selector == "attention" and not has_text_positions(session.cache):
@@ -63,15 +65,20 @@ def answer_variants(
         look = LookBack(tokens)
         if tokens:
             look = LookBack(tokens, selector, span, placement, answers if selector == "oracle" else ())
-        started = time.perf_counter()
-        reply = ask(fork, look)
+        generated, started = fork.stats.generated_tokens, time.perf_counter()
+        pieces, first = [], None
+        for piece in ask(fork, look):
+            first = time.perf_counter() - started if first is None else first
+            pieces.append(piece)
         seconds = time.perf_counter() - started
         stats = fork.lookback_stats
         results.append(
             {
                 "variant": (tokens, selector),
-                "reply": reply,
+                "reply": render(pieces),
                 "seconds": seconds,
+                "first_token_seconds": seconds if first is None else first,
+                "answer_tokens": fork.stats.generated_tokens - generated,
                 "peak_bytes": stats.peak_cache_bytes if tokens else fork.cache.nbytes,
                 "read_tokens": stats.tokens_read,
                 "spans": [list(s) for s in stats.last_spans] if tokens else [],
@@ -87,12 +94,19 @@ def note_answer(record: dict, acc: dict, result: dict) -> None:
         record.setdefault("lookback", tokens)
         record.setdefault("lookback_selector", selector)
     acc.setdefault("answer_seconds", []).append(result["seconds"])
+    if "first_token_seconds" in result:  # a press's answer is timed whole
+        acc.setdefault("first_token_seconds", []).append(result["first_token_seconds"])
+        acc.setdefault("answer_tokens", []).append(result["answer_tokens"])
     acc.setdefault("peak_bytes", []).append(result["peak_bytes"])
     acc.setdefault("read_tokens", []).append(result["read_tokens"])
 
 
 def finish(record: dict, acc: dict) -> None:
-    """Seconds per answer, peak cache bytes while answering and tokens read back per answer, from the sums."""
+    """Seconds per answer (and to its first token, and the tokens it generated), peak cache bytes while
+    answering and tokens read back per answer, from the sums."""
+    for name, key in (("first_token_seconds", "first_token_seconds"), ("answer_tokens", "answer_tokens")):
+        if acc.get(name):
+            record[key] = sum(acc[name]) / len(acc[name])
     if "answer_seconds" in acc:
         record["seconds_per_answer"] = sum(acc["answer_seconds"]) / len(acc["answer_seconds"])
         record["peak_question_bytes"] = max(acc["peak_bytes"])

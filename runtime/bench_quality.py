@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from .bench_plots import plot_quality
 from .bench_recall import RECALL_LEAD, recall_passage
 from .cache_config import CacheConfig
 from .chat import ChatFormat
+from .facts import plant
 from .generation import GenerationSettings
 from .lookback import DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
 from .session import POSITIONS, StreamingSession, start_ids
@@ -207,17 +209,6 @@ def autoencode(model, tokenizer, shape: CacheShape, text: list[int]) -> tuple[st
     return tokenizer.decode(out, skip_special_tokens=True), held
 
 
-def plant(tokenizer, window: list[int], depth: float, fact: str) -> list[int]:
-    """``window`` with the tokens of ``fact`` inserted at ``depth`` (0 = start, 1 = end), same length."""
-    fact_ids = tokenizer(f"\n{fact}\n", add_special_tokens=False).input_ids
-    keep = len(window) - len(fact_ids)
-    if keep < 1:
-        raise ValueError(f"the fact ({len(fact_ids)} tokens) does not fit a {len(window)}-token context")
-    text = window[:keep]
-    at = round(depth * keep)
-    return text[:at] + fact_ids + text[at:]
-
-
 def answer(
     model, tokenizer, shape: CacheShape, ids: list[int], question: str, options: QualityOptions, code: str
 ) -> tuple[list[dict], tuple[int, int]]:
@@ -231,7 +222,7 @@ def answer(
     wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
     results = bench_lookback.answer_variants(
         session,
-        lambda fork, look: "".join(fork.ask(question, settings, lookback=look)),
+        lambda fork, look: fork.ask(question, settings, lookback=look),
         wanted,
         (code,),
         options.lookback_placement,
@@ -253,12 +244,15 @@ def ruler_answer(
     held = held_for(session, len(tail) + new_tokens)
     settings = GenerationSettings(max_new_tokens=new_tokens)
 
-    def ask(fork: StreamingSession, look) -> str:
-        return tokenizer.decode(list(fork.ask_ids(tail, settings, lookback=look)), skip_special_tokens=True)
+    def ask(fork: StreamingSession, look) -> Iterator[int]:
+        return fork.ask_ids(tail, settings, lookback=look)
+
+    def render(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
 
     wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
     results = bench_lookback.answer_variants(
-        session, ask, wanted, tuple(answers), options.lookback_placement, options.lookback_span
+        session, ask, wanted, tuple(answers), options.lookback_placement, options.lookback_span, render
     )
     return results, held
 

@@ -76,7 +76,8 @@ def kv_importance(
     attention probability it receives, over the query heads of its KV group, from the real ``repeat``
     queries (``(B, R)``: the instruction and the context again) and — entries before the window
     only — from the last ``window`` real context queries. ``context`` is right-padded ``(B, T)``;
-    ``features_layer`` also returns the hidden states after that many layers over the context."""
+    ``features_layer`` also returns the hidden states after that many layers over the context.
+    A sliding-window layer's entries are never compressed, so nobody watches them: their importance is 0."""
     context_mask, repeat_mask = context_mask.bool(), repeat_mask.bool()
     if window < 0 or chunk < 1:
         raise ValueError(f"window must be >= 0 and chunk >= 1, got window={window}, chunk={chunk}")
@@ -100,7 +101,8 @@ def kv_importance(
         if wants_features:
             features.append(out.hidden_states[features_layer])
     keys = torch.arange(length, device=ids.device)[None, :] < lengths[:, None]
-    scores = torch.stack(observer.best, dim=1) * keys[:, None, None, :]
+    unseen = torch.zeros(ids.shape[0], model.num_kv_heads, length, device=ids.device)  # sliding-window layers
+    scores = torch.stack([unseen if b is None else b for b in observer.best], dim=1) * keys[:, None, None, :]
     hidden = torch.cat(features, dim=1)[:, :length] if features else None
     return Importance(scores, hidden)
 

@@ -15,20 +15,29 @@ from .models import load_model
 
 UNTRAINED_SEED = 0  # ``--adapter none``: the untrained scorer's weights, fixed so runs compare
 DEFAULT_ADAPTER = "adapter"  # runtime/data/adapter: the trained adapter for the embedded default model
+OTHER_ADAPTERS = "adapters"  # runtime/data/adapters/<name>: adapters shipped for other base models
 
 
 def default_adapter_dir() -> Path | None:
-    """The adapter shipped inside the package (with its model card), or None if this build has none."""
+    """The adapter shipped inside the package for the embedded default model (with its model card), or
+    None if this build has none."""
     path = Path(str(resources.files("nugget2d.runtime").joinpath("data", DEFAULT_ADAPTER)))
     return path if (path / "nugget2d_config.json").is_file() else None
 
 
+def other_adapter_dirs() -> list[Path]:
+    """The adapters shipped for other base models (``runtime/data/adapters/*``, each with its card)."""
+    root = Path(str(resources.files("nugget2d.runtime").joinpath("data", OTHER_ADAPTERS)))
+    return sorted(p for p in root.glob("*") if (p / "nugget2d_config.json").is_file()) if root.is_dir() else []
+
+
 def default_adapter_for(base: PreTrainedModel) -> Path | None:
-    """The shipped adapter when it was trained for ``base`` (same fingerprint), else None."""
-    path = default_adapter_dir()
-    if path is None or Nugget2DConfig.load(path).base_model_hash != model_fingerprint(base):
-        return None
-    return path
+    """The shipped adapter trained for ``base`` (same fingerprint), else None."""
+    fingerprint = model_fingerprint(base)
+    for path in [p for p in [default_adapter_dir()] if p is not None] + other_adapter_dirs():
+        if Nugget2DConfig.load(path).base_model_hash == fingerprint:
+            return path
+    return None
 
 
 def load_nugget2d(

@@ -105,14 +105,17 @@ def read_spans(
     when ``placement="text"`` and the cache is numbered by text position, else after its entries.
     The next tokens are numbered as they would be without the spans under ``text``."""
     fork = cache.fork()
-    at_text = placement == "text" and has_text_positions(cache)
+    if not spans:
+        return fork
+    if not (placement == "text" and has_text_positions(cache)):  # one block after the entries: one pass
+        block = np.concatenate([ids[start:stop] for start, stop in spans])
+        model.encode(torch.tensor([block.tolist()], device=model.device), cache=fork, frozen=frozen)
+        return fork
     seen = fork.seen_tokens
     for start, stop in spans:
-        if at_text:
-            fork.seen_tokens = torch.full_like(seen, start)
+        fork.seen_tokens = torch.full_like(seen, start)
         model.encode(torch.tensor([ids[start:stop].tolist()], device=model.device), cache=fork, frozen=frozen)
-    if at_text and spans:
-        fork.seen_tokens = seen
+    fork.seen_tokens = seen
     return fork
 
 

@@ -122,8 +122,8 @@ def full_context_kl(
 class ScorerObjective(nn.Module):
     """``forward(batch) -> loss``: ListNet between the scorer's scores and the frozen model's
     importance (KVzip repeat + SnapKV window, :func:`~.importance.kv_importance`) over all
-    (layer, KV head, token) entries of each example jointly; a token scorer is fitted to the mean
-    importance over layers and heads. Batches are collated scorer examples: ``context`` is the text,
+    (global layer, KV head, token) entries of each example jointly (a sliding-window layer's are never
+    compressed); a token scorer is fitted to the mean importance over those layers and heads. Batches are collated scorer examples: ``context`` is the text,
     ``input_ids`` the repeat instruction and the text again. Only the scorer gets gradients."""
 
     def __init__(self, model: Nugget2DModel, temperature: float = TEMPERATURE) -> None:
@@ -174,12 +174,13 @@ class ScorerObjective(nn.Module):
                 self._heldout[key] = found
         scores = self.model.scorer(found.features)
         valid = context_mask.bool()
+        layers = self.model.compressed_layers  # sliding-window layers keep their window: nothing to rank there
+        importance = found.scores[:, layers]
         if scores.dim() == 4:  # (B, T, layers, kv_heads) -> (B, layers, kv_heads, T), as the importance
-            scores = scores.permute(0, 2, 3, 1)
-            importance = found.scores
+            scores = scores.permute(0, 2, 3, 1)[:, layers]
             valid = valid[:, None, None, :].expand_as(importance)
         else:
-            importance = found.scores.mean(dim=(1, 2))
+            importance = importance.mean(dim=(1, 2))
         return scores.flatten(1), importance.flatten(1), valid.flatten(1)
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ class TrainConfig:
     batch_size: int = 4
     segment_size: int = 128
     target_size: int = 64
+    plant_facts: int = 0  # synthetic rare facts planted in each text segment (runtime/facts.py), e.g. for a scorer
     recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of docs/design.md); 0 = nuggets only
     sinks: int = 0  # first tokens kept raw when recent > 0
     positions: str = "cache"  # how the reader numbers the cache: as sessions do ("cache") or text positions
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be >= 1")
+        if self.plant_facts < 0:
+            raise ValueError(f"--plant-facts must be >= 0 (facts planted per text segment), got {self.plant_facts}")
         if not self.data:
             raise ValueError("give training data with --data PATH (text files or directories)")
         if (self.objective == "mix") != bool(self.mix):
@@ -240,7 +243,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     rank, world = init_distributed()
     base, tokenizer = load_model(config.model)
     examples = build_examples(
-        config.data, tokenizer, config.objective, config.shape, parse_mix(config.mix), config.seed
+        config.data, tokenizer, config.objective, config.shape, parse_mix(config.mix), config.seed, config.plant_facts
     )
     train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
     heldout = heldout[: config.eval_examples]
@@ -482,6 +485,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "ratio", "eval_fraction"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--plant-facts",
+        type=int,
+        default=defaults.plant_facts,
+        help="synthetic rare facts (names, numbers, dates) planted in each text segment: teaches a scorer to keep "
+        "what the text around it does not predict",
+    )
     parser.add_argument(
         "--positions",
         choices=("cache", "original"),

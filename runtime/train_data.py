@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .facts import plant_random_facts
 from .importance import REPEAT_INSTRUCTION
 from .texts import read_text_file
 
@@ -99,26 +100,29 @@ def build_examples(
     shape: Shape,
     mix: dict[str, float] | None = None,
     seed: int = 0,
+    plant_facts: int = 0,
 ) -> list[Example]:
     """Examples of ``objective`` from the data: text files for ``autoencode`` (reproduce a segment
     from its nuggets), ``continue`` (the tokens after a segment), ``recall`` (a passage again,
     after a distractor segment) and ``scorer`` (a segment, the repeat instruction, the segment again:
     KVzip's importance pass); JSONL rows for ``qa`` and ``summarize``; ``mix`` draws from several
-    by weight. ``ValueError`` when the data gives none."""
+    by weight. ``plant_facts``: synthetic rare facts planted in every text segment (seeded,
+    :mod:`.facts`). ``ValueError`` when the data gives none."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     paths = list(paths)
     if objective == "mix":
-        return mix_examples(paths, tokenizer, mix or {}, shape, seed)
+        return mix_examples(paths, tokenizer, mix or {}, shape, seed, plant_facts)
     if objective in JSONL_OBJECTIVES:
         examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
     else:
         opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         repeat = tuple(tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False, verbose=False).input_ids)
-        examples = []
+        examples, rng = [], random.Random(seed)
         for path in _text_files(paths):
             ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
             segments = sentence_segments(ids, tokenizer, shape.segment)
+            segments = [plant_random_facts(tokenizer, s, plant_facts, rng) for s in segments]
             examples.extend(text_examples(segments, objective, shape, opener, repeat))
     if not examples:
         needed = {"recall": "three segments", "continue": "two segments"}.get(objective, "one segment")
@@ -214,7 +218,7 @@ def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example
 
 
 def mix_examples(
-    paths: list[str | Path], tokenizer, weights: dict[str, float], shape: Shape, seed: int
+    paths: list[str | Path], tokenizer, weights: dict[str, float], shape: Shape, seed: int, plant_facts: int = 0
 ) -> list[Example]:
     """A seeded draw from several objectives' examples in proportion to ``weights`` (as many in all
     as the objectives give together); each objective reads the files that suit it (text or JSONL)."""
@@ -228,7 +232,7 @@ def mix_examples(
             raise ValueError(f"--mix: unknown objective {name!r}; choose from {mixable}")
         if not weight > 0:
             raise ValueError(f"--mix: the weight of {name} must be > 0, got {weight}")
-    parts = {name: build_examples(paths, tokenizer, name, shape) for name in weights}
+    parts = {name: build_examples(paths, tokenizer, name, shape, plant_facts=plant_facts) for name in weights}
     total, scale = sum(map(len, parts.values())), sum(weights.values())
     rng = random.Random(seed)
     out: list[Example] = []

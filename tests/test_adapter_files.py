@@ -127,6 +127,12 @@ def test_the_shipped_adapter_is_the_default_only_for_its_base_model(tmp_path, ti
     assert loading.load_nugget2d(str(other))[0].adapter_source == "untrained"
     with pytest.raises(ValueError, match="no default adapter"):
         loading.load_nugget2d(str(other), "default")
+    other_base, _ = loading.load_model(str(other))  # an adapter shipped for it beside the default one
+    for_other = Nugget2DModel.from_base(other_base, Nugget2DConfig(ratio=0.2, scorer_layer=1))
+    for_other.save_pretrained(tmp_path / "adapters" / "other")
+    monkeypatch.setattr(loading, "other_adapter_dirs", lambda: [tmp_path / "adapters" / "other"])
+    assert loading.load_nugget2d(str(other), "default")[0].adapter_source == str(tmp_path / "adapters" / "other")
+    assert loading.load_nugget2d(str(tiny_model_dir))[0].adapter_source == str(shipped)
 
 
 def test_saving_never_looks_up_a_model_hub(tmp_path, recwarn):

@@ -305,23 +305,19 @@ def test_bench_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
     common = ["--model", str(tiny_model_dir), "--input", str(text), "--out", str(tmp_path / "cli")]
     assert main(["bench", "speed", *common, "--contexts", "64", "--ratios", "0.25", "--repeats", "1",
                  "--decode-tokens", "2", "--methods", "full,streaming"]) == 0  # fmt: skip
-    assert json.loads((tmp_path / "cli" / "speed.json").read_text())["records"]
+    run = json.loads((tmp_path / "cli" / "speed.json").read_text())
+    assert [r["method"] for r in run["records"]] == ["full", "streaming"]
     assert "untrained" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "bench",
-                "merge",
-                str(tmp_path / "cli"),
-                str(tmp_path / "cli" / "speed.json"),
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 0
-    )
+    again = tmp_path / "again" / "speed.json"  # streaming measured again: its record replaces the first one
+    again.parent.mkdir()
+    again.write_text(json.dumps({**run, "records": [{**run["records"][1], "decode_ms_per_token": 1.5}]}))
+    assert main(["bench", "merge", str(tmp_path / "cli"), str(again), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "speed.json").read_text())
-    assert len(merged["records"]) == 4 and len(merged["runs"]) == 2 and (tmp_path / "m" / "speed.png").is_file()
+    assert [(r["method"], r["decode_ms_per_token"]) for r in merged["records"]] == [
+        ("full", run["records"][0]["decode_ms_per_token"]),
+        ("streaming", 1.5),
+    ]
+    assert len(merged["runs"]) == 2 and (tmp_path / "m" / "speed.png").is_file()
     for bad, message in [
         (["--methods", "full,h2o"], "unknown method"),
         (["--ratios", "1.5"], "ratio"),

@@ -107,6 +107,20 @@ def test_oracle_spans_are_in_the_cache_while_answering_and_gone_after(monkeypatc
     assert _same(before, session)
 
 
+def test_spans_placed_after_the_cache_read_in_one_pass_as_span_by_span():
+    """Spans placed after the cache are read as one block: the same entries as reading them one by one."""
+    session = _session()
+    ids = np.frombuffer(session.token_ids, dtype=np.int32)
+    spans = [(10, 30), (60, 70), (100, 120)]
+    block = lookback_module.read_spans(session.model, session.cache, ids, spans, "after", frozen=False)
+    one_by_one = session.cache.fork()
+    for start, stop in spans:
+        session.model.encode(torch.tensor([ids[start:stop].tolist()]), cache=one_by_one)
+    for a, b in zip(block.layers, one_by_one.layers):
+        for name, value in a.tensors().items():
+            assert torch.allclose(value.float(), b.tensors()[name].float(), atol=1e-5), name
+
+
 def test_token_ids_survive_save_and_load(tmp_path):
     session = _session()
     list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=3)))
@@ -200,6 +214,7 @@ def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path)
         assert (
             record["seconds_per_answer"] > 0 and record["peak_question_bytes"] > 0 and len(record["qa_examples"]) == 1
         )
+        assert 0 < record["first_token_seconds"] <= record["seconds_per_answer"] and record["answer_tokens"] >= 1
     looked = [r for r in records if r.get("lookback")]
     assert all(0 < r["lookback_read_tokens"] <= 32 for r in looked)
     plain = next(r for r in records if r["method"] == "nugget2d" and not r.get("lookback"))

@@ -175,3 +175,25 @@ def test_without_training_the_observed_attention_alone_chooses():
             in_use = layer.bias[0, head, 10 : layer.get_seq_length()] > MASKED / 2
             kept = layer.positions[0, head, 10 : layer.get_seq_length()][in_use]
             assert kept.tolist() == (picked[0, head].nonzero()[:, 0] + 10).tolist()
+
+
+def test_the_scorer_objective_ranks_the_global_layers_entries_only():
+    """``--objective scorer`` on a model with sliding-window layers (Gemma 3): their entries are never
+    compressed, so their importance is 0 and the ranking loss covers the global layers' entries alone;
+    it is finite and reaches the scorer."""
+    from nugget2d.runtime.importance import kv_importance
+    from nugget2d.runtime.objectives import ScorerObjective
+
+    model = Nugget2DModel.from_base(tiny_gemma3(), Nugget2DConfig(scorer_layer=1, allocation="head"))
+    context = torch.tensor([_ids(40)])
+    repeat = torch.cat([torch.tensor([[5, 6, 7]]), context], dim=1)
+    masks = torch.ones_like(context), torch.ones_like(repeat)
+    found = kv_importance(model, context, masks[0], repeat, masks[1])
+    assert model.compressed_layers == [1, 3]
+    assert not found.scores[:, [0, 2]].any() and bool((found.scores[:, [1, 3]] > 0).all())
+    objective = ScorerObjective(model)
+    scores, importance, valid = objective.predict(context, masks[0], repeat, masks[1])
+    assert scores.shape == importance.shape == valid.shape == (1, 2 * model.num_kv_heads * 40)
+    loss = objective(context, masks[0], repeat, masks[1])
+    loss.backward()
+    assert torch.isfinite(loss) and model.scorer.net[0].weight.grad.abs().sum() > 0

@@ -207,3 +207,31 @@ def test_the_training_cache_numbers_entries_as_a_session_does(book):
         moved = rerotate(original.keys[:, :, kept], delta, model.rotary_emb)
         torch.testing.assert_close(cached.keys[:, :, kept], moved, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cached.values[:, :, kept], original.values[:, :, kept])
+
+
+def test_planted_facts_keep_segments_their_length_are_seeded_and_never_use_a_benchmarks_template(book):
+    """``plant_facts`` puts that many synthetic facts in every scorer segment (the segment keeps its
+    length), the same ones for the same seed; no fact is phrased as the benchmarks ask (planted-fact QA's
+    secret door code, RULER's magic number), so a scorer trained on them is not tuned on the tests."""
+    import random
+
+    from nugget2d.runtime.facts import TEMPLATES, random_fact
+
+    tokenizer = tiny_tokenizer()
+    shape = Shape(segment=48, target=8)
+    plain = build_examples([book], tokenizer, "scorer", shape)
+    planted = build_examples([book], tokenizer, "scorer", shape, seed=3, plant_facts=2)
+    again = build_examples([book], tokenizer, "scorer", shape, seed=3, plant_facts=2)
+    other = build_examples([book], tokenizer, "scorer", shape, seed=4, plant_facts=2)
+    assert [len(e.context) for e in planted] == [len(e.context) for e in plain]
+    assert planted == again and planted != other
+    unknown = tokenizer.unk_token_id  # the tiny vocabulary has no names or digits: a fact reads as <unk>s
+    for p, e in zip(planted, plain):
+        assert unknown not in e.context and p.context.count(unknown) >= 2 * 3
+        assert p.target == p.context  # the scorer's importance pass repeats the planted text
+    facts = [random_fact(random.Random(seed)) for seed in range(200)]
+    assert len(set(facts)) > 150 and all(any(ch.isdigit() or ch.isupper() for ch in f[1:]) for f in facts)
+    for text in [*TEMPLATES, *facts]:
+        assert "secret code" not in text and "magic number" not in text
+    with pytest.raises(ValueError, match="--plant-facts must be >= 0"):
+        TrainConfig(data=[str(book)], objective="scorer", plant_facts=-1)

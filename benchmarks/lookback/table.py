@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- table:begin (benchmarks/lookback/table.py) -->", "<!-- table:end -->"
 HEADER = (
     "| run | context | method | look-back | selector | placement | planted-fact QA | RULER niah_single_1 | "
-    "s / answer | resident cache MiB | peak MiB while answering | tokens read back |"
+    "s / answer | s to first token | tokens / answer | resident cache MiB | peak MiB while answering | "
+    "tokens read back |"
 )
 
 
@@ -57,6 +58,8 @@ def rows(here: Path = HERE) -> list[str]:
                 _accuracy(record, "qa_accuracy", "", "qa_examples"),
                 _accuracy(record, "ruler_score", "ruler_samples", "ruler_answers"),
                 _cell(record, "seconds_per_answer", 1),
+                _cell(record, "first_token_seconds", 2),
+                _cell(record, "answer_tokens", 1),
                 _cell(record, "cache_bytes_unmasked" if "cache_bytes_unmasked" in record else "cache_bytes", 2, 2**20),
                 _cell(record, "peak_question_bytes", 2, 2**20),
                 _cell(record, "lookback_read_tokens", 0),
