@@ -68,7 +68,7 @@ def _lookback_row(root: Path, contexts: list[int]) -> str:
     asked: dict[int, int] = {}
     for path in sorted(root.glob("benchmarks/lookback/*/quality.json")):
         data = _load(path)
-        if data["options"].get("lookback_placement", "after") != "after":
+        if _options(data).get("lookback_placement", "after") != "after":
             continue
         for record in data["records"]:
             if (record["method"], record["ratio"], record.get("lookback"), record.get("lookback_selector")) != (
@@ -89,6 +89,11 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _options(data: dict) -> dict:
+    """A record file's options: its own, or its first run's when it merges several (`bench merge`)."""
+    return data["options"] if "options" in data else data["runs"][0]["options"]
+
+
 def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
     """One row per method: cache MiB, continuation and far-recall perplexity per context; the
     contexts and the number of windows per context."""
@@ -98,7 +103,7 @@ def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int
     for path in runs:
         data = _load(path)
         for record in data["records"]:
-            windows[record["context"]] = data["options"]["samples"]
+            windows[record["context"]] = len(record.get("ppl_by_window", [])) or _options(data)["samples"]
             cells.setdefault(record["method"], {})[record["context"]] = record
     contexts = sorted({c for by in cells.values() for c in by})
     rows = []

@@ -250,7 +250,8 @@ def median(values: list[float]) -> float:
 
 def record_key(record: dict) -> tuple:
     """What a record measured, as a key: method, ratio, context, threads and look-back variant."""
-    return tuple(record.get(name) for name in ("method", "ratio", "context", "threads", "lookback", "lookback_selector"))
+    names = ("method", "ratio", "context", "threads", "lookback", "lookback_selector")
+    return tuple(record.get(name) for name in names)
 
 
 def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:

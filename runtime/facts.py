@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import random
 
-_FIRST = ("Ada", "Bram", "Celia", "Dmitri", "Esther", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
-          "Lionel", "Maren", "Nils", "Odile", "Pavel", "Quentin", "Rosa", "Silas", "Tamsin", "Ulric", "Vera")
-_LAST = ("Ashgrove", "Blackwood", "Carrow", "Dunmore", "Elsworth", "Fairleigh", "Greaves", "Holloway",
-         "Ingram", "Kestrel", "Lindqvist", "Marchetti", "Okafor", "Pemberton", "Ravel", "Szabo", "Thorne")
-_PLACES = ("Ashford", "Brindisi", "Corvallis", "Dunedin", "Elsinore", "Fairbanks", "Galway", "Harrogate",
-           "Ithaca", "Jaffna", "Kilkenny", "Lismore", "Mombasa", "Narvik", "Oporto", "Tromso", "Zermatt")
-_THINGS = ("ledger", "lantern", "violin case", "tin trunk", "sextant", "brass clock", "green umbrella",
-           "walking stick", "seed drill", "telescope", "hat box", "copper kettle", "chess set", "sea chest")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December")
+# The lists the shipped scorer was trained with (training/scorer-r0.1-head-facts): change them and the recipe
+# plants other facts.
+_FIRST = tuple(
+    "Ada Bram Celia Dmitri Esther Farid Greta Hugo Ines Jonas Kira Lionel Maren Nils Odile Pavel Quentin Rosa "
+    "Silas Tamsin Ulric Vera".split()
+)
+_LAST = tuple(
+    "Ashgrove Blackwood Carrow Dunmore Elsworth Fairleigh Greaves Holloway Ingram Kestrel Lindqvist Marchetti "
+    "Okafor Pemberton Ravel Szabo Thorne".split()
+)
+_PLACES = tuple(
+    "Ashford Brindisi Corvallis Dunedin Elsinore Fairbanks Galway Harrogate Ithaca Jaffna Kilkenny Lismore "
+    "Mombasa Narvik Oporto Tromso Zermatt".split()
+)
+_THINGS = tuple(
+    "ledger, lantern, violin case, tin trunk, sextant, brass clock, green umbrella, walking stick, seed drill, "
+    "telescope, hat box, copper kettle, chess set, sea chest".split(", ")
+)
+_MONTHS = tuple("January February March April May June July August September October November December".split())
 _SYLLABLES = ("ka", "lo", "mir", "ven", "tas", "ro", "qui", "zel", "dor", "pha", "nu", "bri", "sto", "ge")
 
 #: Statements of a rare fact: each placeholder is filled by :func:`random_fact`.
@@ -81,5 +90,8 @@ def plant_random_facts(tokenizer, ids: list[int], count: int, rng: random.Random
     """``ids`` with ``count`` facts of :func:`random_fact` planted at random depths (as :func:`plant`
     does, so the segment keeps its length); ``ids`` unchanged when ``count`` is 0."""
     for _ in range(count):
-        ids = plant(tokenizer, ids, rng.random(), random_fact(rng))
+        try:
+            ids = plant(tokenizer, ids, rng.random(), random_fact(rng))
+        except ValueError as err:
+            raise ValueError(f"--plant-facts: {err}; use a longer --segment-size") from None
     return ids

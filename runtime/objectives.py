@@ -123,8 +123,9 @@ class ScorerObjective(nn.Module):
     """``forward(batch) -> loss``: ListNet between the scorer's scores and the frozen model's
     importance (KVzip repeat + SnapKV window, :func:`~.importance.kv_importance`) over all
     (global layer, KV head, token) entries of each example jointly (a sliding-window layer's are never
-    compressed); a token scorer is fitted to the mean importance over those layers and heads. Batches are collated scorer examples: ``context`` is the text,
-    ``input_ids`` the repeat instruction and the text again. Only the scorer gets gradients."""
+    compressed); a token scorer is fitted to the mean importance over those layers and heads. Batches are
+    collated scorer examples: ``context`` is the text, ``input_ids`` the repeat instruction and the text
+    again. Only the scorer gets gradients."""
 
     def __init__(self, model: Nugget2DModel, temperature: float = TEMPERATURE) -> None:
         super().__init__()

@@ -37,6 +37,9 @@ def test_wheel_holds_the_three_packages_and_imports_from_itself(tmp_path):
     for package in ("compress", "runtime", "serve"):
         assert f"nugget2d/{package}/__init__.py" in names
     assert "nugget2d/runtime/data/complete-angler.txt" in names
+    for adapter in ("adapter", "adapters/gemma3-270m"):  # the default model's and Gemma 3's, with their cards
+        for part in ("nugget2d_config.json", "scorer.safetensors", "adapter_model.safetensors", "README.md"):
+            assert f"nugget2d/runtime/data/{adapter}/{part}" in names
     assert {"nugget2d/ds_configs/zero2.json", "nugget2d/ds_configs/zero3_offload.json"} <= set(names)
     assert not any(name.startswith("nugget2d/__init__") for name in names)  # nugget2d is a namespace
     unpacked = tmp_path / "site"
@@ -45,6 +48,7 @@ def test_wheel_holds_the_three_packages_and_imports_from_itself(tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import nugget2d.compress, nugget2d.runtime.cli, nugget2d.serve;"
         "from nugget2d.runtime.texts import bundled_text; assert bundled_text();"
+        "from nugget2d.runtime.loading import other_adapter_dirs as o; assert [p.name for p in o()] == ['gemma3-270m'];"
         "from nugget2d.runtime.train import ds_config_dict; assert ds_config_dict('zero3.json', 1);"
         "print(nugget2d.compress.__file__)"
     )
