@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from nugget2d.runtime.bench_common import run_options
 from nugget2d.runtime.marked_block import regenerate, replace_marked
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def _lookback_row(root: Path, contexts: list[int]) -> str:
     asked: dict[int, int] = {}
     for path in sorted(root.glob("benchmarks/lookback/*/quality.json")):
         data = _load(path)
-        if _options(data).get("lookback_placement", "after") != "after":
+        if run_options(data).get("lookback_placement", "after") != "after":
             continue
         for record in data["records"]:
             if (record["method"], record["ratio"], record.get("lookback"), record.get("lookback_selector")) != (
@@ -89,11 +90,6 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _options(data: dict) -> dict:
-    """A record file's options: its own, or its first run's when it merges several (`bench merge`)."""
-    return data["options"] if "options" in data else data["runs"][0]["options"]
-
-
 def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
     """One row per method: cache MiB, continuation and far-recall perplexity per context; the
     contexts and the number of windows per context."""
@@ -103,7 +99,7 @@ def quality_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int
     for path in runs:
         data = _load(path)
         for record in data["records"]:
-            windows[record["context"]] = len(record.get("ppl_by_window", [])) or _options(data)["samples"]
+            windows[record["context"]] = len(record.get("ppl_by_window", [])) or run_options(data)["samples"]
             cells.setdefault(record["method"], {})[record["context"]] = record
     contexts = sorted({c for by in cells.values() for c in by})
     rows = []

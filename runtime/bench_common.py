@@ -254,6 +254,12 @@ def record_key(record: dict) -> tuple:
     return tuple(record.get(name) for name in names)
 
 
+def run_options(data: dict) -> dict:
+    """The options of a loaded ``quality.json``/``speed.json``: its own, or, for a file :func:`merge_results`
+    wrote, its first run's (the records the merge kept from the earlier runs were measured with those)."""
+    return data["options"] if "options" in data else data["runs"][0]["options"]
+
+
 def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
     """Join the records of several ``speed.json`` (or several ``quality.json``) files of one kind into
     ``out_dir`` (machine details of each run kept under ``runs``), and plot them; return the JSON path.

@@ -104,9 +104,9 @@ def note_answer(record: dict, acc: dict, result: dict) -> None:
 def finish(record: dict, acc: dict) -> None:
     """Seconds per answer (and to its first token, and the tokens it generated), peak cache bytes while
     answering and tokens read back per answer, from the sums."""
-    for name, key in (("first_token_seconds", "first_token_seconds"), ("answer_tokens", "answer_tokens")):
+    for name in ("first_token_seconds", "answer_tokens"):
         if acc.get(name):
-            record[key] = sum(acc[name]) / len(acc[name])
+            record[name] = sum(acc[name]) / len(acc[name])
     if "answer_seconds" in acc:
         record["seconds_per_answer"] = sum(acc["answer_seconds"]) / len(acc["answer_seconds"])
         record["peak_question_bytes"] = max(acc["peak_bytes"])

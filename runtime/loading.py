@@ -34,10 +34,8 @@ def other_adapter_dirs() -> list[Path]:
 def default_adapter_for(base: PreTrainedModel) -> Path | None:
     """The shipped adapter trained for ``base`` (same fingerprint), else None."""
     fingerprint = model_fingerprint(base)
-    for path in [p for p in [default_adapter_dir()] if p is not None] + other_adapter_dirs():
-        if Nugget2DConfig.load(path).base_model_hash == fingerprint:
-            return path
-    return None
+    shipped = [default_adapter_dir(), *other_adapter_dirs()]
+    return next((p for p in shipped if p is not None and Nugget2DConfig.load(p).base_model_hash == fingerprint), None)
 
 
 def load_nugget2d(

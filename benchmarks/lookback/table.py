@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from nugget2d.runtime.bench_common import run_options
 from nugget2d.runtime.marked_block import regenerate, replace_marked
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ def rows(here: Path = HERE) -> list[str]:
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for path in sorted(here.glob("*/quality.json")):
         data = json.loads(path.read_text())
-        placement = data["options"].get("lookback_placement", "after")
+        placement = run_options(data).get("lookback_placement", "after")
         for record in data["records"]:
             tokens = record.get("lookback", 0)
             parts = [
