@@ -120,12 +120,30 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat", action="store_true", help="do not wrap text and prompt in the chat template")
     parser.add_argument("--stats-json", type=Path, default=None, help="write sizes, rates and peak memory here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    saving = parser.add_argument_group("long reads")
+    saving.add_argument(
+        "--checkpoint", type=Path, default=None, help="save the session here every few minutes while it reads"
+    )
+    saving.add_argument(
+        "--checkpoint-minutes", type=float, default=5.0, help="minutes of reading between saves (default 5)"
+    )
+    saving.add_argument(
+        "--resume", action="store_true", help="read on from the --checkpoint saved by an interrupted run"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .read_checkpoint import ReadCheckpoint, announce_resume
     from .texts import check_text_file
 
     stream, sampling = cache_config(args), generation_settings(args)
+    if args.resume and args.checkpoint is None:
+        raise ValueError("--resume reads on from a saved session: give its --checkpoint directory")
+    if args.input == "-" and args.resume:
+        raise ValueError("--resume needs the input again as a file: standard input cannot be read twice")
+    checkpoint = ReadCheckpoint(args.checkpoint, 60 * args.checkpoint_minutes) if args.checkpoint else None
+    if checkpoint is not None and not args.resume:
+        checkpoint.check_new()
     source = _stdin_chunks() if args.input == "-" else check_text_file(args.input)
 
     from .loading import load_nugget2d
@@ -133,8 +151,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_nugget2d(args.model, args.adapter, attention=args.attention, ratio=stream.ratio)
     session = StreamingSession(model, tokenizer, stream, chat=not args.no_chat, progress=not args.quiet)
+    if args.resume:
+        fresh, session = session, checkpoint.load(model, tokenizer, progress=not args.quiet)
+        check_same_reading(fresh, session)
+        announce_resume(session, checkpoint.latest())
     session.prompt_ids(args.prompt, sampling)  # refuse a prompt that cannot fit before reading the text
-    session.ingest(source)
+    session.ingest(source, checkpoint=checkpoint, resume=args.resume)
     for piece in session.ask(args.prompt, sampling):
         print(piece, end="", flush=True)
     print()
@@ -149,6 +171,21 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def check_same_reading(asked, saved) -> None:
+    """``ValueError`` unless the ``saved`` session reads as the flags ``asked`` for (cache and chat template)."""
+    from dataclasses import asdict
+
+    wanted, had = asdict(asked.settings), asdict(saved.settings)
+    differ = [f"{name} {had[name]!r} (asked {wanted[name]!r})" for name in wanted if wanted[name] != had[name]]
+    if asked.format != saved.format:
+        differ.append("the chat template (--no-chat)")
+    if differ:
+        raise ValueError(
+            "the checkpoint was read with other settings: " + ", ".join(differ) + "; resume with the flags it was "
+            "started with"
+        )
 
 
 def _stdin_chunks():

@@ -39,6 +39,7 @@ from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream, text_pieces, token_log_probs
 from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
+from .read_checkpoint import ReadCheckpoint, read_so_far, skip_read
 from .resources import peak_rss_bytes
 from .session_stats import SessionStats
 from .texts import file_chunks, token_chunks
@@ -79,6 +80,7 @@ class StreamingSession(BudgetKeeping):
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
         self._progress_bar = None  # while ingest() shows progress: advanced by every segment encoded
+        self._checkpoint: ReadCheckpoint | None = None  # while ingest() saves the session as it reads
         self.turns = 0
         self.stats = SessionStats()
         #: every token id the cache has read, in order (index = text position); None for a session saved
@@ -103,8 +105,12 @@ class StreamingSession(BudgetKeeping):
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def ingest(self, source: str | Path | Iterable[str]) -> int:
+    def ingest(
+        self, source: str | Path | Iterable[str], checkpoint: ReadCheckpoint | None = None, resume: bool = False
+    ) -> int:
         """Read a string, a text file (``Path``) or an iterator of text chunks; return tokens read.
+        ``checkpoint`` saves the session every few minutes while it reads; ``resume`` (a session loaded
+        from one) skips the start of ``source`` it has already read, after checking it is the same text.
 
         Bad input (missing, empty or binary file) raises ``ValueError`` before anything is read.
         """
@@ -116,24 +122,33 @@ class StreamingSession(BudgetKeeping):
             pieces = functools.partial(_pieces, source)
         else:
             pieces = None
-        total = None
+        total, done = None, read_so_far(self) if resume else 0
         if pieces is not None and self.progress:  # a first, fast pass: the bar counts tokens and shows what is left
             total = sum(len(ids) for ids in token_chunks(self.tokenizer, pieces()))
             total += 0 if self._started else len(self._start_ids())
         before = self.stats.tokens_ingested
+        chunks = token_chunks(self.tokenizer, pieces() if pieces is not None else source)
         with tqdm(
-            total=total, unit="tok", unit_scale=True, desc="ingest", file=sys.stderr, disable=not self.progress
+            total=total,
+            initial=done,
+            unit="tok",
+            unit_scale=True,
+            desc="ingest",
+            file=sys.stderr,
+            disable=not self.progress,
         ) as bar:
-            self._progress_bar = bar
+            self._progress_bar, self._checkpoint = bar, checkpoint
             try:
-                for ids in token_chunks(self.tokenizer, pieces() if pieces is not None else source):
+                for ids in skip_read(chunks, self) if resume else chunks:
                     self.ingest_ids(ids, final=False)
                 self.ingest_ids([], final=True)
             finally:
-                self._progress_bar = None
+                self._progress_bar = self._checkpoint = None
         read = self.stats.tokens_ingested - before
-        if read == 0:
+        if read == 0 and not (resume and done):
             raise ValueError("the text is empty (no tokens)")
+        if checkpoint is not None:
+            checkpoint.save(self)
         return read
 
     @torch.no_grad()
@@ -153,6 +168,10 @@ class StreamingSession(BudgetKeeping):
             self.stats.note_segment(len(segment), time.perf_counter() - began, self.cache)
             if self._progress_bar is not None:
                 self._progress_bar.update(len(segment))
+            if self._checkpoint is not None and self._checkpoint.due():
+                self.stats.ingest_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self._checkpoint.save(self)
         self.stats.ingest_seconds += time.perf_counter() - started
         self._refresh_stats()
 

@@ -4,8 +4,11 @@ ms per segment, cache bytes, RSS now and peak at 10k, 20k, 50k, 100k, 200k, 500k
 as ``million.json`` and plotted as ``million.png`` next to this file (or ``--out``).
 
     .venv/bin/python benchmarks/streaming/million.py --corpus BOOKS_DIR   # hours on one CPU core
+    .venv/bin/python benchmarks/streaming/million.py --corpus BOOKS_DIR --resume   # after an interruption
 
-The books are read in name order and repeated from the first if they hold fewer tokens than asked.
+The books are read in name order and repeated from the first if they hold fewer tokens than asked. The
+read saves its session every few minutes (`generate --checkpoint`) in ``--work``, beside the joined
+text, so an interrupted run reads on from there with ``--resume``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--work", type=Path, default=None, help="joined text and checkpoints (default: /tmp/nugget2d-million-TOKENS)"
+    )
+    parser.add_argument("--resume", action="store_true", help="read on from the checkpoint in --work")
     args = parser.parse_args(argv)
+    work = args.work or Path(f"/tmp/nugget2d-million-{args.tokens}")
 
     from transformers import AutoTokenizer
 
@@ -81,23 +88,27 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.model))
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        text = Path(scratch) / "books.txt"
+    work.mkdir(parents=True, exist_ok=True)
+    text, listing = work / "books.txt", work / "books.json"
+    if args.resume and text.is_file() and listing.is_file():
+        books = json.loads(listing.read_text())
+    else:
         books = build_input(args.corpus, args.tokens, tokenizer, text)
-        stats_path = Path(scratch) / "stats.json"
-        options = ["--prompt", PROMPT, "--max-new-tokens", "48"] + (["--model", args.model] if args.model else [])
-        command = ["generate", "--input", str(text), *options, "--stats-json", str(stats_path)]
-        started = time.perf_counter()
-        # stdout (the answer) is kept; stderr (the reading progress bar) goes to the terminal as it comes
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "nugget2d"), *command], stdout=subprocess.PIPE, text=True
-        )
-        wall = time.perf_counter() - started
-        if done.returncode:
-            return done.returncode
-        stats = json.loads(stats_path.read_text())
+        listing.write_text(json.dumps(books))
+    stats_path = work / "stats.json"
+    options = ["--prompt", PROMPT, "--max-new-tokens", "48"] + (["--model", args.model] if args.model else [])
+    saving = ["--checkpoint", str(work / "checkpoint")] + (["--resume"] if args.resume else [])
+    command = ["generate", "--input", str(text), *options, *saving, "--stats-json", str(stats_path)]
+    started = time.perf_counter()
+    # stdout (the answer) is kept; stderr (the reading progress bar) goes to the terminal as it comes
+    done = subprocess.run([str(Path(sys.executable).parent / "nugget2d"), *command], stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        return done.returncode
+    stats = json.loads(stats_path.read_text())
     record = {
-        "command": " ".join(["nugget2d", "generate", "--input", "BOOKS.txt", *options]),
+        "command": " ".join(["nugget2d", "generate", "--input", "BOOKS.txt", *options, "--checkpoint", "DIR"]),
+        "resumed": args.resume,
         "books": books,
         "machine": {
             "platform": platform.platform(),
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "load_average_at_end": list(os.getloadavg()),
-        "wall_seconds": wall,
+        "wall_seconds_last_run": wall,
         "answer": done.stdout.strip(),
         "stats": stats,
     }
