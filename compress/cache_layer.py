@@ -133,10 +133,12 @@ class NuggetLayer(DynamicLayer):
         self._head_slots = self._padding = None
         self._keys, self._values = keys[:, :, :0], values[:, :, :0]
 
-    def head_entries(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    def head_entries(self, joined: bool = True) -> list[list[tuple]]:
         """Per row and KV head, ``(keys (n, D), values (n, D), bias (n,))`` of the entries that head
         reads, in order: its packed slots in use (none of the masked ones), then the entries appended
-        since. Heads of a packed layer differ in ``n``; reading them so skips what :attr:`keys` rebuilds."""
+        since. Heads of a packed layer differ in ``n``; reading them so skips what :attr:`keys` rebuilds.
+        ``joined=False`` gives each of the three as its parts, ``(packed slots, appended since)``, views
+        of what the layer holds (nothing copied)."""
         batch, heads = self.bias.shape[0], self.kv_heads
         bias = self.bias.expand(batch, heads, -1)
         slots = self._packed[2].shape[-1] if self._packed is not None else 0
@@ -147,7 +149,8 @@ class NuggetLayer(DynamicLayer):
             for head in range(heads):
                 entry = (self._keys[row, head], self._values[row, head], bias[row, head, slots:])  # appended since
                 if packed is not None:
-                    entry = tuple(torch.cat(pair) for pair in zip(packed[row * heads + head], entry))
+                    parts = zip(packed[row * heads + head], entry)
+                    entry = tuple(torch.cat(pair) if joined else pair for pair in parts)
                 entries[-1].append(entry)
         return entries
 

@@ -67,6 +67,25 @@ def test_heads_read_at_their_own_lengths_equal_heads_padded_with_masked_keys(bac
     torch.testing.assert_close(out, biased_attention(q, k, v, bias, backend="eager"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("queries", "softcap"), [(1, None), (3, None), (2, 5.0)])
+def test_a_head_read_in_parts_in_place_equals_its_joined_keys(queries, softcap):
+    """Decoding reads a packed head's slots and its new entries where they lie (no copy of its K/V): the
+    same as reading them joined, causal among the last queries, with a logit cap."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 3, queries, 16, generator=generator)
+    k = torch.randn(1, 1, 13, 16, generator=generator)
+    v = torch.randn(1, 1, 13, 16, generator=generator)
+    bias = torch.randn(1, 1, 13, generator=generator)
+    bias[..., 9:] = 0.0
+    joined = biased_attention(q, k, v, bias, scaling=0.3, backend="eager", softcap=softcap)
+    parts = [(t[0, 0, :9], t[0, 0, 9:]) for t in (k, v, bias)]
+    in_place = attention_module.parts_attention(q[0], *parts, scaling=0.3, softcap=softcap)
+    torch.testing.assert_close(in_place[None], joined, atol=1e-5, rtol=1e-5)
+    heads = [[tuple(parts)]]
+    out = per_head_attention(q, heads, scaling=0.3, backend="sdpa", softcap=softcap)
+    torch.testing.assert_close(out, joined, atol=1e-5, rtol=1e-5)
+
+
 def test_heads_of_close_lengths_share_a_call_and_far_ones_do_not():
     assert head_buckets([100, 100, 100], 50.0) == [(0, 1, 2)]
     assert head_buckets([10, 1000, 5000], 100.0) == [(0,), (1,), (2,)]
