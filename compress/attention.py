@@ -70,9 +70,29 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         raise ValueError(f"bias must be (B, 1 or {k.shape[1]}, {k.shape[2]}), got {tuple(bias.shape)}")
 
 
+#: The last causal bias made without a window, per (queries, device): a bottom-right aligned mask for
+#: fewer keys is its last columns, so the layers and heads of one forward pass share one (read-only).
+_CAUSAL: dict[tuple[int, str], torch.Tensor] = {}
+#: Biases up to this many elements are kept (16 MiB in fp32); larger ones are made for each call.
+_CAUSAL_KEPT = 1 << 22
+
+
 def _causal_bias(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     """``(Q, K)`` float: 0 where key j is visible to query i (j <= K - Q + i, and K - Q + i - j < ``window``
-    when given), :data:`MASKED` elsewhere."""
+    when given), :data:`MASKED` elsewhere. Read-only: without a window it may be shared."""
+    room = k_len + 1024  # the keys grow by a segment at a time
+    if window is None and q_len > 1 and q_len * room <= _CAUSAL_KEPT:
+        key = (q_len, str(device))
+        made = _CAUSAL.get(key)
+        if made is None or made.shape[1] < k_len:
+            if len(_CAUSAL) >= 4:  # a few query lengths at a time (segments, prompts)
+                _CAUSAL.clear()
+            made = _CAUSAL[key] = _make_causal_bias(q_len, room, device)
+        return made[:, made.shape[1] - k_len :]
+    return _make_causal_bias(q_len, k_len, device, window)
+
+
+def _make_causal_bias(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     cols = torch.arange(k_len, device=device)[None, :]
     visible = cols <= rows
@@ -387,15 +407,20 @@ def _interface(backend: str) -> Callable:
         # a sliding-window layer's entries are never chosen among: nobody needs to watch its attention
         observer = getattr(cache, "observer", None) if window is None else None
         packed = layer is not None and layer.packed  # then the cache handed over only the entries appended since
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if packed:
             out = read_packed(query, layer, scaling=scaling, backend=backend, softcap=softcap)
-            key = layer.keys if observer is not None else key  # the observer reads every slot
+            if hasattr(observer, "observe_packed"):  # it reads each head where its entries lie
+                observer.observe_packed(module.layer_idx, query, layer, scale)
+                observer = None
+            elif observer is not None:
+                key = layer.keys  # the observer reads every slot
         else:
             out = biased_attention(
                 query, key, value, bias, scaling=scaling, causal=True, backend=backend, window=window, softcap=softcap
             )
         if observer is not None:  # e.g. a cache policy that scores keys by the attention they receive
-            observer(module.layer_idx, query, key, bias, scaling if scaling is not None else query.shape[-1] ** -0.5)
+            observer(module.layer_idx, query, key, bias, scale)
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = f"nugget2d_{backend}_attention"

@@ -258,10 +258,7 @@ class NuggetCache(Cache):
         target = raw_before + nuggets_before * span // slots.clamp(min=1)
         delta = (target[:, None, :] if layer.positions.dim() == 3 else target) - layer.positions
         if bool((delta != 0).any()):
-            packed = layer.packed
-            layer.keys = rerotate(layer.keys, delta, rotary_emb)
-            if packed:
-                layer.pack()
+            layer.shift_keys(delta, rotary_emb)
         layer.positions = target
 
     # --- sizes ---------------------------------------------------------------------------------

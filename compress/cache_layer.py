@@ -11,7 +11,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .attention import MASKED
-from .rope import rerotate
+from .rope import rerotate, rotate_rows
 
 
 def nugget_bias(scores: torch.Tensor, bias_mode: str) -> torch.Tensor:
@@ -164,6 +164,12 @@ class NuggetLayer(DynamicLayer):
             self._head_slots = (list(split), slot_bias)
         return self._head_slots[0]
 
+    def slots_in_use(self) -> torch.Tensor:
+        """``(B, Hkv, S)``: which of the packed slots each head uses (``S`` = 0: a layer that is not packed)."""
+        if self._packed is not None:
+            return self._packed[2]
+        return torch.ones(*self.bias.shape[:1], self.kv_heads, 0, dtype=torch.bool, device=self.bias.device)
+
     def head_lengths(self) -> list[int]:
         """Packed slots in use per KV head (the most over the rows; zeros when the layer is not packed):
         each head reads these plus the entries appended since. Worked out once per packing."""
@@ -296,6 +302,19 @@ class NuggetLayer(DynamicLayer):
                 value = value if value.dim() == 3 else value[:, None, :].expand(-1, heads, -1)
                 setattr(self, name, value.gather(2, index))
         self.is_nugget = self.is_nugget.gather(1, index[:, 0])
+
+    def shift_keys(self, delta: torch.Tensor, rotary_emb: torch.nn.Module) -> None:
+        """Move every key by ``delta`` positions (``(B, N)`` or per head ``(B, H, N)``, over all slots): a
+        packed layer's pairs in use and the entries appended since are moved where they lie, never rebuilt."""
+        if self._packed is None:
+            self.keys = rerotate(self._keys, delta, rotary_emb)
+            return
+        used_keys, used_values, in_use = self._packed
+        shifts = (delta if delta.dim() == 3 else delta[:, None, :]).expand(*in_use.shape[:2], -1)
+        slots = in_use.shape[-1]
+        self._packed = (rotate_rows(used_keys, shifts[..., :slots][in_use], rotary_emb), used_values, in_use)
+        self._keys = rerotate(self._keys, shifts[..., slots:], rotary_emb)
+        self._head_slots = None  # views of the keys before the move
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by name as it reads, K/V whole (empty before the first append)."""

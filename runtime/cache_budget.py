@@ -75,17 +75,18 @@ class BudgetKeeping:
         entries = nuggets * len(self.model.compressed_layers) * self.model.num_kv_heads
         keep = torch.tensor([entries], device=self.model.device)
         observed, self.observed = self.observed, None  # it describes the entries before this change
+        renumber = self.cache.position_mode == "cache"
         self.policy.keep(
             self.cache,
             keep,
-            self.model.rotary_emb,
+            None if renumber else self.model.rotary_emb,  # renumbering moves every key once, below
             tail=raw,
             lead=self.sinks,
             bias_mode=self.model.config.bias_mode,
             observed=observed,
         )
         self.cache.nugget_span = torch.tensor([nuggets], device=self.model.device)
-        if self.cache.position_mode == "cache":
+        if renumber:
             self.cache.reposition(self.model.rotary_emb)
         self.nuggets, self.raw = nuggets, raw
 

@@ -151,6 +151,21 @@ def test_every_read_of_ragged_heads_equals_eager_head_by_head(monkeypatch, backe
     torch.testing.assert_close(model(following, nuggets=returned_cache(out)).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_attention_watched_on_a_packed_layer_head_by_head_equals_it_watched_whole():
+    """The observer of a packed layer reads each head where its entries lie: the attention it records per
+    slot equals what it records over the layer rebuilt with its masked slots (0 at those)."""
+    cache = _ragged_session().cache
+    layer = cache.layers[0]
+    layer.append(*(torch.randn(1, 2, 5, 16) for _ in range(2)), torch.zeros(1, 1, 5), torch.arange(5)[None] + 500)
+    query = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(3))
+    whole, by_head = HeadAttentionReceived(3), HeadAttentionReceived(3)
+    whole(0, query, layer.keys, layer.bias, 0.25)
+    by_head.observe_packed(0, query, layer, 0.25)
+    torch.testing.assert_close(by_head.by_layer[0], whole.by_layer[0], atol=1e-6, rtol=1e-5)
+    assert bool((by_head.by_layer[0][~(layer.bias > MASKED / 2)] == 0).all())
+
+
 @pytest.mark.parametrize("reserve", [PerHeadBudget.scorer_first, 2, 0])
 def test_per_head_budgets_store_only_the_entries_in_use(reserve):
     """Streamed far past the budget: the K/V pairs stored are exactly the entries in use, as many as a

@@ -33,13 +33,56 @@ def attention_from_last_queries(
         return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=2)
 
 
+def packed_attention_from_last_queries(query: torch.Tensor, layer, scaling: float, window: int) -> torch.Tensor:
+    """:func:`attention_from_last_queries` over a packed layer (a :class:`~nugget2d.compress.cache.NuggetLayer`),
+    each KV head read over its own entries where they lie (:meth:`NuggetLayer.head_entries`), never over the
+    layer rebuilt with its masked slots; ``(B, Hkv, K)`` over its slots, 0 at a head's masked ones."""
+    with torch.no_grad():
+        in_use = layer.slots_in_use()
+        batch, kv_heads, slots = in_use.shape
+        groups = query.shape[1] // kv_heads
+        q = query[:, :, -window:].float()
+        q_len = q.shape[2]
+        received = q.new_zeros(batch, kv_heads, layer.get_seq_length())
+        for row, heads in enumerate(layer.head_entries(joined=False)):
+            for head, (keys, _, bias) in enumerate(heads):
+                if not isinstance(keys, tuple):  # not packed: the entries appended since only
+                    keys, bias = (keys[:0], keys), (bias[:0], bias)
+                own = q[row, head * groups : (head + 1) * groups].reshape(groups * q_len, -1)
+                logits = torch.cat([torch.matmul(own, part.float().transpose(0, 1)) for part in keys], dim=-1)
+                logits = logits * scaling + torch.cat(list(bias)).float()
+                length = logits.shape[-1]
+                rows = torch.arange(q_len, device=q.device).repeat(groups)[:, None] + (length - q_len)
+                hidden = torch.arange(length, device=q.device)[None, :] > rows
+                weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=0)
+                used = keys[0].shape[0]
+                received[row, head, :slots][in_use[row, head]] = weights[:used]
+                received[row, head, slots:] = weights[used:]
+        return received
+
+
 class _LastQueriesObserver:
-    """A cache observer of the attention from the last ``window`` queries of each forward pass."""
+    """A cache observer of the attention from the last ``window`` queries of each forward pass; the
+    backends call it with the layer's keys, or :meth:`observe_packed` with a packed layer."""
 
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError(f"the observation window must be >= 1 query, got {window}")
         self.window = window
+
+    def __call__(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float
+    ) -> None:
+        """Take this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
+        self.add(layer_idx, attention_from_last_queries(query, key, bias, scaling, self.window))
+
+    def observe_packed(self, layer_idx: int, query: torch.Tensor, layer, scaling: float) -> None:
+        """:meth:`__call__` for a packed layer, read head by head where its entries lie."""
+        self.add(layer_idx, packed_attention_from_last_queries(query, layer, scaling, self.window))
+
+    def add(self, layer_idx: int, received: torch.Tensor) -> None:
+        """Take one layer's attention ``(B, Hkv, K)`` from the last queries."""
+        raise NotImplementedError
 
 
 class AttentionReceived(_LastQueriesObserver):
@@ -50,11 +93,9 @@ class AttentionReceived(_LastQueriesObserver):
         super().__init__(window)
         self.total: torch.Tensor | None = None
 
-    def __call__(
-        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float
-    ) -> None:
-        """Add this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
-        received = attention_from_last_queries(query, key, bias, scaling, self.window).sum(dim=1)
+    def add(self, layer_idx: int, received: torch.Tensor) -> None:
+        """Add this layer's attention, summed over its KV heads."""
+        received = received.sum(dim=1)
         self.total = received if self.total is None else self.total + received
 
 
@@ -66,11 +107,9 @@ class HeadAttentionReceived(_LastQueriesObserver):
         super().__init__(window)
         self.by_layer: dict[int, torch.Tensor] = {}
 
-    def __call__(
-        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, scaling: float
-    ) -> None:
-        """Record this layer's attention from the last queries (shapes as :func:`attention_from_last_queries`)."""
-        self.by_layer[layer_idx] = attention_from_last_queries(query, key, bias, scaling, self.window)
+    def add(self, layer_idx: int, received: torch.Tensor) -> None:
+        """Record this layer's attention per KV head."""
+        self.by_layer[layer_idx] = received
 
     def layers(self, indices: int | list[int]) -> list[torch.Tensor]:
         """The record of layers ``indices`` (a count ``n``: layers ``0 … n - 1``), in order; ``RuntimeError`` if

@@ -97,7 +97,7 @@ class PerHeadBudget:
         self,
         cache: NuggetCache,
         keep: torch.Tensor,
-        rotary_emb: torch.nn.Module,
+        rotary_emb: torch.nn.Module | None,
         *,
         tail: int = 0,
         lead: int | None = None,
@@ -108,7 +108,9 @@ class PerHeadBudget:
         """Of the candidate entries of every global layer (sliding-window layers keep their window) — after
         the first ``lead`` entries, or the last ``pool`` before the ``tail`` — keep ``keep`` ``(B,)`` K/V
         entries by the rule above (``observed``: per global layer ``(B, Hkv, entries)``, the attention the
-        last queries gave each entry), as nuggets in text order per head; the ``tail`` stays as it is."""
+        last queries gave each entry), as nuggets in text order per head; the ``tail`` stays as it is. Under
+        cache positions a slot's keys are moved to one position with ``rotary_emb``; None leaves each key at
+        its own, for a caller that renumbers the cache right after (:meth:`NuggetCache.reposition`)."""
         if cache.allocation != "head":
             raise ValueError("per-head budgets spread entries over heads; this cache is token-level")
         if not cache.compressed_layers:
