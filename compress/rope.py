@@ -95,7 +95,8 @@ def _angle_table(rotary_emb, reach: int, dim: int, device: torch.device) -> tupl
     size = max(1024, 1 << (max(reach, 1) - 1).bit_length())
     shifts = torch.arange(-size, size + 1, device=device)[None]
     scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
-    cos, sin = rotary_emb(torch.zeros(1, device=device), position_ids=shifts)
+    with torch.inference_mode(False), torch.no_grad():  # a plain constant, usable in any later mode
+        cos, sin = rotary_emb(torch.zeros(1, device=device), position_ids=shifts)
     cos, sin, half = cos[0].float() / scale, sin[0].float() / scale, dim // 2
     if cos.shape[-1] != dim or not (
         torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import install_punkt
+
 #: RULER tasks whose samples lm-eval generates offline (repeated-sentence, needle and word-list haystacks),
 #: by lm-eval's task names.
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -152,9 +154,16 @@ def _lm_eval_seeds() -> Iterator[None]:
 
 def _lm_eval_tasks():
     try:
-        import lm_eval.tasks
+        import lm_eval  # noqa: F401
         import nltk  # noqa: F401  (RULER's generators import these; fail here, before a model loads)
         import wonderwords  # noqa: F401
     except ImportError as err:
         raise ValueError(f"--metrics ruler needs lm-eval with RULER's dependencies ({err}); {INSTALL}") from None
+    if not install_punkt.punkt_tab_found():  # lm-eval would try NLTK's download site, then fail mid-run
+        raise ValueError(
+            "--metrics ruler needs NLTK's punkt_tab sentence model: run `python -m nugget2d.runtime.install_punkt` "
+            "(from the package index) or `python -m nltk.downloader punkt_tab`"
+        )
+    import lm_eval.tasks
+
     return lm_eval.tasks

@@ -13,14 +13,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .checkpoints import mark_latest
-
-if TYPE_CHECKING:  # the session module imports this one
-    from .session import StreamingSession
+from .session import StreamingSession
 
 LATEST = "latest"
 PREFIX = "read-"
@@ -59,8 +55,6 @@ class ReadCheckpoint:
         saved = self.latest()
         if saved is None:
             raise ValueError(f"--resume: no checkpoint in {self.directory} (no '{LATEST}' file); start without it")
-        from .session import StreamingSession
-
         session = StreamingSession.load(saved, model, tokenizer)
         if session.token_ids is None:
             raise ValueError(f"{saved} was saved without its token ids: it cannot be matched to the input")
@@ -70,7 +64,7 @@ class ReadCheckpoint:
     def save(self, session: StreamingSession) -> Path:
         """Save ``session`` as the newest checkpoint, then remove the older ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        saved = session.save(self.directory / f"{PREFIX}{read_so_far(session)}")
+        saved = session.save(self.directory / f"{PREFIX}{session.read_so_far()}")
         mark_latest(self.directory, saved)
         for older in self.directory.glob(f"{PREFIX}*"):
             if older != saved and older.is_dir():
@@ -83,40 +77,6 @@ class ReadCheckpoint:
         return time.monotonic() - self._last_save >= self.every_s
 
 
-def read_so_far(session: StreamingSession) -> int:
-    """Tokens of the input the session has taken in (encoded or waiting for a full segment), its start
-    tokens (chat template, BOS) not counted."""
-    start = len(session._start_ids()) if session._started else 0
-    return len(session.token_ids) - start + len(session._waiting)
-
-
-def skip_read(chunks: Iterable[list[int]], session: StreamingSession) -> Iterator[list[int]]:
-    """The token chunks of the input after what ``session`` has already read of it; ``ValueError`` when the
-    input does not start with that text (a checkpoint of another input)."""
-    start = len(session._start_ids()) if session._started else 0
-    done = list(session.token_ids[start:]) + list(session._waiting)
-    offset = 0
-    for ids in chunks:
-        if offset >= len(done):
-            yield ids
-            continue
-        overlap = ids[: len(done) - offset]
-        if overlap != done[offset : offset + len(overlap)]:
-            first = next(i for i, (a, b) in enumerate(zip(overlap, done[offset:])) if a != b)
-            raise ValueError(
-                f"the checkpoint read another text: the input's token {offset + first} differs from the one read "
-                "then; resume with the same --input, or start a new --checkpoint directory"
-            )
-        offset += len(overlap)
-        if len(ids) > len(overlap):
-            yield ids[len(overlap) :]
-    if offset < len(done):
-        raise ValueError(
-            f"the input has {offset} tokens, fewer than the {len(done)} the checkpoint already read; resume with "
-            "the same --input, or start a new --checkpoint directory"
-        )
-
-
 def announce_resume(session: StreamingSession, saved: Path) -> None:
     """One line on standard error: what a resumed read starts from."""
-    print(f"resuming from {saved}: {read_so_far(session):,} tokens already read", file=sys.stderr)
+    print(f"resuming from {saved}: {session.read_so_far():,} tokens already read", file=sys.stderr)

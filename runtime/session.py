@@ -25,6 +25,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,7 +40,6 @@ from .cache_config import POSITIONS, CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream, text_pieces, token_log_probs
 from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
-from .read_checkpoint import ReadCheckpoint, read_so_far, skip_read
 from .resources import peak_rss_bytes
 from .session_stats import SessionStats
 from .texts import file_chunks, token_chunks
@@ -47,6 +47,14 @@ from .texts import file_chunks, token_chunks
 #: The name cache configurations had before :class:`CacheConfig` (same fields, same validation).
 StreamSettings = CacheConfig
 __all__ = ["POSITIONS", "CacheConfig", "SessionStats", "StreamSettings", "StreamingSession", "start_ids"]
+
+
+class Checkpoint(Protocol):
+    """What saves a session while it reads (:class:`~nugget2d.runtime.read_checkpoint.ReadCheckpoint`)."""
+
+    def due(self) -> bool: ...
+
+    def save(self, session: StreamingSession) -> Path: ...
 
 
 class StreamingSession(BudgetKeeping):
@@ -80,7 +88,7 @@ class StreamingSession(BudgetKeeping):
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
         self._progress_bar = None  # while ingest() shows progress: advanced by every segment encoded
-        self._checkpoint: ReadCheckpoint | None = None  # while ingest() saves the session as it reads
+        self._checkpoint: Checkpoint | None = None  # while ingest() saves the session as it reads
         self.turns = 0
         self.stats = SessionStats()
         #: every token id the cache has read, in order (index = text position); None for a session saved
@@ -106,7 +114,7 @@ class StreamingSession(BudgetKeeping):
     # --- reading ---------------------------------------------------------------------------------
 
     def ingest(
-        self, source: str | Path | Iterable[str], checkpoint: ReadCheckpoint | None = None, resume: bool = False
+        self, source: str | Path | Iterable[str], checkpoint: Checkpoint | None = None, resume: bool = False
     ) -> int:
         """Read a string, a text file (``Path``) or an iterator of text chunks; return tokens read.
         ``checkpoint`` saves the session every few minutes while it reads; ``resume`` (a session loaded
@@ -122,7 +130,7 @@ class StreamingSession(BudgetKeeping):
             pieces = functools.partial(_pieces, source)
         else:
             pieces = None
-        total, done = None, read_so_far(self) if resume else 0
+        total, done = None, self.read_so_far() if resume else 0
         if pieces is not None and self.progress:  # a first, fast pass: the bar counts tokens and shows what is left
             total = sum(len(ids) for ids in token_chunks(self.tokenizer, pieces()))
             total += 0 if self._started else len(self._start_ids())
@@ -139,7 +147,7 @@ class StreamingSession(BudgetKeeping):
         ) as bar:
             self._progress_bar, self._checkpoint = bar, checkpoint
             try:
-                for ids in skip_read(chunks, self) if resume else chunks:
+                for ids in self._skip_read(chunks) if resume else chunks:
                     self.ingest_ids(ids, final=False)
                 self.ingest_ids([], final=True)
             finally:
@@ -174,6 +182,38 @@ class StreamingSession(BudgetKeeping):
                 self._checkpoint.save(self)
         self.stats.ingest_seconds += time.perf_counter() - started
         self._refresh_stats()
+
+    def read_so_far(self) -> int:
+        """Tokens of the input taken in (encoded or waiting for a full segment), the start tokens (chat
+        template, BOS) not counted: where a resumed read goes on from."""
+        start = len(self._start_ids()) if self._started else 0
+        return len(self.token_ids) - start + len(self._waiting)
+
+    def _skip_read(self, chunks: Iterable[list[int]]) -> Iterator[list[int]]:
+        """The token chunks of the input after what this session has already read of it; ``ValueError``
+        when the input does not start with that text (a checkpoint of another input)."""
+        start = len(self._start_ids()) if self._started else 0
+        done = list(self.token_ids[start:]) + list(self._waiting)
+        offset = 0
+        for ids in chunks:
+            if offset >= len(done):
+                yield ids
+                continue
+            overlap = ids[: len(done) - offset]
+            if overlap != done[offset : offset + len(overlap)]:
+                first = next(i for i, (a, b) in enumerate(zip(overlap, done[offset:])) if a != b)
+                raise ValueError(
+                    f"the checkpoint read another text: the input's token {offset + first} differs from the one "
+                    "read then; resume with the same --input, or start a new --checkpoint directory"
+                )
+            offset += len(overlap)
+            if len(ids) > len(overlap):
+                yield ids[len(overlap) :]
+        if offset < len(done):
+            raise ValueError(
+                f"the input has {offset} tokens, fewer than the {len(done)} the checkpoint already read; resume "
+                "with the same --input, or start a new --checkpoint directory"
+            )
 
     def _start_ids(self) -> list[int]:
         return start_ids(self.tokenizer, self.format)

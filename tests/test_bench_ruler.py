@@ -55,6 +55,30 @@ def test_without_lm_eval_the_ruler_metric_names_the_extra_before_any_model_loads
     assert len(err) == 1 and "--metrics ruler needs lm-eval" in err[0] and "nugget2d[eval]" in err[0]
 
 
+def test_without_nltks_sentence_model_the_ruler_metric_says_how_to_install_it(monkeypatch, tiny_model_dir, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra: pip install 'nugget2d[eval]'")
+    from nugget2d.runtime import install_punkt
+
+    monkeypatch.setattr(install_punkt, "punkt_tab_found", lambda: False)
+    args = ["bench", "quality", "--model", str(tiny_model_dir), "--metrics", "ruler", "--out", "unused"]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "python -m nugget2d.runtime.install_punkt" in err[0]
+
+
+def test_nltks_sentence_model_is_installed_with_the_eval_extra():
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra: pip install 'nugget2d[eval]'")
+    from nltk.tokenize import sent_tokenize
+
+    from nugget2d.runtime.install_punkt import punkt_tab_found
+
+    assert punkt_tab_found(), "run `python -m nugget2d.runtime.install_punkt` (make install does)"
+    assert sent_tokenize("Mr. Smith went to Washington. He arrived at noon.") == [
+        "Mr. Smith went to Washington.",
+        "He arrived at noon.",
+    ]
+
+
 @pytest.mark.slow
 def test_ruler_records_score_every_method_on_lm_evals_own_samples(tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra: pip install 'nugget2d[eval]'")

@@ -99,13 +99,12 @@ def test_skipping_what_was_read_works_across_chunk_boundaries():
     from tiny_models import tiny_llama, tiny_tokenizer
 
     from nugget2d.compress import Nugget2DConfig, Nugget2DModel
-    from nugget2d.runtime.read_checkpoint import read_so_far, skip_read
     from nugget2d.runtime.session import StreamingSession, StreamSettings
 
     model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(scorer_layer=1)).eval()
     session = StreamingSession(model, tiny_tokenizer(), StreamSettings(ratio=0.25, budget=96, recent=32, segment=16))
     ids = torch.randint(3, 90, (500,), generator=torch.Generator().manual_seed(1)).tolist()
     session.ingest_ids(ids[:305], final=False)  # 305 taken in: whole segments encoded, the rest waiting
-    assert read_so_far(session) == 305 and session._waiting
+    assert session.read_so_far() == 305 and session._waiting
     chunks = [ids[begin : begin + 70] for begin in range(0, 500, 70)]
-    assert [t for chunk in skip_read(chunks, session) for t in chunk] == ids[305:]
+    assert [t for chunk in session._skip_read(chunks) for t in chunk] == ids[305:]
