@@ -254,6 +254,26 @@ PARTS_QUERIES = 4
 Parts = torch.Tensor | tuple[torch.Tensor, ...]
 
 
+def parts_logits(
+    query: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    bias: Sequence[torch.Tensor],
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal logits ``q kᵀ · scaling + bias`` (fp32, ``(..., Q, n)``) of one KV head's queries ``(..., Q, D)``
+    over keys held in parts (``keys[i]`` ``(n_i, D)``, in order; the queries are the last ``Q`` keys), read
+    in place: the logits of every part are joined, never the keys; :data:`MASKED` where a query may not look."""
+    parts = [torch.matmul(query, part.transpose(0, 1).to(query.dtype)).float() for part in keys]
+    logits = torch.cat(parts, dim=-1) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits + torch.cat(list(bias)).float()
+    if query.shape[-2] > 1:
+        logits = logits + _causal_bias(query.shape[-2], logits.shape[-1], query.device)
+    return logits
+
+
 def parts_attention(
     query: torch.Tensor,
     keys: Sequence[torch.Tensor],
@@ -263,15 +283,8 @@ def parts_attention(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal ``softmax(q kᵀ · scaling + bias) v`` of one KV head's queries ``(Hg, Q, D)`` over keys held in
-    parts (``keys[i]`` ``(n_i, D)``, in order; the queries are the last ``Q`` keys), read in place: the logits
-    of every part are joined, never the keys. Equals :func:`biased_attention` over the joined keys."""
-    logits = torch.cat([torch.matmul(query, part.transpose(0, 1)).float() for part in keys], dim=-1) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits + torch.cat(list(bias)).float()
-    if query.shape[1] > 1:
-        logits = logits + _causal_bias(query.shape[1], logits.shape[-1], query.device)
-    weights = torch.softmax(logits, dim=-1).to(values[0].dtype)
+    parts (:func:`parts_logits`), read in place. Equals :func:`biased_attention` over the joined keys."""
+    weights = torch.softmax(parts_logits(query, keys, bias, scaling, softcap), dim=-1).to(values[0].dtype)
     out, start = None, 0
     for part in values:
         read = torch.matmul(weights[..., start : start + part.shape[0]], part)

@@ -165,10 +165,8 @@ class NuggetLayer(DynamicLayer):
         return self._head_slots[0]
 
     def slots_in_use(self) -> torch.Tensor:
-        """``(B, Hkv, S)``: which of the packed slots each head uses (``S`` = 0: a layer that is not packed)."""
-        if self._packed is not None:
-            return self._packed[2]
-        return torch.ones(*self.bias.shape[:1], self.kv_heads, 0, dtype=torch.bool, device=self.bias.device)
+        """``(B, Hkv, S)``: which of a packed layer's packed slots each head uses."""
+        return self._packed[2]
 
     def head_lengths(self) -> list[int]:
         """Packed slots in use per KV head (the most over the rows; zeros when the layer is not packed):

@@ -186,14 +186,12 @@ class StreamingSession(BudgetKeeping):
     def read_so_far(self) -> int:
         """Tokens of the input taken in (encoded or waiting for a full segment), the start tokens (chat
         template, BOS) not counted: where a resumed read goes on from."""
-        start = len(self._start_ids()) if self._started else 0
-        return len(self.token_ids) - start + len(self._waiting)
+        return len(self.token_ids) - self._started_with() + len(self._waiting)
 
     def _skip_read(self, chunks: Iterable[list[int]]) -> Iterator[list[int]]:
         """The token chunks of the input after what this session has already read of it; ``ValueError``
         when the input does not start with that text (a checkpoint of another input)."""
-        start = len(self._start_ids()) if self._started else 0
-        done = list(self.token_ids[start:]) + list(self._waiting)
+        done = list(self.token_ids[self._started_with() :]) + list(self._waiting)
         offset = 0
         for ids in chunks:
             if offset >= len(done):
@@ -217,6 +215,10 @@ class StreamingSession(BudgetKeeping):
 
     def _start_ids(self) -> list[int]:
         return start_ids(self.tokenizer, self.format)
+
+    def _started_with(self) -> int:
+        """How many of :attr:`token_ids` are the start tokens this session put before the input."""
+        return len(self._start_ids()) if self._started else 0
 
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))

@@ -7,8 +7,11 @@ last queries' attention into per-entry totals.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
+from ..attention import parts_logits
 from ..cache import NuggetCache
 
 
@@ -42,26 +45,18 @@ def packed_attention_from_last_queries(query: torch.Tensor, layer, scaling: floa
         batch, kv_heads, slots = in_use.shape
         groups = query.shape[1] // kv_heads
         q = query[:, :, -window:].float()
-        q_len = q.shape[2]
         received = q.new_zeros(batch, kv_heads, layer.get_seq_length())
         for row, heads in enumerate(layer.head_entries(joined=False)):
             for head, (keys, _, bias) in enumerate(heads):
-                if not isinstance(keys, tuple):  # not packed: the entries appended since only
-                    keys, bias = (keys[:0], keys), (bias[:0], bias)
-                own = q[row, head * groups : (head + 1) * groups].reshape(groups * q_len, -1)
-                logits = torch.cat([torch.matmul(own, part.float().transpose(0, 1)) for part in keys], dim=-1)
-                logits = logits * scaling + torch.cat(list(bias)).float()
-                length = logits.shape[-1]
-                rows = torch.arange(q_len, device=q.device).repeat(groups)[:, None] + (length - q_len)
-                hidden = torch.arange(length, device=q.device)[None, :] > rows
-                weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1).sum(dim=0)
+                own = q[row, head * groups : (head + 1) * groups]  # (groups, window, D)
+                weights = parts_logits(own, keys, bias, scaling).softmax(dim=-1).sum(dim=(0, 1))
                 used = keys[0].shape[0]
                 received[row, head, :slots][in_use[row, head]] = weights[:used]
                 received[row, head, slots:] = weights[used:]
         return received
 
 
-class _LastQueriesObserver:
+class _LastQueriesObserver(ABC):
     """A cache observer of the attention from the last ``window`` queries of each forward pass; the
     backends call it with the layer's keys, or :meth:`observe_packed` with a packed layer."""
 
@@ -80,9 +75,9 @@ class _LastQueriesObserver:
         """:meth:`__call__` for a packed layer, read head by head where its entries lie."""
         self.add(layer_idx, packed_attention_from_last_queries(query, layer, scaling, self.window))
 
+    @abstractmethod
     def add(self, layer_idx: int, received: torch.Tensor) -> None:
         """Take one layer's attention ``(B, Hkv, K)`` from the last queries."""
-        raise NotImplementedError
 
 
 class AttentionReceived(_LastQueriesObserver):
