@@ -245,10 +245,11 @@ def implementation_name(backend: str) -> str:
     return f"nugget2d_{backend}"
 
 
-#: Up to this many queries (decoding), a head given in parts is read by :func:`parts_attention` on CPU, not
-#: joined for the backend's kernel: joining copies the head's whole K/V for one query. Measured on this
-#: project's 2-core CPU, one thread, one head of 3,300 + 60 entries and 3 query heads: join + SDPA 243 us,
-#: the parts read in place 159 us (SDPA over K/V already joined: 193 us).
+#: Up to this many queries (decoding), heads are read where their entries lie on CPU, not joined for the
+#: backend's kernel: joining copies the head's whole K/V for one query. A packed layer's heads are read into
+#: one padded logits block (:func:`packed_decode_attention`), a head given in parts alone by
+#: :func:`parts_attention`. Measured on this project's 2-core CPU, one thread, one head of 3,300 + 60 entries
+#: and 3 query heads: join + SDPA 243 us, the parts read in place 159 us (SDPA over K/V already joined: 193 us).
 PARTS_QUERIES = 4
 
 Parts = torch.Tensor | tuple[torch.Tensor, ...]
@@ -292,6 +293,41 @@ def parts_attention(
     return out
 
 
+def packed_decode_attention(query: torch.Tensor, layer, *, scaling: float | None = None) -> torch.Tensor:
+    """Attention of a few queries ``(B, Hq, Q, D)`` (decoding, float32) over a packed ``layer``, equal to
+    :func:`per_head_attention` over its heads, in a dozen calls per row instead of a dozen per head: one
+    logits block per row, padded to its longest head (masked past each head's end), into which each head's
+    packed slots are read where they lie (one matmul each) and the entries appended since in one batched
+    matmul; one softmax; the values read back the same way. Measured on this project's 2-core CPU, one
+    thread, three heads of 600/800/1,000 + 64 entries and nine query heads: 283 us head by head, 168 us so."""
+    batch, query_heads, length, dim = query.shape
+    kv_heads = layer.kv_heads
+    groups, scaling = query_heads // kv_heads, dim**-0.5 if scaling is None else scaling
+    rows = []
+    for row in range(batch):
+        heads, slot_bias, (tail_keys, tail_values, tail_bias) = layer.packed_row(row)
+        longest, tail = slot_bias.shape[-1], tail_keys.shape[1]
+        own = query[row].reshape(kv_heads, groups * length, dim)  # rows: (query head in the group, query)
+        shape = (kv_heads, groups * length)
+        logits = torch.cat([slot_bias.expand(*shape, longest), tail_bias[:, None].expand(*shape, tail)], dim=-1)
+        if length > 1:
+            logits[:, :, longest:] += _causal_bias(length, tail, query.device).repeat(groups, 1)
+        for head, (keys_t, _, n) in enumerate(heads):
+            logits[head, :, :n].addmm_(own[head], keys_t, alpha=scaling)
+        logits[:, :, longest:].baddbmm_(own, tail_keys.transpose(1, 2), alpha=scaling)
+        weights = torch.softmax(logits, dim=-1)
+        out = torch.bmm(weights[:, :, longest:], tail_values)
+        for head, (_, values, n) in enumerate(heads):
+            out[head].addmm_(weights[head, :, :n], values)
+        rows.append(out.view(1, query_heads, length, dim))
+    return rows[0] if batch == 1 else torch.cat(rows)
+
+
+def reads_in_place(query: torch.Tensor, backend: str) -> bool:
+    """Whether ``query`` is few enough queries, on CPU with a CPU backend, for heads to be read in place."""
+    return query.shape[2] <= PARTS_QUERIES and not query.is_cuda and backend in ("eager", "sdpa")
+
+
 def per_head_attention(
     query: torch.Tensor,
     heads: Sequence[Sequence[tuple[Parts, Parts, Parts]]],
@@ -310,7 +346,7 @@ def per_head_attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(BACKENDS)}")
     kernel, groups = _IMPLEMENTATIONS[backend], query.shape[1] // len(heads[0])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    in_place = query.shape[2] <= PARTS_QUERIES and not query.is_cuda and backend in ("eager", "sdpa")
+    in_place = reads_in_place(query, backend)
     rows = []
     for row, per_head in enumerate(heads):
         outs = []
@@ -334,7 +370,8 @@ def per_head_attention(
 #: thread, ``benchmarks/heads/batched/``): buckets and one padded call per layer took 6-8 % longer per token
 #: than the loop with sdpa and eager at 8k, 16-36 % at 16k, 35-73 % at 32k, whole 26-139 % (busiest head 1.4-1.6x its
 #: layer's mean: padding copies more than two saved calls cost), at 2k within -1.3..+2.3 % of it (noise);
-#: so the CPU backends keep the loop. flex
+#: so the CPU backends keep the loop, and decode a packed layer in one padded logits block per row
+#: (:func:`packed_decode_attention`, no K/V copied). flex
 #: reads one padded block per layer (it read the layer whole before; compiled flex recompiles for every
 #: new shape either way).
 HEAD_READS = {"eager": "loop", "sdpa": "loop", "flex": "buckets", "flash_attn": "loop"}
@@ -397,8 +434,11 @@ def bucketed_attention(
 def read_packed(
     query: torch.Tensor, layer, *, scaling: float | None, backend: str, softcap: float | None = None
 ) -> torch.Tensor:
-    """Attention of ``query`` over a packed layer, read as :data:`HEAD_READS` says for ``backend``."""
+    """Attention of ``query`` over a packed layer, read as :data:`HEAD_READS` says for ``backend`` (a few
+    float32 queries on CPU without a logit cap, decoding: :func:`packed_decode_attention`)."""
     how = HEAD_READS[backend]
+    if how == "loop" and softcap is None and query.dtype == torch.float32 and reads_in_place(query, backend):
+        return packed_decode_attention(query, layer, scaling=scaling)
     if how == "loop":
         entries = layer.head_entries(joined=False)
         return per_head_attention(query, entries, scaling=scaling, backend=backend, softcap=softcap)

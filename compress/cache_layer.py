@@ -44,8 +44,9 @@ class NuggetLayer(DynamicLayer):
         #: of the first ``S`` slots; ``_keys``/``_values`` then hold the entries appended since.
         self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: Per row and head, ``(keys, values, bias)`` of its packed slots in use, made on the first
-        #: per-head read, with the bias of the packed slots it was made from (remade if that changes).
-        self._head_slots: tuple[list, torch.Tensor] | None = None
+        #: per-head read, with the bias of the packed slots it was made from (remade if that changes), and
+        #: per row that bias padded to the row's longest head and the heads' reads (see :meth:`packed_row`).
+        self._head_slots: tuple[list, torch.Tensor, list, list] | None = None
         #: Per packing, where each packed pair in use lands when heads are read padded (see :meth:`padded_heads`).
         self._padding: dict | None = None
         super().__init__()
@@ -160,9 +161,27 @@ class NuggetLayer(DynamicLayer):
         if self._head_slots is None or not torch.equal(self._head_slots[1], slot_bias):
             used_keys, used_values, in_use = self._packed
             counts = in_use.sum(dim=2).flatten().tolist()
-            split = zip(used_keys.split(counts), used_values.split(counts), slot_bias[in_use].split(counts))
-            self._head_slots = (list(split), slot_bias)
+            split = list(zip(used_keys.split(counts), used_values.split(counts), slot_bias[in_use].split(counts)))
+            heads, padded, reads = in_use.shape[1], [], []
+            for row in range(in_use.shape[0]):
+                own = split[row * heads : (row + 1) * heads]
+                block = slot_bias.new_full((heads, 1, max(len(bias) for _, _, bias in own)), MASKED)
+                for head, (_, _, bias) in enumerate(own):
+                    block[head, 0, : len(bias)] = bias
+                padded.append(block)
+                reads.append([(keys.transpose(0, 1), values, len(keys)) for keys, values, _ in own])
+            self._head_slots = (split, slot_bias, padded, reads)
         return self._head_slots[0]
+
+    def packed_row(self, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], torch.Tensor, tuple]:
+        """Row ``row`` of a packed layer as a few queries read it: per KV head ``(keys (D, n_h) transposed,
+        values (n_h, D), n_h)`` of its packed slots in use (views), their bias padded to the row's longest
+        head ``(Hkv, 1, L)`` (:data:`MASKED` past each head's ``n_h``), both made once per packing, and the
+        entries appended since, ``(keys (Hkv, T, D), values (Hkv, T, D), bias (1 | Hkv, T))`` (views)."""
+        slots = self._packed[2].shape[-1]
+        self._packed_heads(self.bias.expand(-1, self.kv_heads, -1)[..., :slots])
+        appended = (self._keys[row], self._values[row], self.bias[row, :, slots:])
+        return self._head_slots[3][row], self._head_slots[2][row], appended
 
     def slots_in_use(self) -> torch.Tensor:
         """``(B, Hkv, S)``: which of a packed layer's packed slots each head uses."""
@@ -359,7 +378,13 @@ class NuggetLayer(DynamicLayer):
         twin._keys, twin._values = share(self._keys), share(self._values)
         twin._packed = tuple(share(t) for t in self._packed) if self._packed is not None else None
         if self._head_slots is not None:
-            twin._head_slots = ([tuple(share(t) for t in e) for e in self._head_slots[0]], share(self._head_slots[1]))
+            split, slot_bias, padded, reads = self._head_slots
+            twin._head_slots = (
+                [tuple(share(t) for t in e) for e in split],
+                share(slot_bias),
+                [share(t) for t in padded],
+                [[(share(k), share(v), n) for k, v, n in row] for row in reads],
+            )
         twin._padding = self._padding  # integer plans of the same packing: shared, never changed in place
         for name in ("bias", "positions", "is_nugget", "scores", "surprise"):
             setattr(twin, name, share(getattr(self, name)))

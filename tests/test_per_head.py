@@ -86,6 +86,20 @@ def test_a_head_read_in_parts_in_place_equals_its_joined_keys(queries, softcap):
     torch.testing.assert_close(out, joined, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("queries", [1, 3])
+@torch.no_grad()
+def test_a_packed_layer_read_for_decoding_in_one_block_equals_it_read_head_by_head(queries):
+    """Decoding reads a packed layer's heads into one padded logits block per row: the same attention as
+    each head read alone over its own entries, for one token and a few (causal among them)."""
+    layer = _ragged_session().cache.layers[0]
+    layer.append(*(torch.randn(1, 2, 5, 16) for _ in range(2)), torch.zeros(1, 1, 5), torch.arange(5)[None] + 500)
+    query = torch.randn(1, 4, queries, 16, generator=torch.Generator().manual_seed(3))
+    head_by_head = per_head_attention(query, layer.head_entries(), scaling=0.3, backend="eager")
+    torch.testing.assert_close(
+        attention_module.packed_decode_attention(query, layer, scaling=0.3), head_by_head, atol=1e-5, rtol=1e-5
+    )
+
+
 def test_heads_of_close_lengths_share_a_call_and_far_ones_do_not():
     assert head_buckets([100, 100, 100], 50.0) == [(0, 1, 2)]
     assert head_buckets([10, 1000, 5000], 100.0) == [(0,), (1,), (2,)]
