@@ -6,6 +6,7 @@ import argparse
 
 from .bench_common import READINGS
 from .cli_options import add_cache_arguments, add_model_arguments
+from .lookback import DEFAULT_CUTOFF
 from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
@@ -92,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="look-back spans after the cache's entries, or at their text positions (while the cache keeps them)",
     )
     quality.add_argument("--lookback-span", type=int, default=64, help="tokens per look-back window")
+    quality.add_argument(
+        "--lookback-cutoff",
+        type=float,
+        default=DEFAULT_CUTOFF,
+        help="look-back reads no window scoring below this share of the best window's score (0: fill the look-back)",
+    )
     merge = sub.add_parser("merge", help="join the results of several runs of one kind into one JSON and PNG")
     merge.add_argument("runs", nargs="+", help="result directories or JSON files (all speed or all quality)")
     merge.add_argument("--out", required=True, help="directory for the merged JSON and PNG")
@@ -162,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             lookback_selectors=parse_list(args.lookback_selector, str, "lookback-selector"),
             lookback_placement=args.lookback_placement,
             lookback_span=args.lookback_span,
+            lookback_cutoff=args.lookback_cutoff,
         )
         runner = run_quality
     from .loading import load_nugget2d

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from .lookback import DEFAULT_SPAN, LookBack
+from .lookback import DEFAULT_CUTOFF, DEFAULT_SPAN, LookBack
 from .lookback_select import SELECTORS, has_text_positions
 from .session import StreamingSession
 
@@ -21,8 +21,9 @@ Variant = tuple[int, str | None]
 _log = logging.getLogger("nugget2d")
 
 
-def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int) -> None:
-    """``ValueError`` for a negative look-back, an unknown selector or a span below 2 tokens."""
+def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int, cutoff: float = 0.0) -> None:
+    """``ValueError`` for a negative look-back, an unknown selector, a span below 2 tokens or a cutoff
+    outside 0..1."""
     for tokens in lookbacks:
         if tokens < 0:
             raise ValueError(f"every --lookback must be >= 0 tokens (0 = off), got {tokens}")
@@ -31,6 +32,8 @@ def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int
             raise ValueError(f"unknown look-back selector {name!r}; choose from {list(SELECTORS)}")
     if span < 2:
         raise ValueError(f"the look-back span must be >= 2 tokens, got {span}")
+    if not 0.0 <= cutoff <= 1.0:
+        raise ValueError(f"--lookback-cutoff must be a share of the best window's score, 0 to 1, got {cutoff}")
 
 
 def variants(method: str, lookbacks: list[int], selectors: list[str]) -> list[Variant]:
@@ -49,13 +52,15 @@ def answer_variants(
     answers: tuple[str, ...],
     placement: str = "after",
     span: int = DEFAULT_SPAN,
+    cutoff: float = DEFAULT_CUTOFF,
     render: Callable[[list], str] = "".join,
 ) -> list[dict]:
     """Every variant's answer to one question of ``session`` (which has read the context): ``ask(fork,
     look)`` streams the answer's pieces on a fork, ``render`` makes the reply of them; ``answers`` are what
-    the oracle selector looks for. Per variant: the reply, seconds to the first piece and to the last, the
-    tokens generated, the largest cache bytes the answer read, tokens read back and the spans. The
-    attention selector is skipped (with a warning) where the cache is not numbered by text position."""
+    the oracle selector looks for; ``placement``, ``span`` and ``cutoff`` are :class:`LookBack`'s. Per
+    variant: the reply, seconds to the first piece and to the last, the tokens generated, the largest
+    cache bytes the answer read, tokens read back and the spans. The attention selector is skipped (with
+    a warning) where the cache is not numbered by text position."""
     results = []
     for tokens, selector in wanted:
         if selector == "attention" and not has_text_positions(session.cache):
@@ -64,7 +69,7 @@ def answer_variants(
         fork = session.fork()
         look = LookBack(tokens)
         if tokens:
-            look = LookBack(tokens, selector, span, placement, answers if selector == "oracle" else ())
+            look = LookBack(tokens, selector, span, placement, answers if selector == "oracle" else (), cutoff)
         generated, started = fork.stats.generated_tokens, time.perf_counter()
         pieces, first = [], None
         for piece in ask(fork, look):

@@ -55,7 +55,7 @@ from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .facts import plant
 from .generation import GenerationSettings
-from .lookback import DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
+from .lookback import DEFAULT_CUTOFF, DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
 from .session import POSITIONS, StreamingSession, start_ids
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
@@ -96,6 +96,7 @@ class QualityOptions:
     lookback_selectors: list[str] = field(default_factory=lambda: [DEFAULT_SELECTOR])
     lookback_placement: str = "after"  # look-back spans after the cache (measured better), or at their text positions
     lookback_span: int = DEFAULT_SPAN
+    lookback_cutoff: float = DEFAULT_CUTOFF
 
     def __post_init__(self) -> None:
         check_methods(self.methods, peers=True)
@@ -108,7 +109,9 @@ class QualityOptions:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
         check_ratios(self.ratios)
-        bench_lookback.check_lookback_options(self.lookback, self.lookback_selectors, self.lookback_span)
+        bench_lookback.check_lookback_options(
+            self.lookback, self.lookback_selectors, self.lookback_span, self.lookback_cutoff
+        )
         if self.lookback_placement not in PLACEMENTS:
             raise ValueError(f"lookback_placement must be one of {list(PLACEMENTS)}, got {self.lookback_placement!r}")
         for metric in self.metrics:
@@ -227,6 +230,7 @@ def answer(
         (code,),
         options.lookback_placement,
         options.lookback_span,
+        options.lookback_cutoff,
     )
     return results, held
 
@@ -252,7 +256,14 @@ def ruler_answer(
 
     wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
     results = bench_lookback.answer_variants(
-        session, ask, wanted, tuple(answers), options.lookback_placement, options.lookback_span, render
+        session,
+        ask,
+        wanted,
+        tuple(answers),
+        options.lookback_placement,
+        options.lookback_span,
+        options.lookback_cutoff,
+        render,
     )
     return results, held
 

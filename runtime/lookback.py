@@ -8,11 +8,12 @@ look-back ``N`` (:attr:`CacheConfig.lookback <nugget2d.runtime.cache_config.Cach
    read over a fork of the cache, per layer and KV head, each head's vote normalised), by BM25 between
    the question and each window's text (``bm25``, the ``bm25s`` library), by both (``hybrid``: each
    score over its maximum, summed), or, in benchmarks, by whether a window holds the answer (``oracle``);
-2. the best windows up to ``N`` tokens are merged into spans and read raw, in text order, into a
-   temporary fork of the cache: as a block after the cache's entries, just before the question
-   (``placement="after"``, the default: it answered best, ``benchmarks/lookback/``), or at their own
-   text positions while the cache is numbered by text position (``"text"``; the spans then also see
-   the later text as if it came before them);
+2. the best windows up to ``N`` tokens (none scoring below half the best one's, :data:`DEFAULT_CUTOFF`)
+   are merged into spans and read raw, in text order, into a temporary fork of the cache: as a block
+   after the cache's entries, just before the question (``placement="after"``, the default: it
+   answered best, ``benchmarks/lookback/``), or at their own text positions while the cache is
+   numbered by text position (``"text"``; the spans then also see the later text as if it came
+   before them);
 3. the question is read over that fork and answered; the fork is dropped, so the session's cache is
    the one it held before the question.
 
@@ -44,6 +45,8 @@ from .lookback_select import SELECTORS, has_text_positions, plan
 PLACEMENTS = ("text", "after")
 DEFAULT_SELECTOR = "bm25"  # as right as hybrid at 2k, fewer tokens read, any position mode (benchmarks/lookback)
 DEFAULT_SPAN = 64
+#: Windows scoring below this share of the best window's score are not read (see :class:`LookBack`).
+DEFAULT_CUTOFF = 0.5
 _log = logging.getLogger("nugget2d")
 
 
@@ -57,13 +60,16 @@ def check_lookback(tokens: int) -> None:
 class LookBack:
     """How much to read back before an answer (``tokens``, 0 = off), chosen by ``selector`` (a name in
     :data:`SELECTORS`) over windows of ``span`` tokens, placed at text positions or after the cache;
-    ``answers``: what the ``oracle`` selector looks for (benchmarks only)."""
+    ``answers``: what the ``oracle`` selector looks for (benchmarks only); ``cutoff``: windows scoring
+    below that share of the best window's score are not read, even when ``tokens`` leaves room (0: fill
+    the look-back with the best windows, whatever their score)."""
 
     tokens: int = 0
     selector: str = DEFAULT_SELECTOR
     span: int = DEFAULT_SPAN
     placement: str = "after"
     answers: tuple[str, ...] = ()
+    cutoff: float = DEFAULT_CUTOFF
 
     def __post_init__(self) -> None:
         check_lookback(self.tokens)
@@ -71,6 +77,8 @@ class LookBack:
             raise ValueError(f"the look-back selector must be one of {list(SELECTORS)}, got {self.selector!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"the look-back placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        if not 0.0 <= self.cutoff <= 1.0:
+            raise ValueError(f"the look-back cutoff must be a share of the best score, 0 to 1, got {self.cutoff}")
         if self.span < 2:
             raise ValueError(f"the look-back span must be >= 2 tokens, got {self.span}")
         if self.selector == "oracle" and not self.answers:

@@ -4,7 +4,7 @@ Every selector scores the windows of a :class:`Candidates` (``span`` tokens, ove
 text older than the raw window): ``attention`` by the attention the question gives the kept entries
 inside each window, ``bm25`` by BM25 (``bm25s``) between the question and the window's text,
 ``hybrid`` by both, each over its maximum, and ``oracle`` (benchmarks) by whether it holds the answer.
-:func:`choose_spans` takes the best windows up to the look-back's tokens.
+:func:`choose_spans` takes the best windows up to the look-back's tokens, leaving those far below the best.
 """
 
 from __future__ import annotations
@@ -106,16 +106,20 @@ def select_scores(look, view: Candidates) -> np.ndarray:
     return oracle_scores(view, look.answers)
 
 
-def choose_spans(scores: np.ndarray, wins: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
-    """The best-scoring windows (score > 0) whose union stays within ``tokens`` (a window longer than
-    what is left gives its middle part), merged where they touch or overlap, in text order."""
+def choose_spans(
+    scores: np.ndarray, wins: list[tuple[int, int]], tokens: int, cutoff: float = 0.0
+) -> list[tuple[int, int]]:
+    """The best-scoring windows (score > 0, and at least ``cutoff`` times the best window's) whose union
+    stays within ``tokens`` (a window longer than what is left gives its middle part), merged where they
+    touch or overlap, in text order."""
     if not wins:
         return []
+    floor = cutoff * float(scores.max())
     lo, hi = min(a for a, _ in wins), max(b for _, b in wins)
     taken = np.zeros(hi - lo, dtype=bool)
     left = tokens
     for i in sorted(range(len(wins)), key=lambda i: (-scores[i], wins[i][0])):
-        if scores[i] <= 0 or left <= 0:
+        if scores[i] <= 0 or scores[i] < floor or left <= 0:
             break
         a, b = wins[i]
         new = int((~taken[a - lo : b - lo]).sum())
@@ -199,4 +203,4 @@ def plan(
             )
         else:
             _log.warning("look-back: this cache is numbered by entries; the hybrid selector scores by BM25 alone")
-    return choose_spans(select_scores(look, view), wins, look.tokens)
+    return choose_spans(select_scores(look, view), wins, look.tokens, look.cutoff)

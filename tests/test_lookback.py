@@ -11,7 +11,7 @@ from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.runtime import lookback as lookback_module
 from nugget2d.runtime.generation import GenerationSettings, TokenStream
 from nugget2d.runtime.lookback import IDS_FILE, LookBack
-from nugget2d.runtime.lookback_select import choose_spans, windows
+from nugget2d.runtime.lookback_select import Candidates, bm25_scores, choose_spans, windows
 from nugget2d.runtime.session import CacheConfig, StreamingSession
 
 FACT = "the secret code is blue door"
@@ -155,6 +155,8 @@ def test_bad_lookback_values_are_refused():
         LookBack(64, "magic")
     with pytest.raises(ValueError, match="oracle selector needs the answers"):
         LookBack(64, "oracle")
+    with pytest.raises(ValueError, match="cutoff must be a share of the best score, 0 to 1"):
+        LookBack(64, cutoff=1.5)
     session = _session()
     with pytest.raises(ValueError, match="lookback must be a whole number"):
         list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=2), lookback=-3))
@@ -183,6 +185,23 @@ def test_spans_are_the_best_windows_within_the_budget_merged():
     assert choose_spans(scores, wins, 40) == [(4, 28), (44, 60)]
     assert choose_spans(np.zeros(len(wins)), wins, 40) == []  # nothing scores: nothing is read
     assert choose_spans(scores, wins, 8) == [(8, 16)]  # a window longer than the look-back: its middle
+    assert choose_spans(scores, wins, 40, cutoff=0.5) == [(4, 28)]  # 1.0 is below half the best (3.0)
+    assert choose_spans(scores, wins, 40, cutoff=1.0) == [(4, 20)]  # only the best
+
+
+def test_the_default_lookback_reads_no_window_far_below_the_best():
+    """One window holds every word of the question; the rest share one of them: look-back 512 reads the
+    best windows and none scoring below half of the best (with cutoff 0 it fills its 512 tokens)."""
+    tokenizer = tiny_tokenizer()
+    filler = "the man was at the river with his fish and the old book by the door . " * 40
+    text = filler + "the secret code of the blue door is angler . " + filler
+    ids = np.array(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int32)
+    wins = windows(0, len(ids), 32)
+    view = Candidates(ids, wins, "what is the secret code of the blue door ?", tokenizer)
+    scores = bm25_scores(view)
+    default = choose_spans(scores, wins, 512, LookBack(512).cutoff)
+    assert sum(b - a for a, b in default) < 100 and any("angler" in tokenizer.decode(ids[a:b]) for a, b in default)
+    assert sum(b - a for a, b in choose_spans(scores, wins, 512, 0.0)) == 512
 
 
 def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path):
@@ -223,8 +242,10 @@ def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path)
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     lines = table.rows(tmp_path)
-    assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | after | " in "\n".join(lines)
+    assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | after | 0.5 | " in "\n".join(lines)
     with pytest.raises(ValueError, match="unknown look-back selector"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_selectors=["magic"])
     with pytest.raises(ValueError, match="every --lookback must be >= 0"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback=[-1])
+    with pytest.raises(ValueError, match="--lookback-cutoff must be a share"):
+        QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_cutoff=-0.1)

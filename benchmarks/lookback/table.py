@@ -21,7 +21,7 @@ from nugget2d.runtime.marked_block import regenerate, replace_marked
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- table:begin (benchmarks/lookback/table.py) -->", "<!-- table:end -->"
 HEADER = (
-    "| run | context | method | look-back | selector | placement | planted-fact QA | RULER niah_single_1 | "
+    "| run | context | method | look-back | selector | placement | cutoff | planted-fact QA | RULER niah_single_1 | "
     "s / answer | s to first token | tokens / answer | resident cache MiB | peak MiB while answering | "
     "tokens read back |"
 )
@@ -47,6 +47,7 @@ def rows(here: Path = HERE) -> list[str]:
     for path in sorted(here.glob("*/quality.json")):
         data = json.loads(path.read_text())
         placement = run_options(data).get("lookback_placement", "after")
+        cutoff = run_options(data).get("lookback_cutoff", 0.0)  # runs before the cutoff filled their look-back
         for record in data["records"]:
             tokens = record.get("lookback", 0)
             parts = [
@@ -56,6 +57,7 @@ def rows(here: Path = HERE) -> list[str]:
                 str(tokens) if tokens else "off",
                 record.get("lookback_selector", "") if tokens else "",
                 placement if tokens else "",
+                f"{cutoff:g}" if tokens and record.get("lookback_selector") != "oracle" else "",
                 _accuracy(record, "qa_accuracy", "", "qa_examples"),
                 _accuracy(record, "ruler_score", "ruler_samples", "ruler_answers"),
                 _cell(record, "seconds_per_answer", 1),
