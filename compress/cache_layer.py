@@ -143,7 +143,7 @@ class NuggetLayer(DynamicLayer):
         batch, heads = self.bias.shape[0], self.kv_heads
         bias = self.bias.expand(batch, heads, -1)
         slots = self._packed[2].shape[-1] if self._packed is not None else 0
-        packed = self._packed_heads(bias[..., :slots]) if self._packed is not None else None
+        packed = self._head_plan()[0] if self._packed is not None else None
         entries = []
         for row in range(batch):
             entries.append([])
@@ -155,9 +155,11 @@ class NuggetLayer(DynamicLayer):
                 entries[-1].append(entry)
         return entries
 
-    def _packed_heads(self, slot_bias: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per row and head, the packed slots in use: views of the packed K/V and their bias, split
-        once per packing (and again if the slots' bias changed since)."""
+    def _head_plan(self) -> tuple[list, torch.Tensor, list, list]:
+        """A packed layer's :attr:`_head_slots`: per row and head its packed slots in use (views of the
+        packed K/V and their bias), the slots' bias, and per row that bias padded and the heads' reads
+        (:meth:`packed_row`); made once per packing (and again if the slots' bias changed since)."""
+        slot_bias = self.bias.expand(-1, self.kv_heads, -1)[..., : self._packed[2].shape[-1]]
         if self._head_slots is None or not torch.equal(self._head_slots[1], slot_bias):
             used_keys, used_values, in_use = self._packed
             counts = in_use.sum(dim=2).flatten().tolist()
@@ -171,17 +173,17 @@ class NuggetLayer(DynamicLayer):
                 padded.append(block)
                 reads.append([(keys.transpose(0, 1), values, len(keys)) for keys, values, _ in own])
             self._head_slots = (split, slot_bias, padded, reads)
-        return self._head_slots[0]
+        return self._head_slots
 
     def packed_row(self, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], torch.Tensor, tuple]:
         """Row ``row`` of a packed layer as a few queries read it: per KV head ``(keys (D, n_h) transposed,
         values (n_h, D), n_h)`` of its packed slots in use (views), their bias padded to the row's longest
         head ``(Hkv, 1, L)`` (:data:`MASKED` past each head's ``n_h``), both made once per packing, and the
         entries appended since, ``(keys (Hkv, T, D), values (Hkv, T, D), bias (1 | Hkv, T))`` (views)."""
+        _, _, padded, reads = self._head_plan()
         slots = self._packed[2].shape[-1]
-        self._packed_heads(self.bias.expand(-1, self.kv_heads, -1)[..., :slots])
         appended = (self._keys[row], self._values[row], self.bias[row, :, slots:])
-        return self._head_slots[3][row], self._head_slots[2][row], appended
+        return reads[row], padded[row], appended
 
     def slots_in_use(self) -> torch.Tensor:
         """``(B, Hkv, S)``: which of a packed layer's packed slots each head uses."""

@@ -9,11 +9,12 @@ choosing and reading spans, reading the question, generating), with the largest 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
 
-from .lookback import DEFAULT_CUTOFF, DEFAULT_SPAN, LookBack
+from .lookback import LookBack
 from .lookback_select import SELECTORS, has_text_positions
 from .session import StreamingSession
 
@@ -50,17 +51,15 @@ def answer_variants(
     ask: Callable[[StreamingSession, LookBack], Iterable],
     wanted: list[Variant],
     answers: tuple[str, ...],
-    placement: str = "after",
-    span: int = DEFAULT_SPAN,
-    cutoff: float = DEFAULT_CUTOFF,
+    shape: LookBack | None = None,
     render: Callable[[list], str] = "".join,
 ) -> list[dict]:
     """Every variant's answer to one question of ``session`` (which has read the context): ``ask(fork,
     look)`` streams the answer's pieces on a fork, ``render`` makes the reply of them; ``answers`` are what
-    the oracle selector looks for; ``placement``, ``span`` and ``cutoff`` are :class:`LookBack`'s. Per
-    variant: the reply, seconds to the first piece and to the last, the tokens generated, the largest
-    cache bytes the answer read, tokens read back and the spans. The attention selector is skipped (with
-    a warning) where the cache is not numbered by text position."""
+    the oracle selector looks for; ``shape`` gives every variant its placement, span and cutoff (default:
+    :class:`LookBack`'s). Per variant: the reply, seconds to the first piece and to the last, the tokens
+    generated, the largest cache bytes the answer read, tokens read back and the spans. The attention
+    selector is skipped (with a warning) where the cache is not numbered by text position."""
     results = []
     for tokens, selector in wanted:
         if selector == "attention" and not has_text_positions(session.cache):
@@ -69,7 +68,8 @@ def answer_variants(
         fork = session.fork()
         look = LookBack(tokens)
         if tokens:
-            look = LookBack(tokens, selector, span, placement, answers if selector == "oracle" else (), cutoff)
+            oracle = answers if selector == "oracle" else ()
+            look = dataclasses.replace(shape or LookBack(), tokens=tokens, selector=selector, answers=oracle)
         generated, started = fork.stats.generated_tokens, time.perf_counter()
         pieces, first = [], None
         for piece in ask(fork, look):

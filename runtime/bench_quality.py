@@ -55,7 +55,7 @@ from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .facts import plant
 from .generation import GenerationSettings
-from .lookback import DEFAULT_CUTOFF, DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS
+from .lookback import DEFAULT_CUTOFF, DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS, LookBack
 from .session import POSITIONS, StreamingSession, start_ids
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
@@ -139,6 +139,10 @@ class QualityOptions:
             bench_ruler.check_tasks(self.ruler_tasks)
         if self.ruler_raw_tail is not None and self.ruler_raw_tail < 1:
             raise ValueError(f"ruler_raw_tail must be >= 1 (or unset: the question line), got {self.ruler_raw_tail}")
+
+    def look_back(self) -> LookBack:
+        """The placement, span and cutoff every look-back variant of the run reads with (look-back off)."""
+        return LookBack(0, span=self.lookback_span, placement=self.lookback_placement, cutoff=self.lookback_cutoff)
 
     @property
     def window_reserve(self) -> int:
@@ -228,9 +232,7 @@ def answer(
         lambda fork, look: fork.ask(question, settings, lookback=look),
         wanted,
         (code,),
-        options.lookback_placement,
-        options.lookback_span,
-        options.lookback_cutoff,
+        options.look_back(),
     )
     return results, held
 
@@ -255,16 +257,7 @@ def ruler_answer(
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     wanted = bench_lookback.variants(shape.method, options.lookback, options.lookback_selectors)
-    results = bench_lookback.answer_variants(
-        session,
-        ask,
-        wanted,
-        tuple(answers),
-        options.lookback_placement,
-        options.lookback_span,
-        options.lookback_cutoff,
-        render,
-    )
+    results = bench_lookback.answer_variants(session, ask, wanted, tuple(answers), options.look_back(), render)
     return results, held
 
 
