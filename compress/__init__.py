@@ -7,7 +7,7 @@ from .attention import BACKENDS, MASKED, biased_attention, register_backends
 from .cache import NuggetCache
 from .config import Nugget2DConfig
 from .model import Nugget2DModel, check_architecture, model_fingerprint
-from .scorer import Scorer
+from .scorer import Scorer, UnionScorer
 from .selection import nugget_count, select_threshold, select_topk
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Nugget2DModel",
     "NuggetCache",
     "Scorer",
+    "UnionScorer",
     "biased_attention",
     "check_architecture",
     "model_fingerprint",

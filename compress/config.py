@@ -38,6 +38,8 @@ class Nugget2DConfig:
       keeps the same nuggets) or ``head`` (one score per token, layer and KV head: the budget is
       spread unevenly over layers and heads, docs/design.md). A ``head`` scorer also serves token-level
       caches (the mean of its scores).
+    * ``scorer_members`` — 1: one scorer; more: a union of scorers fitted to different text, an entry
+      scoring the best of its members' calibrated scores (``nugget2d union``).
     """
 
     ratio: float = 0.1
@@ -52,6 +54,7 @@ class Nugget2DConfig:
     positions: PositionMode = "original"
     decoder_adapter: bool = False
     allocation: Allocation = "token"
+    scorer_members: int = 1
     base_model: str = ""
     base_model_hash: str = ""
 
@@ -72,6 +75,8 @@ class Nugget2DConfig:
         _check_choice("selection", self.selection, ("topk", "threshold"))
         _check_choice("positions", self.positions, ("original", "cache"))
         _check_choice("allocation", self.allocation, ("token", "head"))
+        if not isinstance(self.scorer_members, int) or self.scorer_members < 1:
+            raise ValueError(f"scorer_members must be an integer >= 1, got {self.scorer_members!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict of every field."""

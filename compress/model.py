@@ -31,7 +31,7 @@ from .config import Nugget2DConfig
 from .hf_compat import CACHE_ARGUMENT
 from .policies import PerHeadBudget
 from .rope import Rotary, layer_rotaries
-from .scorer import Scorer
+from .scorer import make_scorer
 from .selection import nugget_count, select_threshold, select_topk
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,7 +126,9 @@ class Nugget2DModel(nn.Module):
         self._lora_layers = tuner_layers(self.peft_model)
         weight = base_model.get_input_embeddings().weight
         heads = (self.num_layers, self.num_kv_heads) if config.allocation == "head" else None
-        self.scorer = Scorer(base_model.config.hidden_size, heads).to(device=weight.device, dtype=torch.float32)
+        self.scorer = make_scorer(base_model.config.hidden_size, heads, config.scorer_members).to(
+            device=weight.device, dtype=torch.float32
+        )
         #: each layer's sliding window (None: global) and RoPE
         self.layer_windows = layer_windows(base_model)
         self._rotaries = layer_rotaries(

@@ -228,6 +228,10 @@ COMMANDS: dict[str, Command] = {
         "train the compressor (LoRA + scorer) on DeepSpeed, here or on Ray Train",
         *_lazy(".train", "add_arguments", "run"),
     ),
+    "union": (
+        "join adapters' scorers into one that keeps what any of them ranks high",
+        *_lazy(".scorer_union", "add_arguments", "run"),
+    ),
     "bench": (
         "measure speed, memory and quality of every cache method at one budget",
         *_lazy(".bench_cli", "add_arguments", "run"),

@@ -32,7 +32,9 @@ def model_card(
         f"Base model: `{config.get('model') or 'SmolLM2-135M-Instruct (embedded default)'}`. "
         f"Compression ratio r = {adapter['ratio']}; LoRA rank {adapter['lora_rank']} on the encoder"
         + (" and decoder" if adapter["decoder_adapter"] else " (the unmodified model reads the cache)")
-        + f"; scorer on layer {adapter['scorer_layer']}; allocation `{adapter['allocation']}`, bias mode "
+        + f"; scorer on layer {adapter['scorer_layer']}"
+        + (f" (a union of {adapter['scorer_members']})" if adapter.get("scorer_members", 1) > 1 else "")
+        + f"; allocation `{adapter['allocation']}`, bias mode "
         f"`{adapter['bias_mode']}`, positions `{adapter['positions']}`.",
         "",
         "## Training",

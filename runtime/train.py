@@ -197,6 +197,11 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
     allocation = config.allocation or ("head" if scorer_only else None)
     if config.init_adapter:
         model = Nugget2DModel.from_pretrained(config.init_adapter, base_model=base)
+        if scorer_only and model.config.scorer_members > 1:
+            raise ValueError(
+                f"--init-adapter {config.init_adapter} holds a union of {model.config.scorer_members} scorers; "
+                "--objective scorer fits one: start from one member's adapter, then join them with `nugget2d union`"
+            )
         model.config.ratio, model.config.bias_mode = config.ratio, bias_mode or model.config.bias_mode
         model.config.positions = config.positions
         if config.decoder_adapter and not model.config.decoder_adapter:  # the reader learns from here on
@@ -205,7 +210,7 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
         if allocation and allocation != model.config.allocation:
             heads = (model.num_layers, model.num_kv_heads) if allocation == "head" else None
             model.scorer = Scorer(model.base.config.hidden_size, heads).to(model.device)
-            model.config.allocation = allocation
+            model.config.allocation, model.config.scorer_members = allocation, 1
     else:
         nugget_config = Nugget2DConfig(
             ratio=config.ratio,
