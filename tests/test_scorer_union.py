@@ -86,7 +86,8 @@ def test_nugget2d_union_writes_an_adapter_that_loads_and_generates(tmp_path, tin
     for member, source in zip(restored.scorer.members, (a, b)):
         assert all(torch.equal(x, y) for x, y in zip(member.parameters(), source.scorer.parameters()))
     assert torch.all(restored.scorer.spread > 0)
-    lora, first = load_file(str(out / "adapter_model.safetensors")), load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    lora = load_file(str(out / "adapter_model.safetensors"))
+    first = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert lora.keys() == first.keys() and all(torch.equal(lora[k], first[k]) for k in lora)
     record = json.loads((out / "scorer_union.json").read_text())
     assert record["command"].startswith("nugget2d union ") and len(record["members"]) == 2
