@@ -139,11 +139,14 @@ def trajectory(config: dict[str, Any], data: list[dict[str, str]], world_size: i
     return fields
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``field: saved -> current`` for every trajectory field that differs (empty when none do)."""
-    differences = []
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """``field: saved -> current`` for every trajectory field that differs (empty when none do); a field
+    a checkpoint saved before it existed reads as its default (``defaults``)."""
+    differences, defaults = [], defaults or {}
     for key in sorted(set(saved) | set(current)):
-        before, after = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        before, after = saved.get(key, defaults.get(key, "<absent>")), current.get(key, "<absent>")
         if before != after:
             if key == "data":
                 before, after = _short(before), _short(after)

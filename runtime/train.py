@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 
@@ -73,6 +73,7 @@ class TrainConfig:
     loss: str = "ce"  # cache objectives: "ce", "kl" (to the full-context frozen model) or "ce+kl"
     allocation: str | None = None  # scorer outputs: "token" or "head"; None = "head" for scorer, else the default
     bias_mode: str | None = None  # nuggets' attention bias; None = the init adapter's, else "plain" (see build_model)
+    freeze_scorer: bool = False  # cache objectives: only the LoRA trains, the --init-adapter's scorer stays as it is
     resume: bool = False
     allow_config_change: bool = False  # resume even if the checkpoint's data or trajectory settings differ
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
@@ -97,6 +98,11 @@ class TrainConfig:
             raise ValueError(f"--allocation must be 'token' or 'head', got {self.allocation!r}")
         if self.bias_mode not in (None, *BIAS_MODES):
             raise ValueError(f"--bias-mode must be one of {list(BIAS_MODES)}, got {self.bias_mode!r}")
+        if self.freeze_scorer and (self.objective == "scorer" or not self.init_adapter):
+            raise ValueError(
+                "--freeze-scorer keeps the --init-adapter's scorer while the LoRA trains: give --init-adapter, "
+                "and a cache objective (--objective scorer trains the scorer alone)"
+            )
         if self.objective == "scorer":
             if self.bias_mode == "plain":
                 raise ValueError(
@@ -226,6 +232,9 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
     model.config.base_model = config.model or model.config.base_model
     if scorer_only:  # the LoRA stays as it is (zero, or the init adapter's): only the scorer trains
         for parameter in model.peft_model.parameters():
+            parameter.requires_grad_(False)
+    if config.freeze_scorer:  # the LoRA learns to read what this scorer keeps
+        for parameter in model.scorer.parameters():
             parameter.requires_grad_(False)
     return model
 
@@ -399,7 +408,8 @@ def _resumable(output: Path, model: Nugget2DModel, config: TrainConfig, identity
             "resume with the same --model or start a new --output"
         )
     state = json.loads((directory / STATE).read_text())
-    differences = checkpoints.config_differences(state.get("trajectory", {}), identity)
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    differences = checkpoints.config_differences(state.get("trajectory", {}), identity, defaults)
     if differences and not config.allow_config_change:
         raise ValueError(
             f"--resume: {directory} was trained with other settings or data, so the run would not continue "
@@ -496,6 +506,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.plant_facts,
         help="synthetic rare facts (names, numbers, dates) planted in each text segment: teaches a scorer to keep "
         "what the text around it does not predict",
+    )
+    parser.add_argument(
+        "--freeze-scorer",
+        action="store_true",
+        help="cache objectives: train the LoRA only, keeping the --init-adapter's scorer as it is (the encoder "
+        "learns to read what that scorer keeps)",
     )
     parser.add_argument(
         "--positions",

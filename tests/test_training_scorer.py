@@ -15,6 +15,7 @@ from test_training_resume import assert_same_final_state
 from tiny_models import SENTENCES, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.runtime.checkpoints import config_differences
 from nugget2d.runtime.importance import kv_importance
 from nugget2d.runtime.objectives import (
     NuggetObjective,
@@ -274,3 +275,32 @@ def test_training_with_the_kl_loss_lowers_it(tmp_path, trainable_model_dir, corp
     assert last["heldout_ppl"] == pytest.approx(math.exp(last["heldout_ce"]))
     card = (tmp_path / "kl" / "checkpoint-16" / "adapter" / "README.md").read_text()
     assert "KL(the frozen model reading the full uncompressed text" in card
+
+
+def test_freeze_scorer_trains_the_lora_only(tmp_path, tiny_model_dir, corpus):
+    """With --freeze-scorer a cache objective moves the LoRA and leaves the init adapter's scorer
+    byte for byte; without an init adapter, or with --objective scorer, it is refused."""
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "init", max_steps=1, save_every=1))
+    init = tmp_path / "init" / "checkpoint-1" / "adapter"
+    out = tmp_path / "frozen"
+    frozen = dict(max_steps=2, save_every=2, init_adapter=str(init), freeze_scorer=True)
+    train_loop(_config(tiny_model_dir, corpus, out, **frozen))
+    adapter = out / "checkpoint-2" / "adapter"
+    before, after = load_file(str(init / "scorer.safetensors")), load_file(str(adapter / "scorer.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    lora_before = load_file(str(init / "adapter_model.safetensors"))
+    lora_after = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
+    scorer_run = {"freeze_scorer": True, "objective": "scorer", "init_adapter": str(init)}
+    for overrides in ({"freeze_scorer": True}, scorer_run):
+        with pytest.raises(ValueError, match="--freeze-scorer keeps the --init-adapter's scorer"):
+            _config(tiny_model_dir, corpus, tmp_path / "x", decoder_adapter=False, **overrides)
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_reads_it_as_its_default():
+    saved = {"lr": 0.01, "seed": 0}
+    assert config_differences(saved, {"lr": 0.01, "seed": 0, "freeze_scorer": False}, {"freeze_scorer": False}) == []
+    assert config_differences(saved, {"lr": 0.01, "seed": 0, "freeze_scorer": True}, {"freeze_scorer": False}) == [
+        "freeze_scorer: False -> True"
+    ]
+    assert config_differences(saved, {"lr": 0.01, "seed": 0, "new": 1}) == ["new: '<absent>' -> 1"]
