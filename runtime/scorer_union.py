@@ -21,15 +21,16 @@ from .models import load_model
 
 RECORD = "scorer_union.json"  # beside the adapter: what the union was built from
 CALIBRATION_TOKENS = 2048
+MIN_CALIBRATION_TOKENS = 64  # fewer give a mean and spread too noisy to put members on one scale
 
 
-def member_states(directory: Path) -> list[dict[str, torch.Tensor]]:
-    """The scorer weights an adapter directory holds, one state per scorer (a union gives each member)."""
+def member_states(directory: Path, members: int) -> list[dict[str, torch.Tensor]]:
+    """The scorer weights an adapter directory holds, one state per scorer (a union of ``members``, as its
+    config says, gives each member)."""
     path = directory / SCORER_WEIGHTS
     if not path.is_file():
         raise ValueError(f"adapter directory {directory} is incomplete: {SCORER_WEIGHTS} is missing")
     state = load_file(str(path))
-    members = Nugget2DConfig.load(directory).scorer_members
     if members == 1:
         return [state]
     return [
@@ -51,12 +52,14 @@ def check_joinable(first: Nugget2DConfig, other: Nugget2DConfig, name: str) -> N
 
 def calibration_ids(tokenizer, path: Path, tokens: int) -> torch.Tensor:
     """The first ``tokens`` token ids of the text file at ``path`` ``(1, n)``; ``ValueError`` when it
-    holds fewer than 64."""
+    holds fewer than :data:`MIN_CALIBRATION_TOKENS`."""
     if not path.is_file():
         raise FileNotFoundError(f"calibration text {path} does not exist; pass a plain UTF-8 text file")
     ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids[:, :tokens]
-    if ids.shape[1] < 64:
-        raise ValueError(f"calibration text {path} has {ids.shape[1]} tokens; give one of at least 64")
+    if ids.shape[1] < MIN_CALIBRATION_TOKENS:
+        raise ValueError(
+            f"calibration text {path} has {ids.shape[1]} tokens; give one of at least {MIN_CALIBRATION_TOKENS}"
+        )
     return ids
 
 
@@ -74,12 +77,16 @@ def join_scorers(
     it. Checks every input before writing anything."""
     if len(adapters) < 2:
         raise ValueError("give at least two adapter directories to join")
-    if tokens < 64:
-        raise ValueError(f"--calibration-tokens must be >= 64, got {tokens}")
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise ValueError(f"--calibration-tokens must be >= {MIN_CALIBRATION_TOKENS}, got {tokens}")
     configs = [Nugget2DConfig.load(directory) for directory in adapters]
     for directory, config in zip(adapters[1:], configs[1:]):
         check_joinable(configs[0], config, str(directory))
-    states = [state for directory in adapters for state in member_states(directory)]
+    states = [
+        state
+        for directory, config in zip(adapters, configs)
+        for state in member_states(directory, config.scorer_members)
+    ]
     base, tokenizer = load_model(model)
     nugget = Nugget2DModel.from_pretrained(adapters[0], base_model=base)
     ids = calibration_ids(tokenizer, calibration, tokens).to(nugget.device)
