@@ -210,6 +210,7 @@ def optimizer_tensors(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     optimizer, partitions = zero_optimizer(engine)
+    _link_optimizer_state(optimizer)
     state = optimizer.optimizer.state
     moment_keys = sorted({k for flat in partitions for k, v in state[flat].items() if _moment(v, flat)})
     tensors: dict[str, torch.Tensor] = {}
@@ -226,6 +227,15 @@ def optimizer_tensors(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             elif not torch.is_tensor(value):
                 scalars[f"{GROUP}{index}{SEP}{key}"] = value
     return tensors, scalars
+
+
+def _link_optimizer_state(optimizer) -> None:
+    """Point every parameter of a ZeRO 1/2 optimizer at its group's current optimizer state. DeepSpeed
+    links them once, right after the first group's first step, so with several groups (``--scorer-lr``)
+    the later groups' parameters would point at a state not yet created."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _moment(value: Any, flat: torch.Tensor) -> bool:
@@ -268,8 +278,7 @@ def load_optimizer(engine, directory: Path, saved: dict[str, Any], reschedule: b
         for key in list(state[flat]):
             if not _moment(state[flat][key], flat):
                 state[flat][key] = _scalar(tensors, saved["optimizer_scalars"], index, key, state[flat][key])
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2: link params to the new state
-        optimizer._lazy_init_hp_params_optimizer_state()
+    _link_optimizer_state(optimizer)
     moment_keys = sorted({k.split(SEP, 1)[1] for k in tensors if not k.startswith(GROUP)} - {"fp32"})
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
         for name, param in params:

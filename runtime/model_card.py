@@ -50,7 +50,9 @@ def model_card(
             + (f", {config['sinks']} sink and {config['recent']} recent tokens kept raw" if config["recent"] else "")
         ),
         f"* Steps: {steps} of {config['max_steps']} (batch {config['batch_size']}), {tokens_seen:,} tokens seen",
-        f"* Optimiser: AdamW (0.9, 0.95), lr {config['lr']}, warm-up {config['warmup_steps']}, cosine; "
+        f"* Optimiser: AdamW (0.9, 0.95), lr {config['lr']}"
+        + (f" (scorer {config['scorer_lr']})" if config.get("scorer_lr") is not None else "")
+        + f", warm-up {config['warmup_steps']}, cosine; "
         f"DeepSpeed `{config['ds_config']}`",
         f"* Command: `{command(config, defaults)}`",
         "",

@@ -74,6 +74,7 @@ class TrainConfig:
     allocation: str | None = None  # scorer outputs: "token" or "head"; None = "head" for scorer, else the default
     bias_mode: str | None = None  # nuggets' attention bias; None = the init adapter's, else "plain" (see build_model)
     freeze_scorer: bool = False  # cache objectives: only the LoRA trains, the --init-adapter's scorer stays as it is
+    scorer_lr: float | None = None  # cache objectives: the scorer's peak learning rate; None = --lr (one group)
     resume: bool = False
     allow_config_change: bool = False  # resume even if the checkpoint's data or trajectory settings differ
     stop_at: int | None = None  # end (with a checkpoint) after this step, as an interrupted run would
@@ -102,6 +103,12 @@ class TrainConfig:
             raise ValueError(
                 "--freeze-scorer keeps the --init-adapter's scorer while the LoRA trains: give --init-adapter, "
                 "and a cache objective (--objective scorer trains the scorer alone)"
+            )
+        if self.scorer_lr is not None and (self.scorer_lr <= 0 or self.freeze_scorer or self.objective == "scorer"):
+            raise ValueError(
+                f"--scorer-lr sets the scorer's learning rate (> 0, got {self.scorer_lr}) while a cache objective "
+                "trains the LoRA at --lr: drop it with --freeze-scorer (scorer not trained) or --objective scorer "
+                "(the scorer alone, at --lr)"
             )
         if self.objective == "scorer":
             if self.bias_mode == "plain":
@@ -239,6 +246,17 @@ def build_model(config: TrainConfig, base) -> Nugget2DModel:
     return model
 
 
+def optimizer_groups(config: TrainConfig, model: Nugget2DModel) -> list:
+    """What the optimizer trains: the trainable parameters at ``--lr``, or with ``--scorer-lr`` two
+    groups, the LoRA at ``--lr`` and the scorer at its own rate (the schedule scales both alike)."""
+    if config.scorer_lr is None:
+        return model.trainable_parameters()
+    scorer = [parameter for parameter in model.scorer.parameters() if parameter.requires_grad]
+    chosen = {id(parameter) for parameter in scorer}
+    lora = [parameter for parameter in model.trainable_parameters() if id(parameter) not in chosen]
+    return [{"params": lora}, {"params": scorer, "lr": config.scorer_lr}]
+
+
 def build_objective(config: TrainConfig, model: Nugget2DModel) -> torch.nn.Module:
     """The module DeepSpeed wraps: the scorer's ranking objective or the cache objective with ``--loss``."""
     return ScorerObjective(model) if config.objective == "scorer" else NuggetObjective(model, config.loss)
@@ -273,7 +291,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     ds_config["optimizer"]["params"]["lr"] = config.lr
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective,
-        model_parameters=model.trainable_parameters(),
+        model_parameters=optimizer_groups(config, model),
         config=ds_config,
         lr_scheduler=lambda optimizer: cosine_with_warmup(optimizer, config.warmup_steps, config.max_steps),
     )
@@ -512,6 +530,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cache objectives: train the LoRA only, keeping the --init-adapter's scorer as it is (the encoder "
         "learns to read what that scorer keeps)",
+    )
+    parser.add_argument(
+        "--scorer-lr",
+        type=float,
+        default=defaults.scorer_lr,
+        help="cache objectives: the scorer's peak learning rate when it should differ from --lr, e.g. far below it "
+        "so a fitted --init-adapter scorer adapts to the LoRA without being re-ranked (default: --lr)",
     )
     parser.add_argument(
         "--positions",

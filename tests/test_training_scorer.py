@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +296,35 @@ def test_freeze_scorer_trains_the_lora_only(tmp_path, tiny_model_dir, corpus):
     for overrides in ({"freeze_scorer": True}, scorer_run):
         with pytest.raises(ValueError, match="--freeze-scorer keeps the --init-adapter's scorer"):
             _config(tiny_model_dir, corpus, tmp_path / "x", decoder_adapter=False, **overrides)
+
+
+def _largest_change(before: Path, after: Path) -> float:
+    """The largest absolute change of any weight between two safetensors files."""
+    old, new = load_file(str(before)), load_file(str(after))
+    return max(float((old[k] - new[k]).abs().max()) for k in old)
+
+
+def test_scorer_lr_trains_the_scorer_at_its_own_rate_and_resumes_exactly(tmp_path, tiny_model_dir, corpus):
+    """--scorer-lr puts the scorer in its own optimizer group: it moves, by at most a few steps of
+    its own rate while the LoRA moves at --lr; a run stopped and resumed equals one that was not;
+    a rate <= 0, or with --freeze-scorer or --objective scorer, is refused."""
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "init", max_steps=1, save_every=1))
+    init = tmp_path / "init" / "checkpoint-1" / "adapter"
+    run = dict(max_steps=4, save_every=2, init_adapter=str(init), scorer_lr=1e-6, lr=1e-2)
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "whole", **run))
+    train_loop(_config(tiny_model_dir, corpus, tmp_path / "parts", stop_at=2, **run))
+    resumed = train_loop(_config(tiny_model_dir, corpus, tmp_path / "parts", resume=True, **run))
+    assert [m["step"] for m in resumed] == [3, 4]
+    assert_same_final_state(tmp_path / "whole" / "checkpoint-4", tmp_path / "parts" / "checkpoint-4")
+    adapter = tmp_path / "whole" / "checkpoint-4" / "adapter"
+    scorer_moved = _largest_change(init / "scorer.safetensors", adapter / "scorer.safetensors")
+    lora_moved = _largest_change(init / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+    assert 0 < scorer_moved < 4 * 3 * 1e-6 and lora_moved > 1e-3, (scorer_moved, lora_moved)
+    assert "lr 0.01 (scorer 1e-06)" in (adapter / "README.md").read_text()
+    for overrides in ({"scorer_lr": 0.0}, {"freeze_scorer": True}, {"objective": "scorer", "decoder_adapter": False}):
+        settings = {"init_adapter": str(init), "scorer_lr": 1e-4, **overrides}
+        with pytest.raises(ValueError, match="--scorer-lr sets the scorer's learning rate"):
+            _config(tiny_model_dir, corpus, tmp_path / "x", **settings)
 
 
 def test_a_checkpoint_saved_before_a_setting_existed_reads_it_as_its_default():
