@@ -33,11 +33,21 @@ POINTS = [
     ("its scorer alone, shipped LoRA", "frontier/scorer-lr-1e-5/step30-scorer-only-8k", None),
     ("+30 steps, scorer lr 4e-5", "frontier/scorer-lr-4e-5/step30-8k", "frontier/scorer-lr-4e-5/step30-8k-needles"),
     ("+30 steps, scorer lr 4e-5, recall 0.7", "frontier/scorer-lr-4e-5-recall/step30-8k", None),
+    (
+        "zero LoRA + 40 steps, scorer lr 3e-5",
+        "frontier/cotrain-zero-lora/step40-8k",
+        "frontier/cotrain-zero-lora/step40-8k-needles",
+    ),
+    (
+        "zero LoRA + 80 steps, scorer lr 3e-5",
+        "frontier/cotrain-zero-lora/step80-8k",
+        "frontier/cotrain-zero-lora/step80-8k-needles",
+    ),
 ]
 
 
 SHIPPED = {"books scorer, co-trained (shipped before)", "planted-fact scorer (shipped)"}
-BELOW = {"union, weights 1:6"}  # labelled under its point: it sits on the shipped scorer's
+BELOW = {"union, weights 1:6", "its scorer alone, shipped LoRA"}  # labelled under their points (crowded)
 
 
 def record_8k(folder: str) -> dict:
