@@ -43,6 +43,11 @@ POINTS = [
         "frontier/cotrain-zero-lora/step80-8k",
         "frontier/cotrain-zero-lora/step80-8k-needles",
     ),
+    (
+        "zero LoRA + 160 steps, scorer lr 3e-5",
+        "frontier/cotrain-zero-lora/step160-8k",
+        "frontier/cotrain-zero-lora/step160-8k-needles",
+    ),
 ]
 
 
