@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
@@ -426,8 +426,7 @@ def _resumable(output: Path, model: Nugget2DModel, config: TrainConfig, identity
             "resume with the same --model or start a new --output"
         )
     state = json.loads((directory / STATE).read_text())
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    differences = checkpoints.config_differences(state.get("trajectory", {}), identity, defaults)
+    differences = checkpoints.config_differences(state.get("trajectory", {}), identity, _defaults())
     if differences and not config.allow_config_change:
         raise ValueError(
             f"--resume: {directory} was trained with other settings or data, so the run would not continue "
