@@ -58,15 +58,22 @@ class NuggetObjective(nn.Module):
         sinks_mask: torch.Tensor | None = None,
         recent: torch.Tensor | None = None,
         recent_mask: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{"loss"}`` and, when the loss has a KL term, ``{"ce", "kl"}`` too."""
+        """``{"loss"}`` and, when the loss has a KL term, ``{"ce", "kl"}`` too: means over the target
+        tokens, or ``label_weights``' weighted means (aligned with ``labels``) when given."""
         cache = self.cache(context, context_mask, sinks, sinks_mask, recent, recent_mask)
-        out = self.model(input_ids, nuggets=cache, attention_mask=input_mask, labels=labels)
+        if label_weights is None:
+            out = self.model(input_ids, nuggets=cache, attention_mask=input_mask, labels=labels)
+            ce = out.loss
+        else:
+            out = self.model(input_ids, nuggets=cache, attention_mask=input_mask)
+            ce = weighted_cross_entropy(out.logits, labels.to(out.logits.device), label_weights)
         if self.loss == "ce":
-            return {"loss": out.loss}
+            return {"loss": ce}
         raw = [(sinks, sinks_mask), (context, context_mask), (recent, recent_mask), (input_ids, input_mask)]
-        kl = full_context_kl(self.model, out.logits, raw, labels)
-        return {"loss": kl if self.loss == "kl" else out.loss + kl, "ce": out.loss, "kl": kl}
+        kl = full_context_kl(self.model, out.logits, raw, labels, label_weights)
+        return {"loss": kl if self.loss == "kl" else ce + kl, "ce": ce, "kl": kl}
 
     @torch.no_grad()
     def measure(self, **batch: torch.Tensor) -> dict[str, float]:
@@ -99,15 +106,31 @@ class NuggetObjective(nn.Module):
         return self.model.keep_nuggets(cache, context_mask, tail=recent.shape[1], observed=observed, per_head=per_head)
 
 
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``logits`` on ``labels`` (-100: not a target, shifted as the
+    model's own loss shifts them), averaged with ``weights`` (aligned with ``labels``)."""
+    targets = labels[:, 1:]
+    losses = nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)
+    return _weighted_mean(losses, weights[:, 1:].to(losses.device) * (targets != -100))
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def full_context_kl(
     model: Nugget2DModel,
     student_logits: torch.Tensor,
     raw: list[tuple[torch.Tensor | None, torch.Tensor | None]],
     labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over target positions (``labels`` != -100, shifted as for cross-entropy) of
-    KL(teacher ‖ student): the teacher is the frozen model (no LoRA, no grad) reading the raw pieces
-    ``[(ids, mask), ...]`` in order — the last one the reader's input, aligned with ``student_logits``."""
+    """Mean over target positions (``labels`` != -100, shifted as for cross-entropy; weighted by
+    ``weights``, aligned with ``labels``, when given) of KL(teacher ‖ student): the teacher is the
+    frozen model (no LoRA, no grad) reading the raw pieces ``[(ids, mask), ...]`` in order — the last
+    one the reader's input, aligned with ``student_logits``."""
     pieces = [(ids, mask) for ids, mask in raw if ids is not None]
     ids = torch.cat([ids for ids, _ in pieces], dim=1).to(model.device)
     mask = torch.cat([mask for _, mask in pieces], dim=1).to(model.device)
@@ -116,7 +139,8 @@ def full_context_kl(
     targets = labels[:, 1:].to(model.device) != -100
     log_p = teacher[:, :-1][targets].float().log_softmax(dim=-1)
     log_q = student_logits[:, :-1][targets].float().log_softmax(dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return kl.mean() if weights is None else _weighted_mean(kl, weights[:, 1:].to(kl.device)[targets])
 
 
 class ScorerObjective(nn.Module):

@@ -522,7 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.plant_facts,
         help="synthetic rare facts (names, numbers, dates) planted in each text segment: teaches a scorer to keep "
-        "what the text around it does not predict",
+        "what the text around it does not predict; the facts objective asks about them",
     )
     parser.add_argument(
         "--freeze-scorer",

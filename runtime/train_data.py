@@ -5,17 +5,17 @@ held-out split, and weighted mixes of objectives."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .facts import plant_random_facts
+from .facts import Fact, plant_located_facts
 from .importance import REPEAT_INSTRUCTION
 from .texts import read_text_file
 
-TEXT_OBJECTIVES = ("autoencode", "continue", "recall", "scorer")
+TEXT_OBJECTIVES = ("autoencode", "continue", "recall", "facts", "scorer")
 JSONL_OBJECTIVES = {"qa": ("context", "question", "answer"), "summarize": ("document", "summary")}
 OBJECTIVES = (*TEXT_OBJECTIVES, *JSONL_OBJECTIVES, "mix")
 _SENTENCE_END = (".", "!", "?", "\n", '."', '?"', '!"')
@@ -104,28 +104,37 @@ def build_examples(
 ) -> list[Example]:
     """Examples of ``objective`` from the data: text files for ``autoencode`` (reproduce a segment
     from its nuggets), ``continue`` (the tokens after a segment), ``recall`` (a passage again,
-    after a distractor segment) and ``scorer`` (a segment, the repeat instruction, the segment again:
-    KVzip's importance pass); JSONL rows for ``qa`` and ``summarize``; ``mix`` draws from several
-    by weight. ``plant_facts``: synthetic rare facts planted in every text segment (seeded,
-    :mod:`.facts`). ``ValueError`` when the data gives none."""
+    after a distractor segment), ``facts`` (a question about a fact planted in a segment, answered
+    after a distractor segment; needs ``plant_facts``) and ``scorer`` (a segment, the repeat
+    instruction, the segment again: KVzip's importance pass); JSONL rows for ``qa`` and
+    ``summarize``; ``mix`` draws from several by weight. ``plant_facts``: synthetic rare facts planted
+    in every text segment (seeded, :mod:`.facts`). ``ValueError`` when the data gives none."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     paths = list(paths)
     if objective == "mix":
         return mix_examples(paths, tokenizer, mix or {}, shape, seed, plant_facts)
+    if objective == "facts" and plant_facts < 1:
+        raise ValueError("the facts objective asks about planted facts: give --plant-facts 1 (or more)")
     if objective in JSONL_OBJECTIVES:
         examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
     else:
         opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         repeat = tuple(tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False, verbose=False).input_ids)
         examples, rng = [], random.Random(seed)
+        turn = _chat_turn(tokenizer) if objective == "facts" else None
         for path in _text_files(paths):
             ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
             segments = sentence_segments(ids, tokenizer, shape.segment)
-            segments = [plant_random_facts(tokenizer, s, plant_facts, rng) for s in segments]
-            examples.extend(text_examples(segments, objective, shape, opener, repeat))
+            planted = [plant_located_facts(tokenizer, s, plant_facts, rng) for s in segments]
+            if turn is not None:
+                examples.extend(fact_examples(planted, shape, turn))
+            else:
+                examples.extend(text_examples([s for s, _ in planted], objective, shape, opener, repeat))
     if not examples:
-        needed = {"recall": "three segments", "continue": "two segments"}.get(objective, "one segment")
+        needed = {"recall": "three segments", "facts": "three segments", "continue": "two segments"}.get(
+            objective, "one segment"
+        )
         raise ValueError(
             f"the training data gives no {objective} examples: the texts are shorter than the "
             f"{needed} of {shape.segment} tokens an example needs; add "
@@ -179,13 +188,49 @@ def text_examples(
     return out
 
 
+def fact_examples(
+    planted: list[tuple[list[int], list[tuple[Fact, int]]]],
+    shape: Shape,
+    turn: Callable[[str, str], tuple[tuple[int, ...], tuple[int, ...]]],
+) -> list[Example]:
+    """``facts`` examples from consecutive planted segments of one text (:func:`~.facts.plant_located_facts`):
+    for every fact of a segment (past its sinks) and of the segment after it, the two are compressed as
+    ``recall`` compresses a passage and its distractor, the third segment's first ``recent`` tokens stay
+    raw, and the fact's question is asked and answered: ``turn(question, answer) -> (prompt, target)``."""
+    out: list[Example] = []
+    for i in range(len(planted) - 2):
+        (first, first_facts), (second, second_facts), (following, _) = planted[i : i + 3]
+        if len(following) < shape.recent:
+            continue
+        sinks, far, recent = first[: shape.sinks], first[shape.sinks :] + second, following[: shape.recent]
+        asked = [fact for fact, start in first_facts if start >= shape.sinks] + [fact for fact, _ in second_facts]
+        for fact in asked:
+            prompt, target = turn(fact.question, fact.answer)
+            out.append(Example(tuple(far), prompt, target, tuple(sinks), tuple(recent), "facts"))
+    return out
+
+
+def _chat_turn(tokenizer) -> Callable[[str, str], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(question, answer) -> (prompt, target)``: the question in the model's chat format after a
+    document (as ``nugget2d qa`` asks it), then the answer and the end of the turn."""
+    from .chat import ChatFormat
+
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+
+    def turn(question: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        prompt = tokenizer(chat.question(question, True), add_special_tokens=False, verbose=False).input_ids
+        target = tokenizer(answer, add_special_tokens=False, verbose=False).input_ids
+        return tuple(prompt), (tuple(target) + eos if target else ())
+
+    return turn
+
+
 def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example]:
     """QA rows ``{context, question, answer}`` or summary rows ``{document, summary}``, read with
     ``datasets``: the document is compressed; the question (or a request for a summary) is asked in
     the model's chat format and the answer is learned."""
     import datasets
-
-    from .chat import ChatFormat
 
     fields = JSONL_OBJECTIVES[objective]
     try:
@@ -198,12 +243,7 @@ def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example
             f"{objective} rows need the fields {list(fields)}; {[str(f) for f in files]} lack {missing} "
             f"(found {rows.column_names})"
         )
-    chat = ChatFormat.from_tokenizer(tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-
+    turn = _chat_turn(tokenizer)
     out = []
     for row in rows:
         document = row[fields[0]]
@@ -211,9 +251,10 @@ def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example
         answer = row[fields[-1]]
         if not (isinstance(document, str) and isinstance(question, str) and isinstance(answer, str)):
             continue
-        context, prompt, target = ids(document)[:MAX_DOCUMENT_TOKENS], ids(chat.question(question, True)), ids(answer)
+        context = tokenizer(document, add_special_tokens=False, verbose=False).input_ids[:MAX_DOCUMENT_TOKENS]
+        prompt, target = turn(question, answer)
         if context and prompt and target:
-            out.append(Example(tuple(context), tuple(prompt), tuple(target + eos), objective=objective))
+            out.append(Example(tuple(context), prompt, target, objective=objective))
     return out
 
 
@@ -300,7 +341,9 @@ def batch_at(
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: the compressed context, the raw sinks and recent tokens (when any
-    example has them), the decoder's ``prompt + target`` and its labels (-100 except on targets)."""
+    example has them), the decoder's ``prompt + target`` and its labels (-100 except on targets).
+    With a ``facts`` example among them, ``label_weights`` too: each example's target weighs the same
+    in the loss, so a short answer counts as much as a continuation's ``--target-size`` tokens."""
     batch: dict[str, torch.Tensor] = {}
     for name in ("sinks", "context", "recent"):
         if name == "context" or any(getattr(e, name) for e in examples):
@@ -311,6 +354,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for row, example in enumerate(examples):
         labels[row, len(example.prompt) : len(decoder[row])] = torch.tensor(example.target)
     batch["labels"] = labels
+    if any(example.objective == "facts" for example in examples):
+        weights = torch.zeros(labels.shape)
+        for row, example in enumerate(examples):
+            weights[row, len(example.prompt) : len(decoder[row])] = 1.0 / len(example.target)
+        batch["label_weights"] = weights
     return batch
 
 

@@ -215,7 +215,7 @@ def test_planted_facts_keep_segments_their_length_are_seeded_and_never_use_a_ben
     secret door code, RULER's magic number), so a scorer trained on them is not tuned on the tests."""
     import random
 
-    from nugget2d.runtime.facts import TEMPLATES, random_fact
+    from nugget2d.runtime.facts import QUESTIONS, TEMPLATES, random_fact
 
     tokenizer = tiny_tokenizer()
     shape = Shape(segment=48, target=8)
@@ -231,7 +231,74 @@ def test_planted_facts_keep_segments_their_length_are_seeded_and_never_use_a_ben
         assert p.target == p.context  # the scorer's importance pass repeats the planted text
     facts = [random_fact(random.Random(seed)) for seed in range(200)]
     assert len(set(facts)) > 150 and all(any(ch.isdigit() or ch.isupper() for ch in f[1:]) for f in facts)
-    for text in [*TEMPLATES, *facts]:
+    for text in [*TEMPLATES, *facts, *(text for pair in QUESTIONS for text in pair)]:
         assert "secret code" not in text and "magic number" not in text
     with pytest.raises(ValueError, match="--plant-facts must be >= 0"):
         TrainConfig(data=[str(book)], objective="scorer", plant_facts=-1)
+
+
+def test_planted_facts_are_located_and_asked_about_where_the_cache_compresses_them(book):
+    """``facts`` examples plant the same facts as the other objectives (same seed, same tokens), and
+    ask about each fact only where it is compressed: past the sinks of the first segment, or in the
+    distractor segment after it; the answer (then the end of the turn) is learned after the chat
+    question. Without planted facts there is nothing to ask: a clear error."""
+    import random
+
+    from nugget2d.runtime.facts import fact_ids, plant_located_facts, plant_random_facts, random_fact, random_fact_qa
+    from nugget2d.runtime.train_data import fact_examples
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer((WORDS + " ") * 3, add_special_tokens=False).input_ids
+    planted, located = plant_located_facts(tokenizer, ids, 2, random.Random(5))
+    assert planted == plant_random_facts(tokenizer, ids, 2, random.Random(5))
+    assert len(located) == 2
+    for fact, start in located:
+        assert planted[start : start + len(fact_ids(tokenizer, fact.statement))] == fact_ids(tokenizer, fact.statement)
+    for seed in range(20):  # the question's fact is the statement the scorer recipe always planted
+        fact = random_fact_qa(random.Random(seed))
+        assert fact.statement == random_fact(random.Random(seed)) and fact.question.endswith("?")
+        assert fact.answer.rstrip(".").split()[-1] in fact.statement
+
+    fact = random_fact_qa(random.Random(0))
+    segments = [
+        (list(range(10, 20)), [(fact, 1), (fact, 5)]),  # the fact at 1 lies in the sinks: not asked
+        (list(range(20, 30)), [(fact, 0)]),
+        (list(range(30, 40)), [(fact, 9)]),
+        (list(range(40, 42)), []),  # shorter than the raw window: no example reads it raw
+    ]
+    examples = fact_examples(segments, Shape(segment=10, target=4, recent=3, sinks=2), lambda q, a: ((7,), (8, 9)))
+    assert len(examples) == 2  # one fact past the sinks and one in the distractor; the next triple has no window
+    first = examples[0]
+    assert first.sinks == (10, 11) and first.context == tuple(range(12, 30)) and first.recent == (30, 31, 32)
+    assert (first.prompt, first.target, first.objective) == ((7,), (8, 9), "facts")
+
+    shape = Shape(segment=48, target=8, recent=4, sinks=2)
+    built = build_examples([book], tokenizer, "facts", shape, plant_facts=1)
+    assert built and all(e.target[-1] == tokenizer.eos_token_id and len(e.recent) == 4 for e in built)
+    with pytest.raises(ValueError, match="--plant-facts 1"):
+        build_examples([book], tokenizer, "facts", shape)
+    with pytest.raises(ValueError, match="--plant-facts 1"):
+        build_examples([book], tokenizer, "mix", shape, parse_mix("continue=1,facts=1"))
+
+
+def test_a_short_answer_weighs_as_much_as_a_long_target_in_the_loss(book):
+    """In a batch with ``facts`` examples each example's target weighs the same: the batch's loss is
+    the mean of each example's own loss (cross-entropy and KL), not a token mean that a continuation's
+    64 tokens would drown a 10-token answer in; batches without them keep the token mean."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = Nugget2DModel.from_base(tiny_llama(), Nugget2DConfig(ratio=0.25, scorer_layer=1, lora_rank=4))
+    objective = NuggetObjective(model, "ce+kl")
+    shape = Shape(segment=24, target=8, recent=4, sinks=2)
+    answer = build_examples([book], tokenizer, "facts", shape, plant_facts=1)[0]
+    passage = build_examples([book], tokenizer, "recall", shape)[0]
+    assert len(answer.target) != len(passage.target)
+    batch = collate([answer, passage], pad_id=0)
+    weights = batch["label_weights"]
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2)) and bool((weights[batch["labels"] == -100] == 0).all())
+    assert "label_weights" not in collate([passage, passage], pad_id=0)
+    with torch.no_grad():
+        both = objective.losses(**batch)
+        alone = [objective.losses(**collate([e], pad_id=0)) for e in (answer, passage)]
+    for part in ("ce", "kl"):
+        torch.testing.assert_close(both[part], (alone[0][part] + alone[1][part]) / 2, atol=1e-4, rtol=1e-4)
