@@ -48,11 +48,33 @@ POINTS = [
         "frontier/cotrain-zero-lora/step160-8k",
         "frontier/cotrain-zero-lora/step160-8k-needles",
     ),
+    (
+        "zero LoRA + 40 steps, facts objective",
+        "frontier/cotrain-qa/step40-8k",
+        "frontier/cotrain-qa/step40-8k-needles",
+    ),
+    (
+        "zero LoRA + 80 steps, facts objective",
+        "frontier/cotrain-qa/step80-8k",
+        "frontier/cotrain-qa/step80-8k-needles",
+    ),
+    (
+        "facts objective step 40, union with books scorer",
+        "frontier/cotrain-qa/diagnosis/union-books-8k",
+        "frontier/cotrain-qa/diagnosis/union-books-8k-needles",
+    ),
 ]
 
 
 SHIPPED = {"books scorer, co-trained (shipped before)", "planted-fact scorer (shipped)"}
-BELOW = {"union, weights 1:6", "its scorer alone, shipped LoRA"}  # labelled under their points (crowded)
+#: Label offsets (points) where the default (right, just above) would overlap another label.
+OFFSETS = {
+    "union, weights 1:6": (4, -10),
+    "its scorer alone, shipped LoRA": (4, -10),
+    "zero LoRA + 40 steps, scorer lr 3e-5": (4, 5),
+    "zero LoRA + 160 steps, scorer lr 3e-5": (4, -9),
+    "zero LoRA + 40 steps, facts objective": (4, -36),
+}
 
 
 def record_8k(folder: str) -> dict:
@@ -89,13 +111,14 @@ def main() -> None:
             row["label"] + needles,
             (row["continuation_ppl"], row["far_recall_ppl"]),
             fontsize=7,
-            xytext=(4, -10 if row["label"] in BELOW else 3),
+            xytext=OFFSETS.get(row["label"], (4, 3)),
             textcoords="offset points",
+            arrowprops={"arrowstyle": "-", "lw": 0.5} if abs(OFFSETS.get(row["label"], (4, 3))[1]) > 15 else None,
         )
     ax.set_xlim(right=max(row["continuation_ppl"] for row in table) + 0.9)
     ax.set_xlabel("8k continuation perplexity (6 test windows, lower is better)")
     ax.set_ylabel("8k far-recall perplexity (lower is better)")
-    ax.set_title("SmolLM2-135M, 10 % kept: what each variant costs at 8k (2-core CPU, 2026-12-05)")
+    ax.set_title("SmolLM2-135M, 10 % kept: what each variant costs at 8k (2-core CPU, 2026-12-05/06)")
     fig.tight_layout()
     fig.savefig(OUT / "frontier.png", dpi=120)
 
