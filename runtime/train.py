@@ -90,7 +90,8 @@ class TrainConfig:
             raise ValueError("give training data with --data PATH (text files or directories)")
         if (self.objective == "mix") != bool(self.mix):
             raise ValueError("--mix NAME=WEIGHT,... goes with --objective mix, and mix needs it")
-        parse_mix(self.mix)
+        if "facts" in (self.objective, *parse_mix(self.mix)) and self.plant_facts < 1:
+            raise ValueError("the facts objective asks about planted facts: give --plant-facts 1 (or more)")
         if self.positions not in ("cache", "original"):
             raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
         if self.loss not in LOSSES:

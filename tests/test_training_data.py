@@ -279,6 +279,8 @@ def test_planted_facts_are_located_and_asked_about_where_the_cache_compresses_th
         build_examples([book], tokenizer, "facts", shape)
     with pytest.raises(ValueError, match="--plant-facts 1"):
         build_examples([book], tokenizer, "mix", shape, parse_mix("continue=1,facts=1"))
+    with pytest.raises(ValueError, match="--plant-facts 1"):  # refused before a model is loaded
+        TrainConfig(data=[str(book)], objective="mix", mix="continue=1,facts=1")
 
 
 def test_a_short_answer_weighs_as_much_as_a_long_target_in_the_loss(book):
