@@ -59,6 +59,11 @@ POINTS = [
         "frontier/cotrain-qa/step80-8k-needles",
     ),
     (
+        "zero LoRA + 40 steps, facts objective, recall 0.5",
+        "frontier/cotrain-qa/recall-0.5/step40-8k",
+        "frontier/cotrain-qa/recall-0.5/step40-8k-needles",
+    ),
+    (
         "facts objective step 40, union with books scorer",
         "frontier/cotrain-qa/diagnosis/union-books-8k",
         "frontier/cotrain-qa/diagnosis/union-books-8k-needles",
@@ -73,7 +78,8 @@ OFFSETS = {
     "its scorer alone, shipped LoRA": (4, -10),
     "zero LoRA + 40 steps, scorer lr 3e-5": (4, 5),
     "zero LoRA + 160 steps, scorer lr 3e-5": (4, -9),
-    "zero LoRA + 40 steps, facts objective": (4, -36),
+    "zero LoRA + 40 steps, facts objective": (4, -24),
+    "zero LoRA + 40 steps, facts objective, recall 0.5": (4, -12),
 }
 
 
