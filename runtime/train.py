@@ -33,7 +33,17 @@ from .checkpoints import STATE, append_line, mark_latest, read_records
 from .model_card import CARD, model_card
 from .models import load_model
 from .objectives import LOSSES, NuggetObjective, ScorerObjective
-from .train_data import OBJECTIVES, Shape, batch_at, build_examples, collate, data_files, parse_mix, split_heldout
+from .train_data import (
+    OBJECTIVES,
+    Shape,
+    batch_at,
+    build_examples,
+    check_planted_facts,
+    collate,
+    data_files,
+    parse_mix,
+    split_heldout,
+)
 from .train_eval import evaluate
 
 DS_CONFIGS = Path(str(files("nugget2d.ds_configs")))  # ds_configs/ in the repo, or the installed copy
@@ -90,8 +100,7 @@ class TrainConfig:
             raise ValueError("give training data with --data PATH (text files or directories)")
         if (self.objective == "mix") != bool(self.mix):
             raise ValueError("--mix NAME=WEIGHT,... goes with --objective mix, and mix needs it")
-        if "facts" in (self.objective, *parse_mix(self.mix)) and self.plant_facts < 1:
-            raise ValueError("the facts objective asks about planted facts: give --plant-facts 1 (or more)")
+        check_planted_facts([self.objective, *parse_mix(self.mix)], self.plant_facts)
         if self.positions not in ("cache", "original"):
             raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
         if self.loss not in LOSSES:

@@ -114,8 +114,7 @@ def build_examples(
     paths = list(paths)
     if objective == "mix":
         return mix_examples(paths, tokenizer, mix or {}, shape, seed, plant_facts)
-    if objective == "facts" and plant_facts < 1:
-        raise ValueError("the facts objective asks about planted facts: give --plant-facts 1 (or more)")
+    check_planted_facts([objective], plant_facts)
     if objective in JSONL_OBJECTIVES:
         examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
     else:
@@ -143,6 +142,12 @@ def build_examples(
             else f"the training data gives no {objective} examples (no rows)"
         )
     return examples
+
+
+def check_planted_facts(objectives: Iterable[str], plant_facts: int) -> None:
+    """``ValueError`` when ``objectives`` include ``facts`` but no facts are planted (nothing to ask about)."""
+    if "facts" in objectives and plant_facts < 1:
+        raise ValueError("the facts objective asks about planted facts: give --plant-facts 1 (or more)")
 
 
 def text_examples(

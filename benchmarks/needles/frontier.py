@@ -113,13 +113,14 @@ def main() -> None:
         shipped = row["label"] in SHIPPED
         ax.scatter(row["continuation_ppl"], row["far_recall_ppl"], s=60 if shipped else 30, c="C3" if shipped else "C0")
         needles = f" (RULER {row['ruler']}, facts {row['facts']})" if "ruler" in row else ""
+        offset = OFFSETS.get(row["label"], (4, 3))
         ax.annotate(
             row["label"] + needles,
             (row["continuation_ppl"], row["far_recall_ppl"]),
             fontsize=7,
-            xytext=OFFSETS.get(row["label"], (4, 3)),
+            xytext=offset,
             textcoords="offset points",
-            arrowprops={"arrowstyle": "-", "lw": 0.5} if abs(OFFSETS.get(row["label"], (4, 3))[1]) > 15 else None,
+            arrowprops={"arrowstyle": "-", "lw": 0.5} if abs(offset[1]) > 15 else None,  # a label set far off
         )
     ax.set_xlim(right=max(row["continuation_ppl"] for row in table) + 0.9)
     ax.set_xlabel("8k continuation perplexity (6 test windows, lower is better)")
