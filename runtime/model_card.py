@@ -48,6 +48,11 @@ def model_card(
             if scorer_only
             else f"targets of {config['target_size']}"
             + (f", {config['sinks']} sink and {config['recent']} recent tokens kept raw" if config["recent"] else "")
+            + (
+                f", {config['distractors']} distractor segments before a recall or a question"
+                if config.get("distractors", 1) != 1
+                else ""
+            )
         ),
         f"* Steps: {steps} of {config['max_steps']} (batch {config['batch_size']}), {tokens_seen:,} tokens seen",
         f"* Optimiser: AdamW (0.9, 0.95), lr {config['lr']}"

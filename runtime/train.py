@@ -66,6 +66,7 @@ class TrainConfig:
     plant_facts: int = 0  # synthetic rare facts planted in each text segment (runtime/facts.py), e.g. for a scorer
     recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of docs/design.md); 0 = nuggets only
     sinks: int = 0  # first tokens kept raw when recent > 0
+    distractors: int = 1  # recall and facts examples: segments compressed between the passage and its recall
     positions: str = "cache"  # how the reader numbers the cache: as sessions do ("cache") or text positions
     lr: float = 1e-4
     warmup_steps: int = 10
@@ -141,7 +142,7 @@ class TrainConfig:
     @property
     def shape(self) -> Shape:
         """How examples are cut from the data."""
-        return Shape(self.segment_size, self.target_size, self.recent, self.sinks)
+        return Shape(self.segment_size, self.target_size, self.recent, self.sinks, self.distractors)
 
 
 def ds_config_dict(name_or_path: str, batch_size: int) -> dict:
@@ -533,6 +534,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.plant_facts,
         help="synthetic rare facts (names, numbers, dates) planted in each text segment: teaches a scorer to keep "
         "what the text around it does not predict; the facts objective asks about them",
+    )
+    parser.add_argument(
+        "--distractors",
+        type=int,
+        default=defaults.distractors,
+        help="recall and facts examples: text segments compressed between the passage and its recall or question "
+        "(default 1; more teaches recall from farther back)",
     )
     parser.add_argument(
         "--freeze-scorer",

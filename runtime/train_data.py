@@ -26,16 +26,22 @@ MAX_DOCUMENT_TOKENS = 2048  # longer JSONL documents are cut here (one compressi
 class Shape:
     """How examples are cut from text: ``segment`` tokens compressed per example, ``target`` tokens
     learned; with ``recent`` > 0 the hybrid cache of docs/design.md — ``sinks`` first tokens and the last
-    ``recent`` tokens before the target stay raw beside the nuggets."""
+    ``recent`` tokens before the target stay raw beside the nuggets; ``distractors``: segments
+    compressed after the passage of ``recall`` and ``facts`` examples, before it is asked for."""
 
     segment: int = 128
     target: int = 64
     recent: int = 0
     sinks: int = 0
+    distractors: int = 1
 
     def __post_init__(self) -> None:
         if self.segment < 2 or self.target < 1 or self.recent < 0 or self.sinks < 0:
             raise ValueError(f"bad example shape {self}: segment >= 2, target >= 1, recent and sinks >= 0")
+        if self.distractors < 1:
+            raise ValueError(
+                f"--distractors must be >= 1 (segments between a passage and its recall), got {self.distractors}"
+            )
         if self.sinks >= self.segment // 2:
             raise ValueError(f"sinks ({self.sinks}) must be under half the segment ({self.segment})")
 
@@ -131,9 +137,8 @@ def build_examples(
             else:
                 examples.extend(text_examples([s for s, _ in planted], objective, shape, opener, repeat))
     if not examples:
-        needed = {"recall": "three segments", "facts": "three segments", "continue": "two segments"}.get(
-            objective, "one segment"
-        )
+        recalled = f"{shape.distractors + 2} segments"
+        needed = {"recall": recalled, "facts": recalled, "continue": "two segments"}.get(objective, "one segment")
         raise ValueError(
             f"the training data gives no {objective} examples: the texts are shorter than the "
             f"{needed} of {shape.segment} tokens an example needs; add "
@@ -172,13 +177,16 @@ def text_examples(
         ]
     if objective == "scorer":
         return [Example(tuple(s), repeat, tuple(s), objective=objective) for s in segments]
-    span = 2 if objective == "continue" else 3
+    span = 2 if objective == "continue" else shape.distractors + 2
     for i in range(len(segments) - span + 1):
         first, following = segments[i], segments[i + span - 1]
         if objective == "continue":
             sinks, far, target = first[: shape.sinks], first[shape.sinks :], None
-        else:  # recall: the passage, a distractor segment, then the passage again
-            sinks, far = first[: shape.sinks], first[shape.sinks :] + segments[i + 1]
+        else:  # recall: the passage, its distractor segments, then the passage again
+            sinks, far = (
+                first[: shape.sinks],
+                first[shape.sinks :] + [t for s in segments[i + 1 : i + span - 1] for t in s],
+            )
             target = first[shape.sinks : shape.sinks + shape.target]
         if shape.recent:
             if len(following) < shape.recent + (shape.target if target is None else 1):
@@ -199,16 +207,20 @@ def fact_examples(
     turn: Callable[[str, str], tuple[tuple[int, ...], tuple[int, ...]]],
 ) -> list[Example]:
     """``facts`` examples from consecutive planted segments of one text (:func:`~.facts.plant_located_facts`):
-    for every fact of a segment (past its sinks) and of the segment after it, the two are compressed as
-    ``recall`` compresses a passage and its distractor, the third segment's first ``recent`` tokens stay
-    raw, and the fact's question is asked and answered: ``turn(question, answer) -> (prompt, target)``."""
+    a segment and its ``shape.distractors`` following ones are compressed as ``recall`` compresses a
+    passage and its distractors, the next segment's first ``recent`` tokens stay raw, and for every fact
+    planted in the compressed segments (past the sinks) the question is asked and answered:
+    ``turn(question, answer) -> (prompt, target)``."""
     out: list[Example] = []
-    for i in range(len(planted) - 2):
-        (first, first_facts), (second, second_facts), (following, _) = planted[i : i + 3]
+    span = shape.distractors + 2
+    for i in range(len(planted) - span + 1):
+        (first, first_facts), *compressed, (following, _) = planted[i : i + span]
         if len(following) < shape.recent:
             continue
-        sinks, far, recent = first[: shape.sinks], first[shape.sinks :] + second, following[: shape.recent]
-        asked = [fact for fact, start in first_facts if start >= shape.sinks] + [fact for fact, _ in second_facts]
+        sinks, recent = first[: shape.sinks], following[: shape.recent]
+        far = first[shape.sinks :] + [t for segment, _ in compressed for t in segment]
+        asked = [fact for fact, start in first_facts if start >= shape.sinks]
+        asked += [fact for _, facts in compressed for fact, _ in facts]
         for fact in asked:
             prompt, target = turn(fact.question, fact.answer)
             out.append(Example(tuple(far), prompt, target, tuple(sinks), tuple(recent), "facts"))

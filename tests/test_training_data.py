@@ -51,6 +51,37 @@ def test_recall_examples_ask_for_the_passage_again_after_a_distractor(book):
         assert len(e.context) > 16  # passage and distractor are both compressed
 
 
+def test_more_distractors_put_the_recalled_passage_farther_back(book):
+    """``distractors`` segments are compressed between a passage and its recall (and a planted fact and
+    its question): the passage is the same, the compressed context grows by whole segments, and the
+    raw window is the start of the segment after them. Zero distractors is refused with a clear error."""
+    tokenizer = tiny_tokenizer()
+    near = build_examples([book], tokenizer, "recall", Shape(segment=16, target=6, recent=5, sinks=2))
+    far = build_examples([book], tokenizer, "recall", Shape(segment=16, target=6, recent=5, sinks=2, distractors=3))
+    assert len(far) == len(near) - 2  # two more segments per example
+    for a, b in zip(near, far):
+        assert (a.sinks, a.target) == (b.sinks, b.target)
+        assert b.context[: len(a.context)] == a.context and len(b.context) > len(a.context) + 16
+        assert b.recent != a.recent
+
+    import random
+
+    from nugget2d.runtime.facts import random_fact_qa
+    from nugget2d.runtime.train_data import fact_examples
+
+    fact = random_fact_qa(random.Random(0))
+    segments = [(list(range(10 * k, 10 * k + 10)), [(fact, 5)]) for k in range(1, 5)] + [(list(range(90, 94)), [])]
+    examples = fact_examples(
+        segments, Shape(segment=10, target=4, recent=3, sinks=2, distractors=2), lambda q, a: ((7,), (8, 9))
+    )
+    # windows: segments 1-3 compressed with 4 raw (3 facts asked), then 2-4 with 5 raw (3 more)
+    assert len(examples) == 6
+    assert examples[0].context == tuple(range(12, 40)) and examples[0].recent == (40, 41, 42)
+    assert examples[3].context == tuple(range(22, 50)) and examples[3].recent == (90, 91, 92)
+    with pytest.raises(ValueError, match="--distractors must be >= 1"):
+        TrainConfig(data=[str(book)], objective="recall", distractors=0)
+
+
 def test_hybrid_continue_keeps_sinks_and_the_recent_window_raw(book):
     tokenizer = tiny_tokenizer()
     ids = tokenizer(book.read_text(), add_special_tokens=False).input_ids
