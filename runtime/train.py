@@ -45,6 +45,7 @@ from .train_data import (
     split_heldout,
 )
 from .train_eval import evaluate
+from .train_exclude import ExcludedText
 
 DS_CONFIGS = Path(str(files("nugget2d.ds_configs")))  # ds_configs/ in the repo, or the installed copy
 
@@ -67,6 +68,7 @@ class TrainConfig:
     recent: int = 0  # raw tokens kept beside the nuggets (the hybrid cache of docs/design.md); 0 = nuggets only
     sinks: int = 0  # first tokens kept raw when recent > 0
     distractors: int = 1  # recall and facts examples: segments compressed between the passage and its recall
+    exclude: list[str] = field(default_factory=list)  # text files/directories training must never read
     positions: str = "cache"  # how the reader numbers the cache: as sessions do ("cache") or text positions
     lr: float = 1e-4
     warmup_steps: int = 10
@@ -285,8 +287,16 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     ds_config = ds_config_dict(config.ds_config, config.batch_size)
     rank, world = init_distributed()
     base, tokenizer = load_model(config.model)
+    exclude = ExcludedText.from_paths(config.exclude, tokenizer) if config.exclude else None
     examples = build_examples(
-        config.data, tokenizer, config.objective, config.shape, parse_mix(config.mix), config.seed, config.plant_facts
+        config.data,
+        tokenizer,
+        config.objective,
+        config.shape,
+        parse_mix(config.mix),
+        config.seed,
+        config.plant_facts,
+        exclude,
     )
     train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
     heldout = heldout[: config.eval_examples]
@@ -295,7 +305,8 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     # --- model and engine ---------------------------------------------------------------------
     torch.manual_seed(config.seed)
     model = build_model(config, base)
-    data = checkpoints.data_digests(data_files(config.data, (".txt", ".jsonl", ".json")))
+    read = data_files(config.data, (".txt", ".jsonl", ".json"))
+    data = checkpoints.data_digests(read + [Path(p) for p in (exclude.paths if exclude else ())])  # both shape a run
     identity = checkpoints.trajectory(asdict(config), data, world)
     resumed = _resumable(output, model, config, identity, rank) if config.resume else None
     objective = build_objective(config, model).train()
@@ -534,6 +545,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.plant_facts,
         help="synthetic rare facts (names, numbers, dates) planted in each text segment: teaches a scorer to keep "
         "what the text around it does not predict; the facts objective asks about them",
+    )
+    parser.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="text files or directories training must never read, such as your evaluation texts: a segment "
+        "that shares a run of 16 tokens with them is left out",
     )
     parser.add_argument(
         "--distractors",

@@ -14,6 +14,7 @@ import torch
 from .facts import Fact, plant_located_facts
 from .importance import REPEAT_INSTRUCTION
 from .texts import read_text_file
+from .train_exclude import ExcludedText
 
 TEXT_OBJECTIVES = ("autoencode", "continue", "recall", "facts", "scorer")
 JSONL_OBJECTIVES = {"qa": ("context", "question", "answer"), "summarize": ("document", "summary")}
@@ -107,6 +108,7 @@ def build_examples(
     mix: dict[str, float] | None = None,
     seed: int = 0,
     plant_facts: int = 0,
+    exclude: ExcludedText | None = None,
 ) -> list[Example]:
     """Examples of ``objective`` from the data: text files for ``autoencode`` (reproduce a segment
     from its nuggets), ``continue`` (the tokens after a segment), ``recall`` (a passage again,
@@ -114,15 +116,17 @@ def build_examples(
     after a distractor segment; needs ``plant_facts``) and ``scorer`` (a segment, the repeat
     instruction, the segment again: KVzip's importance pass); JSONL rows for ``qa`` and
     ``summarize``; ``mix`` draws from several by weight. ``plant_facts``: synthetic rare facts planted
-    in every text segment (seeded, :mod:`.facts`). ``ValueError`` when the data gives none."""
+    in every text segment (seeded, :mod:`.facts`). ``exclude``: text never read (a segment or document
+    sharing a run of tokens with it is left out, and no example spans the gap). ``ValueError`` when
+    the data gives none."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     paths = list(paths)
     if objective == "mix":
-        return mix_examples(paths, tokenizer, mix or {}, shape, seed, plant_facts)
+        return mix_examples(paths, tokenizer, mix or {}, shape, seed, plant_facts, exclude)
     check_planted_facts([objective], plant_facts)
     if objective in JSONL_OBJECTIVES:
-        examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective)
+        examples = jsonl_examples(_jsonl_files(paths), tokenizer, objective, exclude)
     else:
         opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         repeat = tuple(tokenizer(REPEAT_INSTRUCTION, add_special_tokens=False, verbose=False).input_ids)
@@ -132,21 +136,37 @@ def build_examples(
             ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
             segments = sentence_segments(ids, tokenizer, shape.segment)
             planted = [plant_located_facts(tokenizer, s, plant_facts, rng) for s in segments]
-            if turn is not None:
-                examples.extend(fact_examples(planted, shape, turn))
-            else:
-                examples.extend(text_examples([s for s, _ in planted], objective, shape, opener, repeat))
+            for run in _kept_runs(planted, segments, exclude):
+                if turn is not None:
+                    examples.extend(fact_examples(run, shape, turn))
+                else:
+                    examples.extend(text_examples([s for s, _ in run], objective, shape, opener, repeat))
     if not examples:
         recalled = f"{shape.distractors + 2} segments"
         needed = {"recall": recalled, "facts": recalled, "continue": "two segments"}.get(objective, "one segment")
+        excluded = f" once --exclude left out the text it shares with {list(exclude.paths)}" if exclude else ""
         raise ValueError(
-            f"the training data gives no {objective} examples: the texts are shorter than the "
+            f"the training data gives no {objective} examples{excluded}: the texts are shorter than the "
             f"{needed} of {shape.segment} tokens an example needs; add "
             "text or lower --segment-size"
             if objective in TEXT_OBJECTIVES
-            else f"the training data gives no {objective} examples (no rows)"
+            else f"the training data gives no {objective} examples{excluded} (no rows)"
         )
     return examples
+
+
+def _kept_runs(planted: list, segments: list[list[int]], exclude: ExcludedText | None) -> list[list]:
+    """``planted`` cut into runs of consecutive segments none of which (as read, before planting)
+    overlaps the excluded text: examples are built within a run, so none reads across a gap."""
+    if exclude is None:
+        return [planted]
+    runs: list[list] = [[]]
+    for item, segment in zip(planted, segments):
+        if exclude.overlaps(segment):
+            runs.append([])
+        else:
+            runs[-1].append(item)
+    return [run for run in runs if run]
 
 
 def check_planted_facts(objectives: Iterable[str], plant_facts: int) -> None:
@@ -243,10 +263,11 @@ def _chat_turn(tokenizer) -> Callable[[str, str], tuple[tuple[int, ...], tuple[i
     return turn
 
 
-def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example]:
+def jsonl_examples(files: list[Path], tokenizer, objective: str, exclude: ExcludedText | None = None) -> list[Example]:
     """QA rows ``{context, question, answer}`` or summary rows ``{document, summary}``, read with
     ``datasets``: the document is compressed; the question (or a request for a summary) is asked in
-    the model's chat format and the answer is learned."""
+    the model's chat format and the answer is learned. Rows whose document overlaps ``exclude`` are
+    left out."""
     import datasets
 
     fields = JSONL_OBJECTIVES[objective]
@@ -269,6 +290,8 @@ def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example
         if not (isinstance(document, str) and isinstance(question, str) and isinstance(answer, str)):
             continue
         context = tokenizer(document, add_special_tokens=False, verbose=False).input_ids[:MAX_DOCUMENT_TOKENS]
+        if exclude is not None and exclude.overlaps(context):
+            continue
         prompt, target = turn(question, answer)
         if context and prompt and target:
             out.append(Example(tuple(context), prompt, target, objective=objective))
@@ -276,7 +299,13 @@ def jsonl_examples(files: list[Path], tokenizer, objective: str) -> list[Example
 
 
 def mix_examples(
-    paths: list[str | Path], tokenizer, weights: dict[str, float], shape: Shape, seed: int, plant_facts: int = 0
+    paths: list[str | Path],
+    tokenizer,
+    weights: dict[str, float],
+    shape: Shape,
+    seed: int,
+    plant_facts: int = 0,
+    exclude: ExcludedText | None = None,
 ) -> list[Example]:
     """A seeded draw from several objectives' examples in proportion to ``weights`` (as many in all
     as the objectives give together); each objective reads the files that suit it (text or JSONL)."""
@@ -290,7 +319,10 @@ def mix_examples(
             raise ValueError(f"--mix: unknown objective {name!r}; choose from {mixable}")
         if not weight > 0:
             raise ValueError(f"--mix: the weight of {name} must be > 0, got {weight}")
-    parts = {name: build_examples(paths, tokenizer, name, shape, plant_facts=plant_facts) for name in weights}
+    parts = {
+        name: build_examples(paths, tokenizer, name, shape, plant_facts=plant_facts, exclude=exclude)
+        for name in weights
+    }
     total, scale = sum(map(len, parts.values())), sum(weights.values())
     rng = random.Random(seed)
     out: list[Example] = []

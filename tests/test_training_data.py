@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_llama, tiny_tokenizer
+from tiny_models import text_file, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
 from nugget2d.compress.rope import rerotate
@@ -15,6 +15,7 @@ from nugget2d.runtime.objectives import NuggetObjective
 from nugget2d.runtime.session import StreamingSession, StreamSettings, token_log_probs
 from nugget2d.runtime.train import TrainConfig
 from nugget2d.runtime.train_data import Shape, build_examples, collate, parse_mix
+from nugget2d.runtime.train_exclude import ExcludedText
 
 WORDS = "the old angler said that the river was good for fish . she had a blue book and he had an old door ."
 
@@ -80,6 +81,31 @@ def test_more_distractors_put_the_recalled_passage_farther_back(book):
     assert examples[3].context == tuple(range(22, 50)) and examples[3].recent == (90, 91, 92)
     with pytest.raises(ValueError, match="--distractors must be >= 1"):
         TrainConfig(data=[str(book)], objective="recall", distractors=0)
+
+
+def test_excluded_text_is_never_read(tmp_path):
+    """``--exclude`` (say, the texts a model is evaluated on): no example of any objective reads a run
+    of tokens from them, the examples that stay are exactly those built without it (the same planted
+    facts), and excluding everything, or a path that is not there, is a clear error."""
+    tokenizer = tiny_tokenizer()
+    book = text_file(tmp_path, 1500)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "eval.txt").write_text(" ".join(book.read_text().split()[600:900]))
+    exclude = ExcludedText.from_paths([held], tokenizer)
+    shape = Shape(segment=48, target=8, recent=4, sinks=2)
+    for objective in ("continue", "recall", "facts"):
+        every = build_examples([book], tokenizer, objective, shape, plant_facts=1)
+        kept = build_examples([book], tokenizer, objective, shape, plant_facts=1, exclude=exclude)
+        assert 0 < len(kept) < len(every) and set(kept) <= set(every)
+        assert any(exclude.overlaps(e.sinks + e.context + e.recent) for e in every)
+        assert not any(exclude.overlaps(e.sinks + e.context + e.recent + e.target) for e in kept)
+    mixed = build_examples([book], tokenizer, "mix", shape, parse_mix("continue=1,recall=1"), exclude=exclude)
+    assert mixed and not any(exclude.overlaps(e.sinks + e.context + e.recent) for e in mixed)
+    with pytest.raises(ValueError, match="once --exclude left out"):
+        build_examples([book], tokenizer, "recall", shape, exclude=ExcludedText.from_paths([book], tokenizer))
+    with pytest.raises(ValueError, match="--exclude: .*not found"):
+        ExcludedText.from_paths([tmp_path / "nowhere"], tokenizer)
 
 
 def test_hybrid_continue_keeps_sinks_and_the_recent_window_raw(book):
