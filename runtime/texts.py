@@ -17,6 +17,23 @@ def bundled_text(name: str = BUNDLED_BOOK) -> str:
     return resources.files("nugget2d.runtime").joinpath("data", name).read_text(encoding="utf-8")
 
 
+def data_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """The files named, or found under directories, with one of ``suffixes``; ``ValueError`` for a
+    missing path or when nothing is found."""
+    paths = list(paths)
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ValueError(f"training data path {path} does not exist")
+    if not found:
+        raise ValueError(f"no {'/'.join(suffixes)} files found in {[str(p) for p in paths]}")
+    return found
+
+
 def check_text_file(path: str | Path) -> Path:
     """Raise ``ValueError`` for a missing, empty or binary file; checks only the first bytes."""
     path = Path(path)

@@ -33,6 +33,7 @@ from .checkpoints import STATE, append_line, mark_latest, read_records
 from .model_card import CARD, model_card
 from .models import load_model
 from .objectives import LOSSES, NuggetObjective, ScorerObjective
+from .texts import data_files
 from .train_data import (
     OBJECTIVES,
     Shape,
@@ -40,7 +41,6 @@ from .train_data import (
     build_examples,
     check_planted_facts,
     collate,
-    data_files,
     parse_mix,
     split_heldout,
 )

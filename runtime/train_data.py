@@ -13,7 +13,7 @@ import torch
 
 from .facts import Fact, plant_located_facts
 from .importance import REPEAT_INSTRUCTION
-from .texts import read_text_file
+from .texts import data_files, read_text_file
 from .train_exclude import ExcludedText
 
 TEXT_OBJECTIVES = ("autoencode", "continue", "recall", "facts", "scorer")
@@ -58,23 +58,6 @@ class Example:
     sinks: tuple[int, ...] = field(default=())
     recent: tuple[int, ...] = field(default=())
     objective: str = ""
-
-
-def data_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
-    """The files named, or found under directories, with one of ``suffixes``; ``ValueError`` for a
-    missing path or when nothing is found."""
-    paths = list(paths)
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise ValueError(f"training data path {path} does not exist")
-    if not found:
-        raise ValueError(f"no {'/'.join(suffixes)} files found in {[str(p) for p in paths]}")
-    return found
 
 
 def text_files(paths: Iterable[str | Path]) -> list[Path]:

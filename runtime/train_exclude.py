@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .texts import read_text_file
+from .texts import data_files, read_text_file
 
 #: Tokens in a run that marks a segment as excluded text: long enough that ordinary phrases never match.
 RUN = 16
@@ -25,8 +25,6 @@ class ExcludedText:
     def from_paths(cls, paths: Iterable[str | Path], tokenizer) -> ExcludedText:
         """Read the ``.txt`` files named or found under directories; ``ValueError`` for a missing path
         or when none is found (an exclusion that reads nothing would silently exclude nothing)."""
-        from .train_data import data_files
-
         paths = list(paths)
         missing = [str(p) for p in paths if not Path(p).exists()]
         if missing:
