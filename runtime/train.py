@@ -45,7 +45,7 @@ from .train_data import (
     split_heldout,
 )
 from .train_eval import evaluate
-from .train_exclude import ExcludedText
+from .train_exclude import ExcludedText, check_exclude_paths
 
 DS_CONFIGS = Path(str(files("nugget2d.ds_configs")))  # ds_configs/ in the repo, or the installed copy
 
@@ -104,6 +104,7 @@ class TrainConfig:
         if (self.objective == "mix") != bool(self.mix):
             raise ValueError("--mix NAME=WEIGHT,... goes with --objective mix, and mix needs it")
         check_planted_facts([self.objective, *parse_mix(self.mix)], self.plant_facts)
+        check_exclude_paths(self.exclude)
         if self.positions not in ("cache", "original"):
             raise ValueError(f"positions must be 'cache' or 'original', got {self.positions!r}")
         if self.loss not in LOSSES:

@@ -26,9 +26,7 @@ class ExcludedText:
         """Read the ``.txt`` files named or found under directories; ``ValueError`` for a missing path
         or when none is found (an exclusion that reads nothing would silently exclude nothing)."""
         paths = list(paths)
-        missing = [str(p) for p in paths if not Path(p).exists()]
-        if missing:
-            raise ValueError(f"--exclude: {missing} not found; give the text files or directories to keep out")
+        check_exclude_paths(paths)
         try:
             files = data_files(paths, (".txt",))
         except ValueError as err:
@@ -42,6 +40,13 @@ class ExcludedText:
     def overlaps(self, ids: Sequence[int]) -> bool:
         """Whether ``ids`` hold a run of :data:`RUN` tokens found in the excluded text."""
         return not self.runs.isdisjoint(_runs(ids))
+
+
+def check_exclude_paths(paths: Iterable[str | Path]) -> None:
+    """``ValueError`` naming the ``--exclude`` paths that do not exist (checked before a model loads)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"--exclude: {missing} not found; give the text files or directories to keep out")
 
 
 def _runs(ids: Sequence[int]) -> Iterable[int]:

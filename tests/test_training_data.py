@@ -106,6 +106,8 @@ def test_excluded_text_is_never_read(tmp_path):
         build_examples([book], tokenizer, "recall", shape, exclude=ExcludedText.from_paths([book], tokenizer))
     with pytest.raises(ValueError, match="--exclude: .*not found"):
         ExcludedText.from_paths([tmp_path / "nowhere"], tokenizer)
+    with pytest.raises(ValueError, match="--exclude: .*not found"):  # refused before a model is loaded
+        TrainConfig(data=[str(book)], objective="recall", exclude=[str(tmp_path / "nowhere")])
 
 
 def test_hybrid_continue_keeps_sinks_and_the_recent_window_raw(book):
