@@ -64,6 +64,24 @@ POINTS = [
         "frontier/cotrain-qa/recall-0.5/step40-8k-needles",
     ),
     (
+        "zero LoRA + 40 steps, facts objective, recall 0.65",
+        "frontier/cotrain-qa/recall-0.65/step40-8k",
+        "frontier/cotrain-qa/recall-0.65/step40-8k-needles",
+    ),
+    (
+        "recall 0.65, test excluded, step 40",
+        "frontier/cotrain-qa/recall-0.65-exclude-test/step40-8k",
+        None,
+    ),
+    (
+        "recall 0.65, test excluded, step 60",
+        "frontier/cotrain-qa/recall-0.65-exclude-test/step60-8k",
+        "frontier/cotrain-qa/recall-0.65-exclude-test/step60-8k-needles",
+    ),
+    ("recall 0.65, step 60", "frontier/cotrain-qa/recall-0.65/step60-8k", None),
+    ("recall 0.65, step 80", "frontier/cotrain-qa/recall-0.65/step80-8k", None),
+    ("shipped + 30 steps, scorer frozen, facts objective", "frontier/freeze-scorer-facts/step30-8k", None),
+    (
         "facts objective step 40, union with books scorer",
         "frontier/cotrain-qa/diagnosis/union-books-8k",
         "frontier/cotrain-qa/diagnosis/union-books-8k-needles",
@@ -80,6 +98,8 @@ OFFSETS = {
     "zero LoRA + 160 steps, scorer lr 3e-5": (4, -9),
     "zero LoRA + 40 steps, facts objective": (4, -24),
     "zero LoRA + 40 steps, facts objective, recall 0.5": (4, -12),
+    "shipped + 30 steps, scorer frozen, facts objective": (20, 40),
+    "recall 0.65, test excluded, step 40": (-110, 22),
 }
 
 
