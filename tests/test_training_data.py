@@ -85,7 +85,7 @@ def test_more_distractors_put_the_recalled_passage_farther_back(book):
 
 def test_excluded_text_is_never_read(tmp_path):
     """``--exclude`` (say, the texts a model is evaluated on): no example of any objective reads a run
-    of tokens from them, the examples that stay are exactly those built without it (the same planted
+    of tokens from them, every example that stays is one built without it too (the same planted
     facts), and excluding everything, or a path that is not there, is a clear error."""
     tokenizer = tiny_tokenizer()
     book = text_file(tmp_path, 1500)
