@@ -186,10 +186,7 @@ def text_examples(
         if objective == "continue":
             sinks, far, target = first[: shape.sinks], first[shape.sinks :], None
         else:  # recall: the passage, its distractor segments, then the passage again
-            sinks, far = (
-                first[: shape.sinks],
-                first[shape.sinks :] + [t for s in segments[i + 1 : i + span - 1] for t in s],
-            )
+            sinks, far = first[: shape.sinks], _compressed(first, segments[i + 1 : i + span - 1], shape)
             target = first[shape.sinks : shape.sinks + shape.target]
         if shape.recent:
             if len(following) < shape.recent + (shape.target if target is None else 1):
@@ -221,13 +218,18 @@ def fact_examples(
         if len(following) < shape.recent:
             continue
         sinks, recent = first[: shape.sinks], following[: shape.recent]
-        far = first[shape.sinks :] + [t for segment, _ in compressed for t in segment]
+        far = _compressed(first, [segment for segment, _ in compressed], shape)
         asked = [fact for fact, start in first_facts if start >= shape.sinks]
         asked += [fact for _, facts in compressed for fact, _ in facts]
         for fact in asked:
             prompt, target = turn(fact.question, fact.answer)
             out.append(Example(tuple(far), prompt, target, tuple(sinks), tuple(recent), "facts"))
     return out
+
+
+def _compressed(first: list[int], distractors: list[list[int]], shape: Shape) -> list[int]:
+    """What a ``recall`` or ``facts`` example compresses: the passage past its sinks, then its distractors."""
+    return first[shape.sinks :] + [t for segment in distractors for t in segment]
 
 
 def _chat_turn(tokenizer) -> Callable[[str, str], tuple[tuple[int, ...], tuple[int, ...]]]:

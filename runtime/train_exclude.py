@@ -34,12 +34,12 @@ class ExcludedText:
         runs: set[int] = set()
         for path in files:
             ids = tokenizer(read_text_file(path), add_special_tokens=False, verbose=False).input_ids
-            runs.update(_runs(ids))
+            runs.update(token_runs(ids))
         return cls(frozenset(runs), tuple(str(p) for p in files))
 
     def overlaps(self, ids: Sequence[int]) -> bool:
         """Whether ``ids`` hold a run of :data:`RUN` tokens found in the excluded text."""
-        return not self.runs.isdisjoint(_runs(ids))
+        return not self.runs.isdisjoint(token_runs(ids))
 
 
 def check_exclude_paths(paths: Iterable[str | Path]) -> None:
@@ -49,5 +49,6 @@ def check_exclude_paths(paths: Iterable[str | Path]) -> None:
         raise ValueError(f"--exclude: {missing} not found; give the text files or directories to keep out")
 
 
-def _runs(ids: Sequence[int]) -> Iterable[int]:
+def token_runs(ids: Sequence[int]) -> Iterable[int]:
+    """The hash of every run of :data:`RUN` consecutive tokens of ``ids``, in order."""
     return (hash(tuple(ids[i : i + RUN])) for i in range(len(ids) - RUN + 1))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nugget2d.runtime.models import load_model
 from nugget2d.runtime.train_data import Shape, batch_at, build_examples, parse_mix, split_heldout
-from nugget2d.runtime.train_exclude import RUN, ExcludedText
+from nugget2d.runtime.train_exclude import ExcludedText, token_runs
 
 TEST = Path("benchmarks/data/test")
 
@@ -56,8 +56,7 @@ def overlap(config: dict, steps: list[int], corpus: Path, tokenizer, test: froze
             ids = example.sinks + example.context + example.recent
             ids += example.target if example.objective == "continue" else ()
             tokens += len(ids)
-            for i in range(len(ids) - RUN + 1):
-                key = hash(ids[i : i + RUN])
+            for key in token_runs(ids):
                 if key in test:
                     shared += 1
                     seen.add(key)
