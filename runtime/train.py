@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.resources import files
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .objectives import LOSSES, NuggetObjective, ScorerObjective
 from .texts import data_files
 from .train_data import (
     OBJECTIVES,
+    Example,
     Shape,
     batch_at,
     build_examples,
@@ -146,6 +147,31 @@ class TrainConfig:
     def shape(self) -> Shape:
         """How examples are cut from the data."""
         return Shape(self.segment_size, self.target_size, self.recent, self.sinks, self.distractors)
+
+    @classmethod
+    def from_saved(cls, saved: dict, **overrides) -> TrainConfig:
+        """The config a run saved (a checkpoint's ``trainer_state.json`` ``config``, or a ``training/``
+        ``config.json``), its other keys ignored and ``overrides`` (e.g. ``data`` where the books now
+        lie) applied; settings added since it was saved take their defaults, which reproduce it."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+def training_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): the examples a run with ``config`` draws its steps from and evaluates on,
+    built exactly as :func:`train_loop` builds them (planted facts and ``--exclude`` included)."""
+    exclude = ExcludedText.from_paths(config.exclude, tokenizer) if config.exclude else None
+    examples = build_examples(
+        config.data,
+        tokenizer,
+        config.objective,
+        config.shape,
+        parse_mix(config.mix),
+        config.seed,
+        config.plant_facts,
+        exclude,
+    )
+    return split_heldout(examples, config.eval_fraction, config.seed)
 
 
 def ds_config_dict(name_or_path: str, batch_size: int) -> dict:
@@ -288,18 +314,7 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     ds_config = ds_config_dict(config.ds_config, config.batch_size)
     rank, world = init_distributed()
     base, tokenizer = load_model(config.model)
-    exclude = ExcludedText.from_paths(config.exclude, tokenizer) if config.exclude else None
-    examples = build_examples(
-        config.data,
-        tokenizer,
-        config.objective,
-        config.shape,
-        parse_mix(config.mix),
-        config.seed,
-        config.plant_facts,
-        exclude,
-    )
-    train, heldout = split_heldout(examples, config.eval_fraction, config.seed)
+    train, heldout = training_examples(config, tokenizer)
     heldout = heldout[: config.eval_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -307,7 +322,8 @@ def train_loop(config: TrainConfig, on_checkpoint: Callable[[Path, dict], None] 
     torch.manual_seed(config.seed)
     model = build_model(config, base)
     read = data_files(config.data, (".txt", ".jsonl", ".json"))
-    data = checkpoints.data_digests(read + [Path(p) for p in (exclude.paths if exclude else ())])  # both shape a run
+    excluded = data_files(config.exclude, (".txt",)) if config.exclude else []
+    data = checkpoints.data_digests(read + excluded)  # both shape a run
     identity = checkpoints.trajectory(asdict(config), data, world)
     resumed = _resumable(output, model, config, identity, rank) if config.resume else None
     objective = build_objective(config, model).train()

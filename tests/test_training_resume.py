@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_training import _config
 
 from nugget2d.runtime import checkpoints
-from nugget2d.runtime.train import DS_CONFIGS, train_loop
+from nugget2d.runtime.train import DS_CONFIGS, TrainConfig, train_loop
 
 WEIGHTS = ("optimizer.safetensors", "adapter/adapter_model.safetensors", "adapter/scorer.safetensors")
 
@@ -36,7 +36,10 @@ def assert_same_final_state(ours: Path, theirs: Path) -> None:
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path, tiny_model_dir, corpus):
-    whole = train_loop(_config(tiny_model_dir, corpus, tmp_path / "a", max_steps=6, save_every=3, lr=1e-3))
+    config = _config(tiny_model_dir, corpus, tmp_path / "a", max_steps=6, save_every=3, lr=1e-3)
+    whole = train_loop(config)
+    state = json.loads((tmp_path / "a" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert TrainConfig.from_saved({**state["config"], "steps": 6}) == config  # what overlap.py replays
     train_loop(_config(tiny_model_dir, corpus, tmp_path / "b", max_steps=6, stop_at=3, save_every=3, lr=1e-3))
     saved = sorted(p.name for p in (tmp_path / "b" / "checkpoint-3").iterdir())
     assert saved == ["adapter", "optimizer.safetensors", "rng-rank0.safetensors", "trainer_state.json"]

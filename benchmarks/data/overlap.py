@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from nugget2d.runtime.models import load_model
-from nugget2d.runtime.train_data import Shape, batch_at, build_examples, parse_mix, split_heldout
+from nugget2d.runtime.train import TrainConfig, training_examples
+from nugget2d.runtime.train_data import batch_at
 from nugget2d.runtime.train_exclude import ExcludedText, token_runs
 
 TEST = Path("benchmarks/data/test")
@@ -34,22 +35,8 @@ def run_settings(path: Path) -> tuple[dict, int]:
 def overlap(config: dict, steps: list[int], corpus: Path, tokenizer, test: frozenset[int]) -> dict[int, dict]:
     """For each of ``steps``: what the run's steps up to it read, and how much of it (and of the test
     texts) is shared."""
-    books = [corpus / Path(p).name for p in config["data"]]
-    shape = Shape(
-        config["segment_size"], config["target_size"], config["recent"], config["sinks"], config.get("distractors", 1)
-    )
-    exclude = ExcludedText.from_paths(config["exclude"], tokenizer) if config.get("exclude") else None
-    examples = build_examples(
-        books,
-        tokenizer,
-        config["objective"],
-        shape,
-        parse_mix(config.get("mix")),
-        config["seed"],
-        config.get("plant_facts") or 0,
-        exclude,
-    )
-    train, _ = split_heldout(examples, config["eval_fraction"], config["seed"])
+    books = [str(corpus / Path(p).name) for p in config["data"]]
+    train, _ = training_examples(TrainConfig.from_saved(config, data=books), tokenizer)
     tokens, shared, seen, report = 0, 0, set(), {}
     for step in range(max(steps)):
         for example in batch_at(train, step, config["batch_size"], config["seed"]):

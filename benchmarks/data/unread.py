@@ -17,7 +17,8 @@ from pathlib import Path
 
 from nugget2d.runtime.models import load_model
 from nugget2d.runtime.texts import read_text_file
-from nugget2d.runtime.train_data import Shape, batch_at, build_examples, parse_mix, sentence_segments, split_heldout
+from nugget2d.runtime.train import TrainConfig, training_examples
+from nugget2d.runtime.train_data import batch_at, sentence_segments
 
 RUNS = ("scorer-r0.1-head", "encoder-r0.1-head", "encoder-r0.1-head-cache")
 KEY = 48  # tokens that identify a segment by its start
@@ -31,13 +32,12 @@ def run_configs(root: Path) -> list[dict]:
 def read_segments(config: dict, corpus: Path, tokenizer) -> dict[str, set[int]]:
     """Per book, the indices of the segments (of ``segment_size`` tokens) the run's steps read."""
     books = [corpus / Path(p).name for p in config["data"]]
-    shape = Shape(config["segment_size"], config["target_size"], config["recent"], config["sinks"])
-    examples = build_examples(books, tokenizer, config["objective"], shape, parse_mix(config["mix"]), config["seed"])
-    train, _ = split_heldout(examples, config["eval_fraction"], config["seed"])
+    run = TrainConfig.from_saved(config, data=[str(book) for book in books])
+    train, _ = training_examples(run, tokenizer)
     index: dict[tuple[int, ...], list[tuple[str, int]]] = {}
     for book in books:
         ids = tokenizer(read_text_file(book), add_special_tokens=False, verbose=False).input_ids
-        for i, seg in enumerate(sentence_segments(ids, tokenizer, shape.segment)):
+        for i, seg in enumerate(sentence_segments(ids, tokenizer, run.segment_size)):
             index.setdefault(tuple(seg[:KEY]), []).append((book.name, i))
     span = {"continue": 2, "recall": 3}
     read: dict[str, set[int]] = {b.name: set() for b in books}
