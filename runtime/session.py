@@ -87,6 +87,7 @@ class StreamingSession(BudgetKeeping):
         self.pending: list[int] = []  # sampled by the last answer, not yet in the cache
         self._waiting: list[int] = []  # read but not yet a full segment
         self._started = False
+        self._start_count = 0  # start tokens (template, BOS) this session put before the input
         self._progress_bar = None  # while ingest() shows progress: advanced by every segment encoded
         self._checkpoint: Checkpoint | None = None  # while ingest() saves the session as it reads
         self.turns = 0
@@ -165,7 +166,8 @@ class StreamingSession(BudgetKeeping):
         the calls; a shorter last segment is encoded when ``final``, otherwise it waits for more."""
         ids = [int(t) for t in ids]
         if ids and not self._started:
-            ids, self._started = self._start_ids() + ids, True
+            start = self._start_ids()
+            ids, self._started, self._start_count = start + ids, True, len(start)
         self._waiting.extend(ids)
         size = self.settings.segment
         started = time.perf_counter()
@@ -217,8 +219,9 @@ class StreamingSession(BudgetKeeping):
         return start_ids(self.tokenizer, self.format)
 
     def _started_with(self) -> int:
-        """How many of :attr:`token_ids` are the start tokens this session put before the input."""
-        return len(self._start_ids()) if self._started else 0
+        """How many of :attr:`token_ids` are the start tokens this session put before the input (none
+        after :meth:`ingest_formatted`, whose caller put in its own)."""
+        return self._start_count
 
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))
@@ -439,6 +442,7 @@ class StreamingSession(BudgetKeeping):
             "pending": self.pending,
             "waiting": self._waiting,
             "started": self._started,
+            "start_tokens": self._start_count,
             "turns": self.turns,
             "stats": asdict(self.stats),
         }
@@ -457,6 +461,8 @@ class StreamingSession(BudgetKeeping):
             session.sinks, session.nuggets, session.raw = (int(n) for n in state["parts"])
             session.pending, session._waiting = list(state["pending"]), list(state["waiting"])
             session._started, session.turns = bool(state["started"]), int(state["turns"])
+            started_with = len(session._start_ids()) if session._started else 0  # saved before it was counted
+            session._start_count = int(state.get("start_tokens", started_with))
             session.stats = SessionStats(**state["stats"])
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{directory} does not hold a readable saved session: {err}") from err

@@ -3,6 +3,7 @@ uninterrupted read does, from the same cache; and what would lose or misuse a ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,3 +109,9 @@ def test_skipping_what_was_read_works_across_chunk_boundaries():
     assert session.read_so_far() == 305 and session._waiting
     chunks = [ids[begin : begin + 70] for begin in range(0, 500, 70)]
     assert [t for chunk in session._skip_read(chunks) for t in chunk] == ids[305:]
+    formatted = StreamingSession(model, tiny_tokenizer(), StreamSettings(ratio=0.25, budget=96, recent=32, segment=16))
+    formatted.format = dataclasses.replace(formatted.format, document_prefix="the old angler")  # a start to add
+    assert formatted._start_ids()
+    formatted.ingest_formatted(ids[:40], final=False)  # the caller's own start: nothing added before it
+    assert formatted.read_so_far() == 40
+    assert [t for chunk in formatted._skip_read(chunks) for t in chunk] == ids[40:]
