@@ -14,27 +14,23 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from .lookback import LookBack
-from .lookback_select import SELECTORS, has_text_positions
+from .lookback import LookBack, check_lookback, check_lookback_choice
+from .lookback_select import has_text_positions
 from .session import StreamingSession
 
 Variant = tuple[int, str | None]
 _log = logging.getLogger("nugget2d")
 
 
-def check_lookback_options(lookbacks: list[int], selectors: list[str], span: int, cutoff: float = 0.0) -> None:
-    """``ValueError`` for a negative look-back, an unknown selector, a span below 2 tokens or a cutoff
-    outside 0..1."""
+def check_lookback_options(
+    lookbacks: list[int], selectors: list[str], span: int, placement: str = "after", cutoff: float = 0.0
+) -> None:
+    """``ValueError`` for a negative look-back or a choice :class:`LookBack` refuses (selector, span,
+    placement, cutoff), before any sample is read."""
     for tokens in lookbacks:
-        if tokens < 0:
-            raise ValueError(f"every --lookback must be >= 0 tokens (0 = off), got {tokens}")
+        check_lookback(tokens)
     for name in selectors:
-        if name not in SELECTORS:
-            raise ValueError(f"unknown look-back selector {name!r}; choose from {list(SELECTORS)}")
-    if span < 2:
-        raise ValueError(f"the look-back span must be >= 2 tokens, got {span}")
-    if not 0.0 <= cutoff <= 1.0:
-        raise ValueError(f"--lookback-cutoff must be a share of the best window's score, 0 to 1, got {cutoff}")
+        check_lookback_choice(name, span, placement, cutoff)
 
 
 def variants(method: str, lookbacks: list[int], selectors: list[str]) -> list[Variant]:

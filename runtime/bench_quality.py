@@ -55,7 +55,7 @@ from .cache_config import CacheConfig
 from .chat import ChatFormat
 from .facts import plant
 from .generation import GenerationSettings
-from .lookback import DEFAULT_CUTOFF, DEFAULT_SELECTOR, DEFAULT_SPAN, PLACEMENTS, LookBack
+from .lookback import DEFAULT_CUTOFF, DEFAULT_SELECTOR, DEFAULT_SPAN, LookBack
 from .session import POSITIONS, StreamingSession, start_ids
 
 METRICS = ("ppl", "recall_ppl", "bleu", "qa", "ruler")
@@ -110,10 +110,8 @@ class QualityOptions:
             raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
         check_ratios(self.ratios)
         bench_lookback.check_lookback_options(
-            self.lookback, self.lookback_selectors, self.lookback_span, self.lookback_cutoff
+            self.lookback, self.lookback_selectors, self.lookback_span, self.lookback_placement, self.lookback_cutoff
         )
-        if self.lookback_placement not in PLACEMENTS:
-            raise ValueError(f"lookback_placement must be one of {list(PLACEMENTS)}, got {self.lookback_placement!r}")
         for metric in self.metrics:
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")

@@ -56,6 +56,18 @@ def check_lookback(tokens: int) -> None:
         raise ValueError(f"lookback must be a whole number of tokens >= 0 (0 = off), got {tokens!r}")
 
 
+def check_lookback_choice(selector: str, span: int, placement: str, cutoff: float) -> None:
+    """``ValueError`` for an unknown selector or placement, a span below 2 tokens or a cutoff outside 0..1."""
+    if selector not in SELECTORS:
+        raise ValueError(f"the look-back selector must be one of {list(SELECTORS)}, got {selector!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"the look-back placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if not 0.0 <= cutoff <= 1.0:
+        raise ValueError(f"the look-back cutoff must be a share of the best score, 0 to 1, got {cutoff}")
+    if span < 2:
+        raise ValueError(f"the look-back span must be >= 2 tokens, got {span}")
+
+
 @dataclass
 class LookBack:
     """How much to read back before an answer (``tokens``, 0 = off), chosen by ``selector`` (a name in
@@ -73,14 +85,7 @@ class LookBack:
 
     def __post_init__(self) -> None:
         check_lookback(self.tokens)
-        if self.selector not in SELECTORS:
-            raise ValueError(f"the look-back selector must be one of {list(SELECTORS)}, got {self.selector!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"the look-back placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
-        if not 0.0 <= self.cutoff <= 1.0:
-            raise ValueError(f"the look-back cutoff must be a share of the best score, 0 to 1, got {self.cutoff}")
-        if self.span < 2:
-            raise ValueError(f"the look-back span must be >= 2 tokens, got {self.span}")
+        check_lookback_choice(self.selector, self.span, self.placement, self.cutoff)
         if self.selector == "oracle" and not self.answers:
             raise ValueError("the oracle selector needs the answers it looks for (benchmarks only)")
         self.answers = tuple(self.answers)

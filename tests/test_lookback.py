@@ -243,9 +243,9 @@ def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path)
     spec.loader.exec_module(table)
     lines = table.rows(tmp_path)
     assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | after | 0.5 | " in "\n".join(lines)
-    with pytest.raises(ValueError, match="unknown look-back selector"):
+    with pytest.raises(ValueError, match="look-back selector must be one of"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_selectors=["magic"])
-    with pytest.raises(ValueError, match="every --lookback must be >= 0"):
+    with pytest.raises(ValueError, match="lookback must be a whole number of tokens >= 0"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback=[-1])
-    with pytest.raises(ValueError, match="--lookback-cutoff must be a share"):
+    with pytest.raises(ValueError, match="look-back cutoff must be a share"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_cutoff=-0.1)
