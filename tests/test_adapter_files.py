@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -141,3 +142,21 @@ def test_saving_never_looks_up_a_model_hub(tmp_path, recwarn):
         settings.base_model_name_or_path = "SmolLM2-135M-Instruct"
     model.save_pretrained(tmp_path / "adapter")
     assert not [w for w in recwarn if "remote" in str(w.message) or "config file" in str(w.message)]
+
+
+def test_a_zero_lora_copy_reads_as_the_base_model_and_keeps_the_scorer(tmp_path, tokens):
+    spec = importlib.util.spec_from_file_location("zero_lora", "training/zero_lora.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _trained_looking(tiny_llama()).save_pretrained(tmp_path / "trained")
+    script.zero_lora(tmp_path / "trained", tmp_path / "zero", alpha=8)
+    trained = Nugget2DModel.from_pretrained(tmp_path / "trained", base_model=tiny_llama()).eval()
+    zero = Nugget2DModel.from_pretrained(tmp_path / "zero", base_model=tiny_llama()).eval()
+    assert zero.config.lora_alpha == 8
+    scorers = zip(zero.scorer.state_dict().values(), trained.scorer.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in scorers)
+    with torch.no_grad():
+        assert torch.allclose(zero(tokens).logits, tiny_llama()(tokens).logits, atol=1e-5)
+        assert not torch.allclose(trained(tokens).logits, tiny_llama()(tokens).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="holds no adapter with a LoRA"):
+        script.zero_lora(tmp_path / "absent", tmp_path / "x", alpha=8)
