@@ -110,7 +110,10 @@ def command(config: dict[str, Any], defaults: dict[str, Any]) -> str:
         if key in ("data", "resume", "stop_at") or value == defaults.get(key) or value is None:
             continue
         flag = "--" + key.replace("_", "-")
-        parts.extend([flag] if value is True else [flag, str(value)])
+        if value is True:
+            parts.append(flag)
+        else:  # a list flag (--exclude) takes its values one after another
+            parts.extend([flag, *map(str, value if isinstance(value, list) else [value])])
     return " ".join(parts)
 
 

@@ -363,3 +363,11 @@ def test_a_short_answer_weighs_as_much_as_a_long_target_in_the_loss(book):
         alone = [objective.losses(**collate([e], pad_id=0)) for e in (answer, passage)]
     for part in ("ce", "kl"):
         torch.testing.assert_close(both[part], (alone[0][part] + alone[1][part]) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_cards_command_lists_each_excluded_path_as_the_shell_takes_it():
+    from nugget2d.runtime.model_card import command
+
+    config = {"data": ["a.txt"], "exclude": ["test/", "b.txt"], "seed": 2, "resume": True, "plant_facts": 0}
+    defaults = {"exclude": [], "seed": 0, "plant_facts": 0}
+    assert command(config, defaults) == "nugget2d train --data a.txt --exclude test/ b.txt --seed 2"
