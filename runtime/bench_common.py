@@ -279,7 +279,13 @@ def merge_results(paths: list[str | Path], out_dir: str | Path) -> Path:
     kind = kinds.pop()
     by_key = {record_key(record): record for _, data in loaded for record in data["records"]}  # later wins
     records = list(by_key.values())
-    runs = [{"source": str(path), **{k: v for k, v in data.items() if k != "records"}} for path, data in loaded]
+    runs = []
+    for path, data in loaded:  # a file merged before brings its own runs, so the list stays flat
+        runs += (
+            data["runs"]
+            if "runs" in data
+            else [{"source": str(path), **{k: v for k, v in data.items() if k != "records"}}]
+        )
     out = write_results(out_dir, kind, loaded[0][1]["machine"], records, {"benchmark": kind, "runs": runs})
     (plot_speed if kind == "speed" else plot_quality)(records, Path(out_dir) / f"{kind}.png", title="merged runs")
     return out

@@ -14,7 +14,7 @@ from nugget2d.compress import Nugget2DConfig, Nugget2DModel, nugget_count
 from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.policies import group_bounds
 from nugget2d.compress.rope import rerotate
-from nugget2d.runtime.bench_common import CacheShape, configurations
+from nugget2d.runtime.bench_common import CacheShape, configurations, merge_results, run_options
 from nugget2d.runtime.bench_quality import QualityOptions, run_quality
 from nugget2d.runtime.bench_speed import IDEAL, SpeedOptions, compare, run_speed, unmodified
 from nugget2d.runtime.cli import main
@@ -298,6 +298,19 @@ def test_recall_ppl_is_the_perplexity_of_the_repeated_passage(tmp_path):
 def test_configurations_measure_full_once_per_context():
     configs = configurations(["full", "nugget2d"], [0.1, 0.2], [100, 200])
     assert configs.count(("full", 1.0, 100)) == 1 and ("nugget2d", 0.2, 200) in configs and len(configs) == 6
+
+
+def test_merging_a_merged_file_keeps_one_flat_list_of_runs(tmp_path):
+    first, second = tmp_path / "a" / "quality.json", tmp_path / "b" / "quality.json"
+    for path, ppl in ((first, 30.0), (second, 29.0)):
+        path.parent.mkdir()
+        record = {"method": "nugget2d", "ratio": 0.1, "context": 2048, "ppl": ppl}
+        path.write_text(json.dumps({"machine": {"date": "d"}, "options": {"samples": 5}, "records": [record]}))
+    merge_results([first, second], tmp_path / "m")
+    merge_results([tmp_path / "m", second], tmp_path / "m")  # re-measured once more: merged into the merge
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert [run["source"] for run in merged["runs"]] == [str(first), str(second), str(second)]
+    assert run_options(merged) == {"samples": 5} and [r["ppl"] for r in merged["records"]] == [29.0]
 
 
 def test_bench_cli_runs_and_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
