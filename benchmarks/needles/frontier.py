@@ -78,6 +78,11 @@ POINTS = [
         "frontier/cotrain-qa/recall-0.65-exclude-test/step60-8k",
         "frontier/cotrain-qa/recall-0.65-exclude-test/step60-8k-needles",
     ),
+    (
+        "recall 0.65, test excluded, step 80",
+        "frontier/cotrain-qa/recall-0.65-exclude-test/step80-8k",
+        "frontier/cotrain-qa/recall-0.65-exclude-test/step80-8k-needles",
+    ),
     ("recall 0.65, step 60", "frontier/cotrain-qa/recall-0.65/step60-8k", None),
     ("recall 0.65, step 80", "frontier/cotrain-qa/recall-0.65/step80-8k", None),
     ("shipped + 30 steps, scorer frozen, facts objective", "frontier/freeze-scorer-facts/step30-8k", None),
@@ -100,6 +105,11 @@ OFFSETS = {
     "zero LoRA + 40 steps, facts objective, recall 0.5": (4, -12),
     "shipped + 30 steps, scorer frozen, facts objective": (20, 40),
     "recall 0.65, test excluded, step 40": (-110, 22),
+    "recall 0.65, test excluded, step 80": (-150, -16),
+    "planted-fact scorer (shipped)": (-240, -10),
+    "zero LoRA + 40 steps, facts objective, recall 0.65": (4, -12),
+    "union, weights 1:1": (4, -10),
+    "recall 0.65, step 60": (-112, -3),
 }
 
 
