@@ -21,9 +21,9 @@ OUT = HERE / "frontier"
 
 #: (label, record with 8k ppl and recall_ppl, record with 8k ruler and qa or None)
 POINTS = [
-    ("books scorer, co-trained (shipped before)", "scorer-8k-test/books", None),
+    ("books scorer, co-trained (shipped to 12-05)", "scorer-8k-test/books", None),
     ("run 1 scorer as fitted", "scorer-8k-test/run1", None),
-    ("planted-fact scorer (shipped)", "scorer-8k-test/facts", "scorer-test-8k/facts"),
+    ("planted-fact scorer (shipped 12-05)", "scorer-8k-test/facts", "scorer-test-8k/facts"),
     ("union, weights 1:1", "union-test", "union-test"),
     ("union, weights 1:3", "frontier/union-w3-8k", "frontier/union-w3-8k"),
     ("union, weights 1:6", "frontier/union-w6-8k", "frontier/union-w6-8k"),
@@ -79,7 +79,7 @@ POINTS = [
         "frontier/cotrain-qa/recall-0.65-exclude-test/step60-8k-needles",
     ),
     (
-        "recall 0.65, test excluded, step 80",
+        "recall 0.65, test excluded, step 80 (shipped 12-06)",
         "frontier/cotrain-qa/recall-0.65-exclude-test/step80-8k",
         "frontier/cotrain-qa/recall-0.65-exclude-test/step80-8k-needles",
     ),
@@ -94,7 +94,11 @@ POINTS = [
 ]
 
 
-SHIPPED = {"books scorer, co-trained (shipped before)", "planted-fact scorer (shipped)"}
+SHIPPED = {
+    "books scorer, co-trained (shipped to 12-05)",
+    "planted-fact scorer (shipped 12-05)",
+    "recall 0.65, test excluded, step 80 (shipped 12-06)",
+}
 #: Label offsets (points) where the default (right, just above) would overlap another label.
 OFFSETS = {
     "union, weights 1:6": (4, -10),
@@ -105,11 +109,12 @@ OFFSETS = {
     "zero LoRA + 40 steps, facts objective, recall 0.5": (4, -12),
     "shipped + 30 steps, scorer frozen, facts objective": (20, 40),
     "recall 0.65, test excluded, step 40": (-110, 22),
-    "recall 0.65, test excluded, step 80": (-150, -16),
-    "planted-fact scorer (shipped)": (-240, -10),
+    "recall 0.65, test excluded, step 80 (shipped 12-06)": (-230, -16),
+    "planted-fact scorer (shipped 12-05)": (-262, -10),
     "zero LoRA + 40 steps, facts objective, recall 0.65": (4, -12),
     "union, weights 1:1": (4, -10),
     "recall 0.65, step 60": (-112, -3),
+    "recall 0.65, step 80": (-112, 3),
 }
 
 
