@@ -414,8 +414,20 @@ class Nugget2DModel(nn.Module):
         """
         input_ids, mask = self._inputs(input_ids, attention_mask)
         cache = self.new_cache() if nuggets is None else nuggets.fork()
-        adapter = DECODER if self.config.decoder_adapter else None
-        return self.forward_pass(cache, input_ids, mask, adapter, self.base, labels=labels)
+        return self.forward_pass(cache, input_ids, mask, self.reader_adapter, self.base, labels=labels)
+
+    @property
+    def reader_adapter(self) -> str | None:
+        """The adapter that reads prompts and decodes over the cache: the decoder LoRA when one was
+        trained, else none (the unmodified model)."""
+        return DECODER if self.config.decoder_adapter else None
+
+    def read(self, input_ids: torch.Tensor, cache: NuggetCache) -> NuggetCache:
+        """Append ``input_ids`` ``(B, n)`` to ``cache`` as raw entries read the way a prompt is read
+        (:attr:`reader_adapter`), without logits: for text read for one answer and never compressed."""
+        input_ids, mask = self._inputs(input_ids, None)
+        self.forward_pass(cache, input_ids, mask, self.reader_adapter, self.base.get_decoder())
+        return cache
 
     def use_adapter(self, adapter: str | None) -> None:
         """Make ``adapter`` (or the frozen model, ``None``) run in the next passes. Without gradients an

@@ -9,7 +9,9 @@ look-back ``N`` (:attr:`CacheConfig.lookback <nugget2d.runtime.cache_config.Cach
    the question and each window's text (``bm25``, the ``bm25s`` library), by both (``hybrid``: each
    score over its maximum, summed), or, in benchmarks, by whether a window holds the answer (``oracle``);
 2. the best windows up to ``N`` tokens (none scoring below half the best one's, :data:`DEFAULT_CUTOFF`)
-   are merged into spans and read raw, in text order, into a temporary fork of the cache: as a block
+   are merged into spans and read raw, in text order, into a temporary fork of the cache, the way the
+   question is read (the unmodified model, or the decoder LoRA where one was trained: they are never
+   compressed, so the encoder adapter has no part in them; at 32k it measured better): as a block
    after the cache's entries, just before the question (``placement="after"``, the default: it
    answered best, ``benchmarks/lookback/``), or at their own text positions while the cache is
    numbered by text position (``"text"``; the spans then also see the later text as if it came
@@ -111,23 +113,22 @@ def read_spans(
     ids: np.ndarray,
     spans: list[tuple[int, int]],
     placement: str,
-    frozen: bool,
 ) -> NuggetCache:
-    """A fork of ``cache`` with the tokens of ``spans`` appended raw, in text order (``frozen``: by the
-    unmodified model, else by the encoder adapter, as the session reads text): at their text positions
-    when ``placement="text"`` and the cache is numbered by text position, else after its entries.
-    The next tokens are numbered as they would be without the spans under ``text``."""
+    """A fork of ``cache`` with the tokens of ``spans`` appended raw, in text order, read as a prompt is
+    (:meth:`Nugget2DModel.read`): at their text positions when ``placement="text"`` and the cache is
+    numbered by text position, else after its entries. The next tokens are numbered as they would be
+    without the spans under ``text``."""
     fork = cache.fork()
     if not spans:
         return fork
     if not (placement == "text" and has_text_positions(cache)):  # one block after the entries: one pass
         block = np.concatenate([ids[start:stop] for start, stop in spans])
-        model.encode(torch.tensor([block.tolist()], device=model.device), cache=fork, frozen=frozen)
+        model.read(torch.tensor([block.tolist()], device=model.device), fork)
         return fork
     seen = fork.seen_tokens
     for start, stop in spans:
         fork.seen_tokens = torch.full_like(seen, start)
-        model.encode(torch.tensor([ids[start:stop].tolist()], device=model.device), cache=fork, frozen=frozen)
+        model.read(torch.tensor([ids[start:stop].tolist()], device=model.device), fork)
     fork.seen_tokens = seen
     return fork
 
@@ -177,7 +178,7 @@ def ask_looking_back(
     spans = plan(look, model, session.tokenizer, cache, ids, len(ids) - twin.raw, twin.sinks, prompt, text)
     _add_seconds(stats, "select_seconds", started)
     started = time.perf_counter()
-    cache = read_spans(model, cache, ids, spans, look.placement, frozen=not session.policy.reads_with_encoder)
+    cache = read_spans(model, cache, ids, spans, look.placement)
     _add_seconds(stats, "read_seconds", started)
     stats.questions += 1
     stats.tokens_read += sum(b - a for a, b in spans)

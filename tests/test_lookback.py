@@ -8,6 +8,7 @@ import torch
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
 from nugget2d.compress import Nugget2DConfig, Nugget2DModel
+from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.runtime import lookback as lookback_module
 from nugget2d.runtime.generation import GenerationSettings, TokenStream
 from nugget2d.runtime.lookback import IDS_FILE, LookBack
@@ -108,17 +109,37 @@ def test_oracle_spans_are_in_the_cache_while_answering_and_gone_after(monkeypatc
 
 
 def test_spans_placed_after_the_cache_read_in_one_pass_as_span_by_span():
-    """Spans placed after the cache are read as one block: the same entries as reading them one by one."""
+    """Spans placed after the cache are read as one block, as a prompt is read: the same entries as reading
+    them one by one."""
     session = _session()
     ids = np.frombuffer(session.token_ids, dtype=np.int32)
     spans = [(10, 30), (60, 70), (100, 120)]
-    block = lookback_module.read_spans(session.model, session.cache, ids, spans, "after", frozen=False)
+    block = lookback_module.read_spans(session.model, session.cache, ids, spans, "after")
     one_by_one = session.cache.fork()
     for start, stop in spans:
-        session.model.encode(torch.tensor([ids[start:stop].tolist()]), cache=one_by_one)
+        session.model.read(torch.tensor([ids[start:stop].tolist()]), one_by_one)
     for a, b in zip(block.layers, one_by_one.layers):
         for name, value in a.tensors().items():
             assert torch.allclose(value.float(), b.tensors()[name].float(), atol=1e-5), name
+
+
+def test_spans_are_read_as_the_question_is_not_by_the_encoder():
+    """Spans are read for one answer and never compressed: with a trained encoder LoRA their entries are
+    the unmodified model's (what the question is read by), not the encoder's."""
+    session = _session()
+    with torch.no_grad():
+        for name, parameter in session.model.named_parameters():
+            if "lora_B" in name and ".encoder." in name:
+                parameter.normal_(std=0.05)
+    ids = np.frombuffer(session.token_ids, dtype=np.int32)
+    spans = [(10, 30)]
+    fork = lookback_module.read_spans(session.model, session.cache, ids, spans, "after")
+    with torch.no_grad():
+        as_prompt = returned_cache(session.model(torch.tensor([ids[10:30].tolist()]), nuggets=session.cache))
+        by_encoder = session.model.encode(torch.tensor([ids[10:30].tolist()]), cache=session.cache.fork())
+    values = fork.layers[1].tensors()["values"]
+    assert torch.allclose(values.float(), as_prompt.layers[1].tensors()["values"].float(), atol=1e-5)
+    assert not torch.allclose(values.float(), by_encoder.layers[1].tensors()["values"].float(), atol=1e-3)
 
 
 def test_token_ids_survive_save_and_load(tmp_path):
