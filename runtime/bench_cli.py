@@ -6,7 +6,7 @@ import argparse
 
 from .bench_common import READINGS
 from .cli_options import add_cache_arguments, add_model_arguments
-from .lookback import DEFAULT_CUTOFF
+from .lookback import DEFAULT_CUTOFF, PLACEMENTS
 from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
@@ -88,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     quality.add_argument(
         "--lookback-placement",
-        choices=("text", "after"),
+        choices=PLACEMENTS,
         default="after",
-        help="look-back spans after the cache's entries, or at their text positions (while the cache keeps them)",
+        help="look-back spans after the cache's entries, at their text positions (while the cache keeps them), "
+        "or alone (the text's opening and the spans, the resident cache hidden for the answer)",
     )
     quality.add_argument("--lookback-span", type=int, default=64, help="tokens per look-back window")
     quality.add_argument(

@@ -15,7 +15,8 @@ look-back ``N`` (:attr:`CacheConfig.lookback <nugget2d.runtime.cache_config.Cach
    after the cache's entries, just before the question (``placement="after"``, the default: it
    answered best, ``benchmarks/lookback/``), or at their own text positions while the cache is
    numbered by text position (``"text"``; the spans then also see the later text as if it came
-   before them);
+   before them), or alone (``"alone"``: a fresh cache holding the text's opening — the chat template's
+   start, or the sinks — and the spans, the resident cache hidden for this answer);
 3. the question is read over that fork and answered; the fork is dropped, so the session's cache is
    the one it held before the question.
 
@@ -44,7 +45,7 @@ from nugget2d.compress import Nugget2DModel, NuggetCache
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream
 from .lookback_select import SELECTORS, has_text_positions, plan
 
-PLACEMENTS = ("text", "after")
+PLACEMENTS = ("text", "after", "alone")
 DEFAULT_SELECTOR = "bm25"  # as right as hybrid at 2k, fewer tokens read, any position mode (benchmarks/lookback)
 DEFAULT_SPAN = 64
 #: Windows scoring below this share of the best window's score are not read (see :class:`LookBack`).
@@ -113,11 +114,17 @@ def read_spans(
     ids: np.ndarray,
     spans: list[tuple[int, int]],
     placement: str,
+    opening: int = 0,
 ) -> NuggetCache:
     """A fork of ``cache`` with the tokens of ``spans`` appended raw, in text order, read as a prompt is
     (:meth:`Nugget2DModel.read`): at their text positions when ``placement="text"`` and the cache is
     numbered by text position, else after its entries. The next tokens are numbered as they would be
-    without the spans under ``text``."""
+    without the spans under ``text``. ``placement="alone"``: instead of a fork, a new cache holding the
+    text's first ``opening`` tokens and the spans (none found: the fork, as without look-back)."""
+    if placement == "alone" and spans:
+        alone = model.new_cache()
+        block = np.concatenate([ids[:opening], *(ids[start:stop] for start, stop in spans)])
+        return model.read(torch.tensor([block.tolist()], device=model.device), alone)
     fork = cache.fork()
     if not spans:
         return fork
@@ -178,7 +185,8 @@ def ask_looking_back(
     spans = plan(look, model, session.tokenizer, cache, ids, len(ids) - twin.raw, twin.sinks, prompt, text)
     _add_seconds(stats, "select_seconds", started)
     started = time.perf_counter()
-    cache = read_spans(model, cache, ids, spans, look.placement)
+    opening = session._started_with() or twin.sinks  # the chat template's start, else the sink tokens
+    cache = read_spans(model, cache, ids, spans, look.placement, opening)
     _add_seconds(stats, "read_seconds", started)
     stats.questions += 1
     stats.tokens_read += sum(b - a for a, b in spans)

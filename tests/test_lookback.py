@@ -108,6 +108,37 @@ def test_oracle_spans_are_in_the_cache_while_answering_and_gone_after(monkeypatc
     assert _same(before, session)
 
 
+def test_spans_read_alone_answer_over_the_opening_and_the_spans_only(monkeypatch):
+    """``placement="alone"``: the answer reads the text's opening (here the sinks) and the oracle's spans,
+    nothing of the resident cache; the session's cache is as before, and the same question asked again
+    answers the same."""
+    session = _session()
+    session.ingest_ids([], final=True)
+    before = _tensors(session)
+    seen: list = []
+
+    class Watched(TokenStream):
+        def __init__(self, model, cache, *args, **kwargs):
+            seen.append(cache.fork())
+            super().__init__(model, cache, *args, **kwargs)
+
+    monkeypatch.setattr(lookback_module, "TokenStream", Watched)
+    look = LookBack(64, "oracle", span=16, placement="alone", answers=("blue door",))
+    settings = GenerationSettings(max_new_tokens=3)
+    out = list(session.ask_ids(_question(session), settings, lookback=look))
+    spans = session.lookback_stats.last_spans
+    ids = np.frombuffer(session.token_ids, dtype=np.int32)
+    opening = ids[: session.sinks].tolist()
+    read = opening + [int(t) for a, b in spans for t in ids[a:b]]
+    assert spans and seen[0].get_seq_length() == len(read)
+    expected = session.model.read(torch.tensor([read]), session.model.new_cache())
+    for a, b in zip(seen[0].layers, expected.layers):
+        for name, value in a.tensors().items():
+            assert torch.allclose(value.float(), b.tensors()[name].float(), atol=1e-5), name
+    assert _same(before, session)
+    assert list(session.ask_ids(_question(session), settings, lookback=look)) == out
+
+
 def test_spans_placed_after_the_cache_read_in_one_pass_as_span_by_span():
     """Spans placed after the cache are read as one block, as a prompt is read: the same entries as reading
     them one by one."""
