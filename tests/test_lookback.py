@@ -48,6 +48,20 @@ def _same(before: list[dict], session: StreamingSession) -> bool:
     return all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before, after))
 
 
+def _answering_caches(monkeypatch) -> list:
+    """The caches look-back answers are generated over, as each answer starts (forks: what the answer
+    appends does not show)."""
+    seen: list = []
+
+    class Watched(TokenStream):
+        def __init__(self, model, cache, *args, **kwargs):
+            seen.append(cache.fork())
+            super().__init__(model, cache, *args, **kwargs)
+
+    monkeypatch.setattr(lookback_module, "TokenStream", Watched)
+    return seen
+
+
 def test_lookback_zero_answers_as_before():
     """Look-back 0 is today's path: the same tokens as a stream over the session's cache, the exchange kept."""
     session = _session(lookback=0)
@@ -81,20 +95,13 @@ def test_oracle_spans_are_in_the_cache_while_answering_and_gone_after(monkeypatc
     session = _session(positions="original")
     session.ingest_ids([], final=True)
     before = _tensors(session)
-    seen: list = []
-
-    class Watched(TokenStream):
-        def __init__(self, model, cache, *args, **kwargs):
-            seen.append((cache.get_seq_length(), cache.layers[0].positions.clone()))
-            super().__init__(model, cache, *args, **kwargs)
-
-    monkeypatch.setattr(lookback_module, "TokenStream", Watched)
+    seen = _answering_caches(monkeypatch)
     look = LookBack(64, "oracle", span=16, placement=placement, answers=("blue door",))
     list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=3), lookback=look))
     spans = session.lookback_stats.last_spans
     fact_at = list(session.token_ids).index(session.tokenizer.convert_tokens_to_ids("blue"))
     assert spans and any(a <= fact_at < b for a, b in spans) and sum(b - a for a, b in spans) <= 64
-    length, positions = seen[0]
+    length, positions = seen[0].get_seq_length(), seen[0].layers[0].positions
     read = sum(b - a for a, b in spans)
     twin = session.fork()
     twin._open_turn(len(_question(session)) + 3)
@@ -115,14 +122,7 @@ def test_spans_read_alone_answer_over_the_opening_and_the_spans_only(monkeypatch
     session = _session()
     session.ingest_ids([], final=True)
     before = _tensors(session)
-    seen: list = []
-
-    class Watched(TokenStream):
-        def __init__(self, model, cache, *args, **kwargs):
-            seen.append(cache.fork())
-            super().__init__(model, cache, *args, **kwargs)
-
-    monkeypatch.setattr(lookback_module, "TokenStream", Watched)
+    seen = _answering_caches(monkeypatch)
     look = LookBack(64, "oracle", span=16, placement="alone", answers=("blue door",))
     settings = GenerationSettings(max_new_tokens=3)
     out = list(session.ask_ids(_question(session), settings, lookback=look))
