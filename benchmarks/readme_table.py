@@ -2,7 +2,8 @@
 
 Reads ``benchmarks/quality/c*/quality.json`` (the test texts), ``benchmarks/ruler/*/quality.json``
 (RULER ``niah_single_1`` as lm-eval generates it), ``benchmarks/lookback/*/quality.json`` (the same
-with look-back) and ``benchmarks/speed/speed.json``, and writes
+with look-back; the ``auto-*`` runs, the default placement, for the long-document QA table) and
+``benchmarks/speed/speed.json``, and writes
 the tables between the README's ``results`` markers. ``--check`` exits 1 when the README
 differs from what the records give. Run from anywhere:
 
@@ -33,6 +34,7 @@ NAMES = {
 }
 RULER_TASK = "niah_single_1"
 LOOKBACK = 256  # the look-back row's tokens read back per answer (BM25-chosen spans)
+QA_RUNS = "benchmarks/lookback/auto-*/quality.json"  # the default placement's runs, full KV beside it
 
 
 def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]:
@@ -63,13 +65,14 @@ def ruler_rows(root: Path = ROOT) -> tuple[list[str], list[int], dict[int, int]]
 
 
 def _lookback_row(root: Path, contexts: list[int]) -> str:
-    """nugget2d with look-back ``LOOKBACK`` (BM25, spans after the cache) at 10 % resident, pooled over
-    the look-back runs (``benchmarks/lookback/``), each cell with its own sample count."""
+    """nugget2d with look-back ``LOOKBACK`` (BM25, the default placement when it ran: after the cache
+    before 2026-12-06, ``auto`` since) at 10 % resident, pooled over the look-back runs
+    (``benchmarks/lookback/``), each cell with its own sample count."""
     right: dict[int, float] = {}
     asked: dict[int, int] = {}
     for path in sorted(root.glob("benchmarks/lookback/*/quality.json")):
         data = _load(path)
-        if run_options(data).get("lookback_placement", "after") != "after":
+        if run_options(data).get("lookback_placement", "after") not in ("after", "auto"):  # the default then, now
             continue
         for record in data["records"]:
             if (record["method"], record["ratio"], record.get("lookback"), record.get("lookback_selector")) != (
@@ -154,6 +157,7 @@ def block(root: Path = ROOT) -> str:
         *rows,
         "",
         *_ruler_block(root),
+        *_qa_block(root),
         speed_line(root),
     ]
     return "\n".join(lines)
@@ -165,15 +169,66 @@ def _ruler_block(root: Path) -> list[str]:
     if not rows:
         return []
     head = ["method"] + [f"{c // 1024}k ({samples[c]} samples)" for c in contexts]
-    return [
+    caption = (
         f"RULER `{RULER_TASK}` (lm-eval's samples, greedy; the `peers` install beside kvpress, transformers 5.2), "
-        "share answered, 10 % kept:",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---" + "|---:" * (len(head) - 1) + "|",
-        *rows,
-        "",
-    ]
+        "share answered, 10 % kept:"
+    )
+    return _table(caption, head, rows)
+
+
+def _table(caption: str, head: list[str], rows: list[str]) -> list[str]:
+    """A captioned Markdown table (first column left-aligned, the rest right), a blank line after."""
+    return [caption, "", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|", *rows, ""]
+
+
+def qa_rows(root: Path = ROOT) -> tuple[list[str], list[int]]:
+    """Planted-fact QA and RULER answered (right/asked) and seconds per answer, per method and context,
+    pooled over the :data:`QA_RUNS` records: full KV, nugget2d, nugget2d with look-back ``LOOKBACK``."""
+    sums: dict[tuple[str, int], dict[str, float]] = {}
+    for path in sorted(root.glob(QA_RUNS)):
+        for record in _load(path)["records"]:
+            tokens = record.get("lookback", 0)
+            if record["ratio"] not in (0.1, 1.0) or tokens not in (0, LOOKBACK):
+                continue
+            name = NAMES.get(record["method"], record["method"])
+            name = f"**nugget2d + look-back {tokens}**" if tokens else name
+            cell = sums.setdefault((name, record["context"]), {})
+            facts = len(record.get("qa_examples", []))
+            needles = record.get("ruler_samples", 0) if RULER_TASK in record.get("ruler", {}) else 0
+            answers = facts + needles
+            for key, right, asked in (
+                ("facts", record.get("qa_accuracy", 0.0) * facts, facts),
+                ("ruler", record.get("ruler", {}).get(RULER_TASK, 0.0) * needles, needles),
+                ("seconds", record.get("seconds_per_answer", 0.0) * answers, answers),
+            ):
+                cell[key] = cell.get(key, 0.0) + right
+                cell[key + "_asked"] = cell.get(key + "_asked", 0) + asked
+    contexts = sorted({c for _, c in sums})
+    names = sorted({n for n, _ in sums}, key=lambda n: ("full" not in n, "look-back" in n, n))
+
+    def text(name: str, context: int) -> str:
+        cell = sums.get((name, context), {})
+        if not cell.get("seconds_asked"):
+            return "—"
+        parts = [
+            f"{round(cell[k])}/{cell[k + '_asked']}" if cell.get(k + "_asked") else "—" for k in ("facts", "ruler")
+        ]
+        return f"{parts[0]} · {parts[1]}, {cell['seconds'] / cell['seconds_asked']:.1f} s"
+
+    return ["| " + " | ".join([n, *(text(n, c) for c in contexts)]) + " |" for n in names], contexts
+
+
+def _qa_block(root: Path) -> list[str]:
+    """The long-document QA table's lines (none without :data:`QA_RUNS` records)."""
+    rows, contexts = qa_rows(root)
+    if not rows:
+        return []
+    caption = (
+        f"Long-document QA, test texts (`benchmarks/lookback/auto-*`), 10 % resident: planted facts · RULER "
+        f"needles answered, seconds per answer; look-back {LOOKBACK} reads BM25's spans after the cache inside "
+        "the model's window, with the text's opening alone past it (32k):"
+    )
+    return _table(caption, ["method"] + [f"{c // 1024}k" for c in contexts], rows)
 
 
 def render(readme: str, root: Path = ROOT) -> str:

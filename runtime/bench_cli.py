@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from .bench_common import READINGS
+from .cache_config import PLACEMENTS
 from .cli_options import add_cache_arguments, add_model_arguments
-from .lookback import DEFAULT_CUTOFF, PLACEMENTS
+from .lookback import DEFAULT_CUTOFF
 from .session import POSITIONS
 
 DEFAULT_METHODS = "full,nugget2d,streaming,snapkv,compressive"
@@ -89,9 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument(
         "--lookback-placement",
         choices=PLACEMENTS,
-        default="after",
+        default="auto",
         help="look-back spans after the cache's entries, at their text positions (while the cache keeps them), "
-        "or alone (the text's opening and the spans, the resident cache hidden for the answer)",
+        "alone (the text's opening and the spans, the resident cache hidden for the answer), or auto (the "
+        "default: after while the cache is numbered by text position, alone past the model's window)",
     )
     quality.add_argument("--lookback-span", type=int, default=64, help="tokens per look-back window")
     quality.add_argument(

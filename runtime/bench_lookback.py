@@ -23,7 +23,7 @@ _log = logging.getLogger("nugget2d")
 
 
 def check_lookback_options(
-    lookbacks: list[int], selectors: list[str], span: int, placement: str = "after", cutoff: float = 0.0
+    lookbacks: list[int], selectors: list[str], span: int, placement: str = "auto", cutoff: float = 0.0
 ) -> None:
     """``ValueError`` for a negative look-back or a choice :class:`LookBack` refuses (selector, span,
     placement, cutoff), before any sample is read."""
@@ -54,7 +54,8 @@ def answer_variants(
     look)`` streams the answer's pieces on a fork, ``render`` makes the reply of them; ``answers`` are what
     the oracle selector looks for; ``shape`` gives every variant its placement, span and cutoff (default:
     :class:`LookBack`'s). Per variant: the reply, seconds to the first piece and to the last, the tokens
-    generated, the largest cache bytes the answer read, tokens read back and the spans. The attention
+    generated, the largest cache bytes the answer read, tokens read back, the spans and where they were
+    read (the placement, ``auto`` resolved; empty without look-back). The attention
     selector is skipped (with a warning) where the cache is not numbered by text position."""
     results = []
     for tokens, selector in wanted:
@@ -83,17 +84,21 @@ def answer_variants(
                 "peak_bytes": stats.peak_cache_bytes if tokens else fork.cache.nbytes,
                 "read_tokens": stats.tokens_read,
                 "spans": [list(s) for s in stats.last_spans] if tokens else [],
+                "placement": stats.last_placement if tokens else "",
             }
         )
     return results
 
 
 def note_answer(record: dict, acc: dict, result: dict) -> None:
-    """Add one answer's time, peak bytes and look-back to a record's sums."""
+    """Add one answer's time, peak bytes and look-back (and where its spans were read) to a record's sums."""
     tokens, selector = result["variant"]
     if tokens:
         record.setdefault("lookback", tokens)
         record.setdefault("lookback_selector", selector)
+        placements = record.setdefault("lookback_placements", [])
+        if result.get("placement") and result["placement"] not in placements:
+            placements.append(result["placement"])
     acc.setdefault("answer_seconds", []).append(result["seconds"])
     if "first_token_seconds" in result:  # a press's answer is timed whole
         acc.setdefault("first_token_seconds", []).append(result["first_token_seconds"])

@@ -94,7 +94,7 @@ class QualityOptions:
     scorer_first_share: float | None = None  # per-head caches: CacheConfig.scorer_first_share
     lookback: list[int] = field(default_factory=lambda: [0])  # qa, ruler: tokens read back per answer (0 = off)
     lookback_selectors: list[str] = field(default_factory=lambda: [DEFAULT_SELECTOR])
-    lookback_placement: str = "after"  # look-back spans after the cache (measured better), or at their text positions
+    lookback_placement: str = "auto"  # where look-back spans are read (CacheConfig.lookback_placement)
     lookback_span: int = DEFAULT_SPAN
     lookback_cutoff: float = DEFAULT_CUTOFF
 

@@ -22,6 +22,10 @@ from nugget2d.compress.policies.registry import policy_class
 #: How a session numbers its cache (:attr:`CacheConfig.positions`).
 POSITIONS = ("auto", "cache", "original")
 ALLOCATIONS = ("auto", "token", "head")
+#: Where look-back's spans are read (:attr:`CacheConfig.lookback_placement`, :mod:`nugget2d.runtime.lookback`).
+PLACEMENTS = ("auto", "text", "after", "alone")
+#: Fields that shape answers, not what a session reads: a saved session may be asked with others.
+ANSWER_FIELDS = ("lookback", "lookback_placement")
 OVERFLOWS = ("evict", "recompress")
 _log = logging.getLogger("nugget2d")
 
@@ -45,7 +49,9 @@ class CacheConfig:
     the model's window), or ``auto`` (text positions for per-head caches until the text outgrows the
     window). ``overflow``: when kept entries outgrow the budget, evict the lowest-scoring or re-select
     the oldest at the ratio. ``lookback``: tokens of the text read raw again for each question, chosen
-    for it and dropped after (:mod:`nugget2d.runtime.lookback`; 0 = off)."""
+    for it and dropped after (:mod:`nugget2d.runtime.lookback`; 0 = off), read where
+    ``lookback_placement`` says (``auto``: after the cache while it is numbered by text position, alone
+    with the text's opening past the window)."""
 
     ratio: float | None = field(
         default=None, **_flag("fraction of the text leaving the raw window that is kept (default: the adapter's)")
@@ -111,6 +117,15 @@ class CacheConfig:
             "(0: off; needs the session's token ids)"
         ),
     )
+    lookback_placement: str = field(
+        default="auto",
+        **_flag(
+            "where look-back's spans are read: after the cache, at their text positions, alone with the text's "
+            "opening (the cache hidden for that answer), or auto: after while the cache is numbered by text "
+            "position, alone past the model's window",
+            PLACEMENTS,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.ratio is not None:
@@ -127,7 +142,12 @@ class CacheConfig:
         for name in ("recent", "sinks", "observation_window", "lookback"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name, choices in (("overflow", OVERFLOWS), ("positions", POSITIONS), ("allocation", ALLOCATIONS)):
+        for name, choices in (
+            ("overflow", OVERFLOWS),
+            ("positions", POSITIONS),
+            ("allocation", ALLOCATIONS),
+            ("lookback_placement", PLACEMENTS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.allocation == "head" and not self._spreads_per_head():

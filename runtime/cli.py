@@ -154,6 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.resume:
         fresh, session = session, checkpoint.load(model, tokenizer, progress=not args.quiet)
         check_same_reading(fresh, session)
+        session.answer_with(fresh.settings)  # the look-back asked now, not the one it was read with
         announce_resume(session, checkpoint.latest())
     session.prompt_ids(args.prompt, sampling)  # refuse a prompt that cannot fit before reading the text
     session.ingest(source, checkpoint=checkpoint, resume=args.resume)
@@ -174,11 +175,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def check_same_reading(asked, saved) -> None:
-    """``ValueError`` unless the ``saved`` session reads as the flags ``asked`` for (cache and chat template)."""
+    """``ValueError`` unless the ``saved`` session reads as the flags ``asked`` for (cache and chat template;
+    the look-back may differ: it shapes answers, not the reading)."""
     from dataclasses import asdict
 
+    from .cache_config import ANSWER_FIELDS
+
     wanted, had = asdict(asked.settings), asdict(saved.settings)
-    differ = [f"{name} {had[name]!r} (asked {wanted[name]!r})" for name in wanted if wanted[name] != had[name]]
+    differ = [
+        f"{name} {had[name]!r} (asked {wanted[name]!r})"
+        for name in wanted
+        if wanted[name] != had.get(name) and name not in ANSWER_FIELDS
+    ]
     if asked.format != saved.format:
         differ.append("the chat template (--no-chat)")
     if differ:

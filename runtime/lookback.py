@@ -3,20 +3,24 @@
 A session keeps the token ids of everything it read (4 bytes a token). When a question comes with
 look-back ``N`` (:attr:`CacheConfig.lookback <nugget2d.runtime.cache_config.CacheConfig.lookback>`):
 
-1. a **selector** scores windows of ``span`` tokens (overlapping by half) of the text older than the raw
-   recent window: by the attention the question's tokens give the kept entries there (``attention``,
-   read over a fork of the cache, per layer and KV head, each head's vote normalised), by BM25 between
-   the question and each window's text (``bm25``, the ``bm25s`` library), by both (``hybrid``: each
-   score over its maximum, summed), or, in benchmarks, by whether a window holds the answer (``oracle``);
+1. a **selector** scores windows of ``span`` tokens (overlapping by half) of the text the answer would
+   not hold otherwise (after the sinks and older than the raw recent window; for ``alone`` below, to the
+   end): by the attention the question's tokens give the kept entries there (``attention``, read over a
+   fork of the cache, per layer and KV head, each head's vote normalised), by BM25 between the question
+   and each window's text (``bm25``, the ``bm25s`` library), by both (``hybrid``: each score over its
+   maximum, summed), or, in benchmarks, by whether a window holds the answer (``oracle``);
 2. the best windows up to ``N`` tokens (none scoring below half the best one's, :data:`DEFAULT_CUTOFF`)
-   are merged into spans and read raw, in text order, into a temporary fork of the cache, the way the
-   question is read (the unmodified model, or the decoder LoRA where one was trained: they are never
-   compressed, so the encoder adapter has no part in them; at 32k it measured better): as a block
-   after the cache's entries, just before the question (``placement="after"``, the default: it
-   answered best, ``benchmarks/lookback/``), or at their own text positions while the cache is
-   numbered by text position (``"text"``; the spans then also see the later text as if it came
-   before them), or alone (``"alone"``: a fresh cache holding the text's opening — the chat template's
-   start, or the sinks — and the spans, the resident cache hidden for this answer);
+   are merged into spans and read raw, in text order, the way the question is read (the unmodified
+   model, or the decoder LoRA where one was trained: they are never compressed, so the encoder adapter
+   has no part in them; at 32k it measured better), where the **placement** says
+   (:attr:`CacheConfig.lookback_placement <nugget2d.runtime.cache_config.CacheConfig.lookback_placement>`):
+   as a block after the cache's entries, just before the question (``"after"``), at their own text
+   positions while the cache is numbered by text position (``"text"``; the spans then also see the later
+   text as if it came before them), or alone (``"alone"``: a fresh cache holding the text's opening — the
+   chat template's start, or the sinks — and the spans, the resident cache hidden for this answer).
+   ``"auto"`` (the default) reads them after the cache while it is numbered by text position and alone
+   past the model's window, where each answered best (``benchmarks/lookback/``: after the cache, every
+   2k and 8k fact and needle; past the window alone 9 of 12 planted facts at 32k, after the cache 5);
 3. the question is read over that fork and answered; the fork is dropped, so the session's cache is
    the one it held before the question.
 
@@ -42,10 +46,10 @@ from safetensors.torch import load_file, save_file
 
 from nugget2d.compress import Nugget2DModel, NuggetCache
 
+from .cache_config import PLACEMENTS
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream
 from .lookback_select import SELECTORS, has_text_positions, plan
 
-PLACEMENTS = ("text", "after", "alone")
 DEFAULT_SELECTOR = "bm25"  # as right as hybrid at 2k, fewer tokens read, any position mode (benchmarks/lookback)
 DEFAULT_SPAN = 64
 #: Windows scoring below this share of the best window's score are not read (see :class:`LookBack`).
@@ -74,7 +78,8 @@ def check_lookback_choice(selector: str, span: int, placement: str, cutoff: floa
 @dataclass
 class LookBack:
     """How much to read back before an answer (``tokens``, 0 = off), chosen by ``selector`` (a name in
-    :data:`SELECTORS`) over windows of ``span`` tokens, placed at text positions or after the cache;
+    :data:`SELECTORS`) over windows of ``span`` tokens, read where ``placement`` says (a name in
+    :data:`PLACEMENTS`; ``auto``: after the cache while it is numbered by text position, else alone);
     ``answers``: what the ``oracle`` selector looks for (benchmarks only); ``cutoff``: windows scoring
     below that share of the best window's score are not read, even when ``tokens`` leaves room (0: fill
     the look-back with the best windows, whatever their score)."""
@@ -82,7 +87,7 @@ class LookBack:
     tokens: int = 0
     selector: str = DEFAULT_SELECTOR
     span: int = DEFAULT_SPAN
-    placement: str = "after"
+    placement: str = "auto"
     answers: tuple[str, ...] = ()
     cutoff: float = DEFAULT_CUTOFF
 
@@ -97,7 +102,8 @@ class LookBack:
 @dataclass
 class LookBackStats:
     """What look-back did in a session: questions, tokens read back, seconds choosing and reading, the
-    largest cache a question read (bytes), and the last question's spans (text positions)."""
+    largest cache a question read (bytes), and the last question's spans (text positions) and where they
+    were read (its placement, ``auto`` resolved)."""
 
     questions: int = 0
     tokens_read: int = 0
@@ -105,6 +111,7 @@ class LookBackStats:
     read_seconds: float = 0.0
     peak_cache_bytes: int = 0
     last_spans: list[tuple[int, int]] = field(default_factory=list)
+    last_placement: str = ""
 
 
 @torch.no_grad()
@@ -120,7 +127,8 @@ def read_spans(
     (:meth:`Nugget2DModel.read`): at their text positions when ``placement="text"`` and the cache is
     numbered by text position, else after its entries. The next tokens are numbered as they would be
     without the spans under ``text``. ``placement="alone"``: instead of a fork, a new cache holding the
-    text's first ``opening`` tokens and the spans (none found: the fork, as without look-back)."""
+    text's first ``opening`` tokens and the spans (none found: the fork, as without look-back). ``auto``
+    is resolved by the caller (:func:`ask_looking_back`); here it reads as ``after``."""
     if placement == "alone" and spans:
         alone = model.new_cache()
         block = np.concatenate([ids[:opening], *(ids[start:stop] for start, stop in spans)])
@@ -175,22 +183,27 @@ def ask_looking_back(
     prompt = twin.pending + prompt_ids
     twin._check_fits(len(prompt), settings)
     needed = len(prompt) + settings.max_new_tokens
-    if look.placement == "after":  # the spans take positions too
+    placement = look.placement
+    if placement == "auto":  # after the cache while it keeps text positions with the spans in, else alone
+        placement = "after" if twin.keeps_text_positions(look.tokens + needed) else "alone"
+    if placement == "after":  # the spans take positions too
         twin._check_original_positions(look.tokens + needed)
     twin._open_turn(needed)
     stats, started = session.lookback_stats, time.perf_counter()
     ids = np.frombuffer(twin.token_ids, dtype=np.int32)
     text = question if question is not None else session.tokenizer.decode(prompt_ids, skip_special_tokens=True)
     model, cache = session.model, twin.cache
-    spans = plan(look, model, session.tokenizer, cache, ids, len(ids) - twin.raw, twin.sinks, prompt, text)
+    # windows after the sinks (the grid measured), up to the raw window, which is in the cache already;
+    # alone, the answer holds none of the text but its opening, so the raw window may be read too
+    stop = len(ids) if placement == "alone" else len(ids) - twin.raw
+    spans = plan(look, model, session.tokenizer, cache, ids, twin.sinks, stop, prompt, text)
     _add_seconds(stats, "select_seconds", started)
     started = time.perf_counter()
-    opening = session._started_with() or twin.sinks  # the chat template's start, else the sink tokens
-    cache = read_spans(model, cache, ids, spans, look.placement, opening)
+    cache = read_spans(model, cache, ids, spans, placement, session.opening_length())
     _add_seconds(stats, "read_seconds", started)
     stats.questions += 1
     stats.tokens_read += sum(b - a for a, b in spans)
-    stats.last_spans = spans
+    stats.last_spans, stats.last_placement = spans, placement
     stream = TokenStream(model, cache, prompt, settings, session._eos_ids(), scoring, batcher)
     started = time.perf_counter()
     try:

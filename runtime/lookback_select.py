@@ -181,20 +181,21 @@ def plan(
     tokenizer,
     cache: NuggetCache,
     ids: np.ndarray,
-    raw_from: int,
-    sinks: int,
+    start: int,
+    stop: int,
     prompt: list[int],
     question: str,
 ) -> list[tuple[int, int]]:
     """The spans (text positions) ``look`` reads back for ``prompt`` over ``cache``: windows of the
-    text between the sinks and ``raw_from`` (where the raw window starts), scored by the selector."""
-    wins = windows(sinks, raw_from, look.span)
+    text between ``start`` and ``stop`` (after the sinks; before the raw window, or to the end where the
+    answer does not hold it), scored by the selector."""
+    wins = windows(start, stop, look.span)
     if not wins:
         return []
     view = Candidates(ids, wins, question, tokenizer)
     if look.selector in ("attention", "hybrid"):
         if has_text_positions(cache):
-            view.mass = attention_mass(model, cache, prompt, len(ids), sinks, raw_from)
+            view.mass = attention_mass(model, cache, prompt, len(ids), start, stop)
         elif look.selector == "attention":
             raise ValueError(
                 "the attention look-back selector maps kept entries to the text by their text positions, which a "

@@ -36,7 +36,7 @@ from nugget2d.compress.hf_compat import returned_cache
 from nugget2d.compress.rope import check_rerotatable
 
 from .cache_budget import BudgetKeeping
-from .cache_config import POSITIONS, CacheConfig
+from .cache_config import ANSWER_FIELDS, POSITIONS, CacheConfig
 from .chat import ChatFormat
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream, text_pieces, token_log_probs
 from .lookback import IDS_FILE, LookBack, LookBackStats, ask_looking_back, load_ids, resolve, save_ids
@@ -96,7 +96,7 @@ class StreamingSession(BudgetKeeping):
         #: before sessions kept them (look-back is then unavailable)
         self.token_ids: array | None = array("i")
         #: what a question reads back by default (``settings.lookback`` tokens; :mod:`.lookback`)
-        self.look_back = LookBack(self.settings.lookback)
+        self.look_back = LookBack(self.settings.lookback, placement=self.settings.lookback_placement)
         self.lookback_stats = LookBackStats()
 
     @property
@@ -223,6 +223,18 @@ class StreamingSession(BudgetKeeping):
         after :meth:`ingest_formatted`, whose caller put in its own)."""
         return self._start_count
 
+    def opening_length(self) -> int:
+        """How many of :attr:`token_ids` open the text (what look-back's ``alone`` placement reads before its
+        spans): the start tokens this session put in; for ids put in by the caller
+        (:meth:`ingest_formatted`), as many as begin like this model's chat template start; at least the
+        sinks."""
+        if self._start_count:
+            return self._start_count
+        start = start_ids(self.tokenizer, ChatFormat.from_tokenizer(self.tokenizer))
+        read = self.token_ids[: len(start)] if self.token_ids is not None else []
+        same = next((i for i, (a, b) in enumerate(zip(read, start)) if a != b), min(len(read), len(start)))
+        return max(same, self.sinks)
+
     def _encode_segment(self, ids: list[int]) -> None:
         self._check_original_positions(len(ids))
         settings = self.settings
@@ -326,6 +338,14 @@ class StreamingSession(BudgetKeeping):
             self.stats.generated_tokens += len(stream.generated)
             self._close_turn(stream.cache, stream.unfed, len(prompt), started, prompt + stream.generated)
 
+    def answer_with(self, settings: CacheConfig) -> None:
+        """Answer from now on with the look-back of ``settings`` (its :data:`ANSWER_FIELDS`), which does not
+        change what the session has read (a saved session asked with other flags)."""
+        self.settings = dataclasses.replace(self.settings, **{name: getattr(settings, name) for name in ANSWER_FIELDS})
+        self.look_back = dataclasses.replace(
+            self.look_back, tokens=self.settings.lookback, placement=self.settings.lookback_placement
+        )
+
     def _look_back(self, lookback: int | LookBack | None) -> LookBack:
         """The look-back of one question: the session's, ``lookback`` tokens of it, or as given."""
         return resolve(self.look_back, lookback, self.token_ids is not None)
@@ -379,17 +399,25 @@ class StreamingSession(BudgetKeeping):
         self.stats.decode_seconds += time.perf_counter() - started
         self._refresh_stats()
 
+    def keeps_text_positions(self, incoming: int) -> bool:
+        """Whether the cache is numbered by text position and stays so after ``incoming`` more tokens
+        (they fit the model's window)."""
+        if self.cache.position_mode != "original":
+            return False
+        seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
+        return seen + incoming <= self.window
+
     def _check_original_positions(self, incoming: int) -> None:
         """Before ``incoming`` tokens: with text positions past the model's window, ``auto`` renumbers the
         cache by entries (keys re-rotated) from here on; ``original`` refuses."""
-        if self.cache.position_mode != "original":
+        if self.cache.position_mode != "original" or self.keeps_text_positions(incoming):
             return
-        seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
-        if seen + incoming > self.window and self.settings.positions == "auto":
+        if self.settings.positions == "auto":
             self.cache.position_mode = "cache"
             if self.cache.batch_size:
                 self.cache.reposition(self.model.rotary_emb)
-        elif seen + incoming > self.window:
+        else:
+            seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
             raise ValueError(
                 f"positions='original' keeps text positions, and {seen + incoming} tokens exceed the model's native "
                 f"window ({self.window}); use positions='auto' or 'cache' for longer texts"

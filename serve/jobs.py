@@ -116,6 +116,7 @@ def _plan(ctx: Context, ask: Ask) -> _Plan:
             what = f"the stored document {ask.document} cannot be read; delete it and upload it again"
             raise ServerFault(what, code="document_damaged") from err
         session = base.fork()
+        session.answer_with(config.stream)  # the server's look-back, not the one of the upload
         if ask.messages is not None:
             ids = prompt_ids(tokenizer, chat_text(tokenizer, ask.messages, base.format.document_prefix), False, True)
         else:

@@ -39,3 +39,20 @@ def corpus(tmp_path):
     path.parent.mkdir()
     path.write_text(SENTENCES * 8)
     return path.parent
+
+
+@pytest.fixture
+def asked_lookbacks(monkeypatch) -> list:
+    """The :class:`~nugget2d.runtime.lookback.LookBack` of every question asked with look-back in the test,
+    in order (the questions are answered as usual)."""
+    from nugget2d.runtime import session as session_module
+
+    asked: list = []
+    real_ask = session_module.ask_looking_back
+
+    def watched(session, prompt, settings, scoring, look, *rest):
+        asked.append(look)
+        return real_ask(session, prompt, settings, scoring, look, *rest)
+
+    monkeypatch.setattr(session_module, "ask_looking_back", watched)
+    return asked

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -19,19 +21,19 @@ FACT = "the secret code is blue door"
 QUESTION = "what is the secret code ?"
 
 
-def _text(words: int = 400, seed: int = 0) -> str:
+def _text(words: int = 400, seed: int = 0, fact_at: int = 100) -> str:
     generator = torch.Generator().manual_seed(seed)
     picks = [WORDS[i] for i in torch.randint(0, 60, (words,), generator=generator).tolist()]
-    picks[100:106] = FACT.split()
+    picks[fact_at : fact_at + 6] = FACT.split()
     return " ".join(picks)
 
 
-def _session(allocation: str = "head", positions: str = "auto", **settings) -> StreamingSession:
+def _session(allocation: str = "head", positions: str = "auto", fact_at: int = 100, **settings) -> StreamingSession:
     config = Nugget2DConfig(scorer_layer=1, allocation=allocation)
     model = Nugget2DModel.from_base(tiny_llama(max_position_embeddings=1024), config).eval()
     shape = dict(ratio=0.25, budget=160, recent=32, segment=32, allocation=allocation, positions=positions)
     session = StreamingSession(model, tiny_tokenizer(), CacheConfig(**{**shape, **settings}), chat=False)
-    session.ingest(_text())
+    session.ingest(_text(fact_at=fact_at))
     return session
 
 
@@ -139,6 +141,71 @@ def test_spans_read_alone_answer_over_the_opening_and_the_spans_only(monkeypatch
     assert list(session.ask_ids(_question(session), settings, lookback=look)) == out
 
 
+@pytest.mark.parametrize(
+    ("positions", "tokens", "expected"),
+    [("original", 64, "after"), ("cache", 64, "alone"), ("original", 1024, "alone")],
+)
+def test_auto_placement_reads_after_the_cache_inside_the_window_and_alone_past_it(
+    monkeypatch, positions, tokens, expected
+):
+    """The default placement: spans after the cache while it is numbered by text position and the spans,
+    the question and the answer stay inside the model's window (1,024 tokens here); alone otherwise,
+    answering what the named placement answers, with the session's cache unchanged (not renumbered)."""
+    session = _session(positions=positions)
+    session.ingest_ids([], final=True)
+    before, mode = _tensors(session), session.cache.position_mode
+    seen = _answering_caches(monkeypatch)
+    settings = GenerationSettings(max_new_tokens=3)
+    auto = LookBack(tokens, "oracle", span=16, answers=("blue door",))
+    assert auto.placement == "auto" == CacheConfig().lookback_placement
+    out = list(session.ask_ids(_question(session), settings, lookback=auto))
+    assert session.lookback_stats.last_placement == expected
+    read = sum(b - a for a, b in session.lookback_stats.last_spans)
+    if expected == "alone":
+        assert seen[0].get_seq_length() == session.opening_length() + read
+    else:
+        assert seen[0].get_seq_length() > read + session.opening_length()  # the resident entries too
+    named = dataclasses.replace(auto, placement=expected)
+    assert list(session.ask_ids(_question(session), settings, lookback=named)) == out
+    assert _same(before, session) and session.cache.position_mode == mode
+
+
+def test_spans_read_alone_may_come_from_the_raw_window():
+    """Alone, the answer holds none of the recent raw window, so look-back may read from it (a fact in
+    the last tokens is found); after the cache it is there already and never read twice."""
+    session = _session(positions="cache", fact_at=390)
+    session.ingest_ids([], final=True)
+    fact_at = list(session.token_ids).index(session.tokenizer.convert_tokens_to_ids("blue"))
+    assert fact_at >= len(session.token_ids) - session.raw  # in the raw window
+    settings = GenerationSettings(max_new_tokens=2)
+    for placement, found in (("alone", True), ("after", False)):
+        look = LookBack(64, "oracle", span=16, placement=placement, answers=("blue door",))
+        list(session.ask_ids(_question(session), settings, lookback=look))
+        spans = session.lookback_stats.last_spans
+        assert any(a <= fact_at < b for a, b in spans) is found, (placement, spans)
+
+
+def test_the_opening_is_the_chat_start_however_the_text_was_read():
+    """What ``alone`` reads before its spans: the chat template's start a session put in, the same start
+    when the caller formatted the text itself (a server's compressed prompt), else the sinks."""
+    from serve_helpers import TEMPLATE
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    model = Nugget2DModel.from_base(tiny_llama(max_position_embeddings=1024), Nugget2DConfig(scorer_layer=1)).eval()
+    shape = CacheConfig(ratio=0.25, budget=160, recent=32, segment=32)
+    chat = StreamingSession(model, tokenizer, shape, chat=True)
+    chat.ingest(_text())
+    start = chat._start_ids()
+    assert len(start) > chat.sinks and chat.opening_length() == len(start)
+    formatted = StreamingSession(model, tokenizer, shape, chat=False)
+    formatted.ingest_formatted(start + tokenizer(_text(), add_special_tokens=False).input_ids)
+    assert formatted.opening_length() == len(start)
+    plain = StreamingSession(model, tokenizer, shape, chat=False)
+    plain.ingest_formatted(tokenizer(_text(), add_special_tokens=False).input_ids)
+    assert plain.opening_length() == plain.sinks
+
+
 def test_spans_placed_after_the_cache_read_in_one_pass_as_span_by_span():
     """Spans placed after the cache are read as one block, as a prompt is read: the same entries as reading
     them one by one."""
@@ -209,6 +276,10 @@ def test_bad_lookback_values_are_refused():
         LookBack(64, "oracle")
     with pytest.raises(ValueError, match="cutoff must be a share of the best score, 0 to 1"):
         LookBack(64, cutoff=1.5)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        LookBack(64, placement="middle")
+    with pytest.raises(ValueError, match="lookback_placement must be one of"):
+        CacheConfig(lookback_placement="middle")
     session = _session()
     with pytest.raises(ValueError, match="lookback must be a whole number"):
         list(session.ask_ids(_question(session), GenerationSettings(max_new_tokens=2), lookback=-3))
@@ -294,7 +365,7 @@ def test_bench_quality_answers_every_lookback_variant_from_one_reading(tmp_path)
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     lines = table.rows(tmp_path)
-    assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | after | 0.5 | " in "\n".join(lines)
+    assert len(lines) == 2 + 4 and "| run | 200 | nugget2d | 32 | bm25 | auto: after | 0.5 | " in "\n".join(lines)
     with pytest.raises(ValueError, match="look-back selector must be one of"):
         QualityOptions(methods=["nugget2d"], ratios=[0.25], contexts=[200], lookback_selectors=["magic"])
     with pytest.raises(ValueError, match="lookback must be a whole number of tokens >= 0"):

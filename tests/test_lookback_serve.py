@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,23 @@ def test_the_default_lookback_cannot_pass_the_cap(model_dir):
     with pytest.raises(ValueError, match="max-lookback must be >= 0"):
         cli.config_from(parser.parse_args(["--max-lookback", "-1"]))
     assert cli.config_from(parser.parse_args(["--lookback", "64"])).stream.lookback == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lookback-placement", "middle"])
+
+
+def test_documents_are_asked_with_the_servers_lookback_placement(model_dir, loaded, tmp_path, asked_lookbacks):
+    """A stored document keeps the settings it was read with; its questions look back where this server's
+    ``--lookback-placement`` says."""
+    documents = tmp_path / "documents"
+    config = _config(model_dir, documents, max_lookback=128)
+    config.stream = dataclasses.replace(config.stream, lookback_placement="alone")
+    with serve_in_process(config, loaded) as url:
+        doc = upload(url, TEXT * 20, headers={}).json()["id"]
+        assert StreamingSession.load(documents / doc, *loaded).settings.lookback_placement == "alone"
+        saved = documents / doc / "session.json"
+        state = json.loads(saved.read_text())
+        state["settings"]["lookback_placement"] = "after"  # as if uploaded to a server placing spans after the cache
+        saved.write_text(json.dumps(state))
+        body = {**ASK, "documents": [doc], "temperature": 0, "lookback": 64}
+        assert http.post(url + "/v1/chat/completions", json=body).status_code == 200
+    assert [(look.tokens, look.placement) for look in asked_lookbacks] == [(64, "alone")]

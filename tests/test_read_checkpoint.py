@@ -72,7 +72,7 @@ def test_an_interrupted_read_resumes_to_the_same_cache_and_answer(tmp_path, tiny
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_a_checkpoint_is_never_overwritten_or_misread(tmp_path, tiny_model_dir, book, capsys):
+def test_a_checkpoint_is_never_overwritten_or_misread(tmp_path, tiny_model_dir, book, capsys, asked_lookbacks):
     saved = tmp_path / "ckpt"
     assert _generate(tiny_model_dir, book, "--checkpoint", str(saved)) == 0
     capsys.readouterr()
@@ -88,6 +88,9 @@ def test_a_checkpoint_is_never_overwritten_or_misread(tmp_path, tiny_model_dir, 
     assert "fewer than the" in capsys.readouterr().err
     assert _generate(tiny_model_dir, book, "--checkpoint", str(saved), "--resume", "--budget", "128") == 2
     assert "other settings: budget 96 (asked 128)" in capsys.readouterr().err
+    assert _generate(tiny_model_dir, book, "--checkpoint", str(saved), "--resume", "--lookback", "16") == 0
+    # answers as asked now: the look-back is no reading setting
+    assert [look.tokens for look in asked_lookbacks] == [16]
     assert _generate(tiny_model_dir, book, "--checkpoint", str(tmp_path / "none"), "--resume") == 2
     assert "no checkpoint in" in capsys.readouterr().err
     assert _generate(tiny_model_dir, book, "--resume") == 2

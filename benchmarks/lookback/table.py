@@ -41,6 +41,12 @@ def _accuracy(record: dict, key: str, count_key: str, examples: str) -> str:
     return f"{round(value * asked)}/{asked}"
 
 
+def _placement(asked: str, record: dict) -> str:
+    """The run's placement; for ``auto``, what it resolved to in this record (``auto: alone``)."""
+    used = record.get("lookback_placements")
+    return f"{asked}: {'/'.join(used)}" if asked == "auto" and used else asked
+
+
 def rows(here: Path = HERE) -> list[str]:
     """One table row per record of every run under ``here``."""
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
@@ -56,7 +62,7 @@ def rows(here: Path = HERE) -> list[str]:
                 "full KV" if record["method"] == "full" else record["method"],
                 str(tokens) if tokens else "off",
                 record.get("lookback_selector", "") if tokens else "",
-                placement if tokens else "",
+                _placement(placement, record) if tokens else "",
                 f"{cutoff:g}" if tokens and record.get("lookback_selector") != "oracle" else "",
                 _accuracy(record, "qa_accuracy", "", "qa_examples"),
                 _accuracy(record, "ruler_score", "ruler_samples", "ruler_answers"),
