@@ -256,7 +256,8 @@ def answer_text(session, question: str, settings: GenerationSettings, batcher: D
     """The answer of ``session`` (a :class:`~nugget2d.runtime.session.StreamingSession`) to ``question``
     as text pieces, ``None`` while a batched pass waits (cut at the first stop string, as ``ask``)."""
     prompt = session.prompt_ids(question, settings)
-    yield from text_pieces(session.ask_ids(prompt, settings, batcher=batcher), session.tokenizer, settings.stop)
+    tokens = session.ask_ids(prompt, settings, question=question, batcher=batcher)  # BM25 reads the question
+    yield from text_pieces(tokens, session.tokenizer, settings.stop)
 
 
 def ask_together(

@@ -185,6 +185,20 @@ def test_spans_read_alone_may_come_from_the_raw_window():
         assert any(a <= fact_at < b for a, b in spans) is found, (placement, spans)
 
 
+@pytest.mark.parametrize(("allocation", "positions"), [("head", "cache"), ("token", "cache"), ("head", "original")])
+def test_questions_decoded_together_look_back_as_asked_one_by_one(allocation, positions):
+    """A batch job's questions (``ask_together``) look back as ``ask`` does, alone or after the cache."""
+    from nugget2d.runtime.batched_decode import ask_together
+
+    session = _session(allocation, positions=positions, lookback=64)
+    session.ingest_ids([], final=True)
+    questions, settings = [QUESTION, "who had the book ?", QUESTION], GenerationSettings(max_new_tokens=4)
+    forks = [session.fork() for _ in questions]
+    together = ask_together(forks, questions, settings)
+    assert all(fork.lookback_stats.questions == 1 for fork in forks)
+    assert together == ["".join(session.fork().ask(q, settings)) for q in questions]
+
+
 def test_the_opening_is_the_chat_start_however_the_text_was_read():
     """What ``alone`` reads before its spans: the chat template's start a session put in, the same start
     when the caller formatted the text itself (a server's compressed prompt), else the sinks."""
