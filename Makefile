@@ -53,7 +53,7 @@ test-compat: .venv-compat/.installed .venv-peers/.installed
 	.venv-peers/bin/python -m pytest -m "not slow and not gpu"
 	.venv-peers/bin/python -m pytest tests/test_models.py tests/test_bench_peers.py
 
-# Reproduces benchmarks/speed and benchmarks/quality. One torch thread: on this shared 2-core machine two
+# Reproduces benchmarks/speed, benchmarks/quality and the look-back QA runs. One torch thread: on this shared 2-core machine two
 # threads ran 2-3x slower per token than one. One context per run, so each finished run is kept.
 # Quality is reported on the test texts (benchmarks/data/README.md); tune settings on the dev texts with
 # `make bench HELDOUT='benchmarks/data/dev/*.txt'`, never on these.
@@ -76,6 +76,14 @@ bench: install
 	for context in 2048 8192; do \
 		$(BENCH) quality --adapter $(ADAPTER) --contexts $$context --ratios 0.1 --methods $(METHODS) \
 			--metrics ppl,recall_ppl --samples 5 --input $(HELDOUT) --out benchmarks/quality/c$$context; \
+	done
+	# long-document QA with look-back (the README's QA table; benchmarks/lookback/README.md)
+	$(BENCH) quality --adapter $(ADAPTER) --methods full,nugget2d --ratios 0.1 --contexts 2048,8192 --metrics qa,ruler \
+		--qa-samples 1 --ruler-samples 4 --lookback 0,256 --input $(HELDOUT) --out benchmarks/lookback/auto-2k-8k
+	for seed in 0 1; do \
+		$(BENCH) quality --adapter $(ADAPTER) --methods nugget2d --ratios 0.1 --contexts 32768 --metrics qa,ruler \
+			--qa-samples 1 --ruler-samples 2 --seed $$seed --lookback 0,256 --input $(HELDOUT) \
+			--out benchmarks/lookback/auto-32k-seed$$seed; \
 	done
 
 lint: install
