@@ -120,6 +120,10 @@ class NuggetCache(Cache):
             return layer._keys, layer._values
         return layer.keys, layer.values
 
+    def tokens_read(self) -> int:
+        """Text tokens the first row has consumed (:attr:`seen_tokens`; 0 before any)."""
+        return int(self.seen_tokens[0]) if self.seen_tokens is not None else 0
+
     def get_seq_length(self, layer_idx: int | None = None) -> int:
         """Entries per head at ``layer_idx`` (default: the first global layer, :attr:`main_layer`; a
         sliding-window layer holds its window only)."""

@@ -48,7 +48,7 @@ from nugget2d.compress import Nugget2DModel, NuggetCache
 
 from .cache_config import PLACEMENTS
 from .generation import GenerationSettings, Scoring, StepBatcher, TokenStream
-from .lookback_select import SELECTORS, has_text_positions, plan
+from .lookback_select import READS_CACHE, SELECTORS, has_text_positions, plan
 
 DEFAULT_SELECTOR = "bm25"  # as right as hybrid at 2k, fewer tokens read, any position mode (benchmarks/lookback)
 DEFAULT_SPAN = 64
@@ -188,7 +188,8 @@ def ask_looking_back(
         placement = "after" if twin.keeps_text_positions(look.tokens + needed) else "alone"
     if placement == "after":  # the spans take positions too
         twin._check_original_positions(look.tokens + needed)
-    twin._open_turn(needed)
+    if placement != "alone" or look.selector in READS_CACHE:  # alone, BM25 and the oracle never read it
+        twin._open_turn(needed)
     stats, started = session.lookback_stats, time.perf_counter()
     ids = np.frombuffer(twin.token_ids, dtype=np.int32)
     text = question if question is not None else session.tokenizer.decode(prompt_ids, skip_special_tokens=True)
@@ -243,8 +244,9 @@ def load_ids(path: Path, cache: NuggetCache) -> array | None:
         ids = array("i", load_file(str(path))["ids"].to(torch.int32).numpy().tobytes())
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"{path} does not hold a session's token ids: {err}") from err
-    seen = int(cache.seen_tokens[0]) if cache.seen_tokens is not None else 0
-    if len(ids) != seen:
-        _log.warning("%s holds %d token ids but the cache read %d tokens: look-back is off", path, len(ids), seen)
+    if len(ids) != cache.tokens_read():
+        _log.warning(
+            "%s holds %d token ids but the cache read %d tokens: look-back is off", path, len(ids), cache.tokens_read()
+        )
         return None
     return ids

@@ -22,6 +22,8 @@ from nugget2d.compress.attention import MASKED
 from nugget2d.compress.policies.observers import HeadAttentionReceived
 
 SELECTORS = ("attention", "bm25", "hybrid", "oracle")
+#: The selectors that read the question over the cache (the others score the text alone).
+READS_CACHE = ("attention", "hybrid")
 _log = logging.getLogger("nugget2d")
 
 
@@ -193,7 +195,7 @@ def plan(
     if not wins:
         return []
     view = Candidates(ids, wins, question, tokenizer)
-    if look.selector in ("attention", "hybrid"):
+    if look.selector in READS_CACHE:
         if has_text_positions(cache):
             view.mass = attention_mass(model, cache, prompt, len(ids), start, stop)
         elif look.selector == "attention":

@@ -95,9 +95,13 @@ class StreamingSession(BudgetKeeping):
         #: every token id the cache has read, in order (index = text position); None for a session saved
         #: before sessions kept them (look-back is then unavailable)
         self.token_ids: array | None = array("i")
-        #: what a question reads back by default (``settings.lookback`` tokens; :mod:`.lookback`)
-        self.look_back = LookBack(self.settings.lookback, placement=self.settings.lookback_placement)
         self.lookback_stats = LookBackStats()
+
+    @property
+    def look_back(self) -> LookBack:
+        """What a question reads back by default: ``settings.lookback`` tokens, read where
+        ``settings.lookback_placement`` says (:mod:`.lookback`)."""
+        return LookBack(self.settings.lookback, placement=self.settings.lookback_placement)
 
     @property
     def allocation(self) -> str:
@@ -342,9 +346,6 @@ class StreamingSession(BudgetKeeping):
         """Answer from now on with the look-back of ``settings`` (its :data:`ANSWER_FIELDS`), which does not
         change what the session has read (a saved session asked with other flags)."""
         self.settings = dataclasses.replace(self.settings, **{name: getattr(settings, name) for name in ANSWER_FIELDS})
-        self.look_back = dataclasses.replace(
-            self.look_back, tokens=self.settings.lookback, placement=self.settings.lookback_placement
-        )
 
     def _look_back(self, lookback: int | LookBack | None) -> LookBack:
         """The look-back of one question: the session's, ``lookback`` tokens of it, or as given."""
@@ -402,10 +403,7 @@ class StreamingSession(BudgetKeeping):
     def keeps_text_positions(self, incoming: int) -> bool:
         """Whether the cache is numbered by text position and stays so after ``incoming`` more tokens
         (they fit the model's window)."""
-        if self.cache.position_mode != "original":
-            return False
-        seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
-        return seen + incoming <= self.window
+        return self.cache.position_mode == "original" and self.cache.tokens_read() + incoming <= self.window
 
     def _check_original_positions(self, incoming: int) -> None:
         """Before ``incoming`` tokens: with text positions past the model's window, ``auto`` renumbers the
@@ -417,10 +415,9 @@ class StreamingSession(BudgetKeeping):
             if self.cache.batch_size:
                 self.cache.reposition(self.model.rotary_emb)
         else:
-            seen = int(self.cache.seen_tokens[0]) if self.cache.seen_tokens is not None else 0
             raise ValueError(
-                f"positions='original' keeps text positions, and {seen + incoming} tokens exceed the model's native "
-                f"window ({self.window}); use positions='auto' or 'cache' for longer texts"
+                f"positions='original' keeps text positions, and {self.cache.tokens_read() + incoming} tokens exceed "
+                f"the model's native window ({self.window}); use positions='auto' or 'cache' for longer texts"
             )
 
     def _refresh_stats(self) -> None:
